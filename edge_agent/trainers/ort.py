@@ -1,0 +1,98 @@
+"""ONNX Runtime Training backend: trains a bundle's exported graphs, no torch on the device.
+
+Each round reloads the shipped base checkpoint rather than reusing the last state: a new Optimizer on an old
+state keeps the Adam moments (reference/ort-training.md §5), and a clean reload is the one reliable reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.ort_api import load_training_api
+from edge_agent.trainers.base import Batch, EvalResult, accumulate
+
+
+class OrtTrainer:
+    name = "ort"
+
+    def __init__(self, bundle_dir: Path, *, threads: int = 0) -> None:
+        self._api = load_training_api()
+        self._dir = bundle_dir
+        self._threads = threads
+        self._state: Any = None
+        self._module: Any = None
+        self._optimizer: Any = None
+
+    def _session_options(self) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if self._threads > 0:
+            options.intra_op_num_threads = self._threads
+            options.inter_op_num_threads = 1
+        return options
+
+    def start_round(self, tensors: Mapping[str, np.ndarray], learning_rate: float) -> None:
+        api = self._api
+        self._state = api.CheckpointState.load_checkpoint(str(self._dir / "checkpoint"))
+        # The Module must exist before any parameter is written: writing into a bare state segfaults.
+        self._module = api.Module(str(self._dir / "training_model.onnx"), self._state,
+                                  str(self._dir / "eval_model.onnx"), session_options=self._session_options())
+        params = self._state.parameters
+        for name, value in tensors.items():
+            target = params[name]
+            if tuple(target.data.shape) != tuple(value.shape):
+                raise ValueError(f"tensor '{name}' has shape {value.shape}, the bundle expects "
+                                 f"{tuple(target.data.shape)}; the update does not belong to this bundle")
+            target.data = np.ascontiguousarray(value, dtype=np.float32)
+        self._optimizer = api.Optimizer(str(self._dir / "optimizer_model.onnx"), self._module)
+        self._optimizer.set_learning_rate(float(learning_rate))
+
+    def train_step(self, batch: Batch) -> float:
+        module = self._require_module()
+        module.train()
+        loss, _logits = module(batch.input_ids, batch.attention_mask, batch.labels)
+        self._optimizer.step()
+        module.lazy_reset_grad()
+        return float(loss)
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        module = self._require_module()
+        module.eval()
+
+        def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+            for b in batches:
+                loss, logits = module(b.input_ids, b.attention_mask, b.labels)
+                yield float(loss), np.asarray(logits), b.labels
+
+        return accumulate(outputs())
+
+    def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        self._require_module()
+        params = self._state.parameters
+        return {n: np.array(params[n].data, dtype=np.float32, copy=True) for n in names}
+
+    def read_gradients(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Accumulated gradients (before the next reset); used to check agreement with PyTorch."""
+        params = self._state.parameters
+        return {n: np.array(params[n].grad, dtype=np.float32, copy=True) for n in names}
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Loss with gradients accumulated but no optimizer step (for the agreement test)."""
+        module = self._require_module()
+        module.train()
+        loss, _ = module(batch.input_ids, batch.attention_mask, batch.labels)
+        return float(loss)
+
+    def optimizer_step(self) -> None:
+        self._optimizer.step()
+        self._require_module().lazy_reset_grad()
+
+    def _require_module(self) -> Any:
+        if self._module is None:
+            raise RuntimeError("start_round() must be called before training or evaluating")
+        return self._module

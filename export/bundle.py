@@ -1,0 +1,193 @@
+"""Content-addressed bundles: everything one backbone needs to train on a device, in one tar.
+
+A bundle is keyed twice. The *recipe key* (backbone, DeMA config, task, toolchain versions) decides whether
+an export can be skipped; the *content sha256* of the tar is what travels over MQTT and what devices cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.assets import heterotune_home
+from export.catalog import BackboneSpec, get_backbone
+from export.dema import AdapterClassifier, DemaConfig
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, CostCardEntry, TaskEntry
+
+RECIPE_VERSION = 1
+ARCHIVE_NAME = "bundle.tar"
+BYTES_PER_FLOAT = 4
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task as the exported graphs see it."""
+
+    name: str
+    labels: tuple[str, ...]
+    max_length: int = 64
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class BundleRecipe:
+    backbone: str
+    task: TaskSpec
+    dema: DemaConfig = DemaConfig()
+
+    def key(self) -> str:
+        """Changes whenever anything that shapes the exported bytes changes."""
+        import onnx
+        import torch
+        import transformers
+
+        payload = {
+            "recipe": RECIPE_VERSION,
+            "backbone": self.backbone,
+            "task": asdict(self.task),
+            "dema": self.dema.to_dict(),
+            "versions": [torch.__version__, transformers.__version__, onnx.__version__],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A built bundle on the builder's disk."""
+
+    directory: Path
+    manifest: BundleManifest
+    sha256: str
+    size: int
+
+    @property
+    def archive(self) -> Path:
+        return self.directory / ARCHIVE_NAME
+
+    def archive_bytes(self) -> bytes:
+        return self.archive.read_bytes()
+
+    def initial_tensors(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.directory / self.manifest.initial_tensors))
+
+
+def bundle_root() -> Path:
+    return heterotune_home() / "bundles"
+
+
+def load_bundle(directory: Path) -> Bundle:
+    manifest = BundleManifest.model_validate_json((directory / MANIFEST_NAME).read_text())
+    data = (directory / ARCHIVE_NAME).read_bytes()
+    return Bundle(directory, manifest, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def build_bundle(recipe: BundleRecipe, *, root: Path | None = None, measure_cost: bool = True,
+                 log: bool = True) -> Bundle:
+    """Export (or reuse) the bundle for a recipe. Re-export is skipped when the recipe key exists."""
+    final = (root or bundle_root()) / f"{recipe.backbone}-{recipe.key()}"
+    if (final / ARCHIVE_NAME).exists():
+        return load_bundle(final)
+    spec = get_backbone(recipe.backbone)
+    if log:
+        print(f"[export] building bundle for {spec.name} ({spec.description})", file=sys.stderr, flush=True)
+    work = final.with_name(final.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    _export_into(work, spec, recipe, measure_cost=measure_cost)
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    return load_bundle(final)
+
+
+def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measure_cost: bool) -> None:
+    from safetensors.numpy import save_file
+
+    from export.onnx_export import ARTIFACT_FILES, export_onnx, generate_training_artifacts
+
+    task = recipe.task
+    model = AdapterClassifier(spec, recipe.dema, len(task.labels))
+    proto = export_onnx(model, work / "model.onnx", batch_size=2, seq_len=16)
+    generate_training_artifacts(model, proto, work)
+    (work / "model.onnx").unlink()
+    save_file({k: v.numpy() for k, v in model.trainable_state().items()}, str(work / "initial.safetensors"))
+    shutil.copy(spec.tokenizer_json(), work / "tokenizer.json")
+    specs = model.tensor_specs()
+    backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    files = sorted([*ARTIFACT_FILES, "tokenizer.json", "initial.safetensors"])
+    manifest = BundleManifest(
+        backbone=spec.name, hidden=spec.hidden, layers=spec.layers, slot_blocks=tuple(model.slot_blocks),
+        dema=recipe.dema.to_dict(),
+        task=TaskEntry(name=task.name, labels=task.labels, max_length=task.max_length,
+                       batch_size=task.batch_size),
+        tensors=tuple(s.to_dict() for s in specs),  # type: ignore[misc]
+        backbone_params=backbone_params,
+        files={name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in files},
+    )
+    if measure_cost:
+        manifest = manifest.model_copy(update={"cost_card": _cost_card(work, manifest)})
+    (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+    (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
+
+
+def _cost_card(work: Path, manifest: BundleManifest) -> CostCardEntry:
+    """Run the device-side probe in its own process, so the RSS it reports is training's alone."""
+    task = manifest.task
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent.probe", str(work), "--batch-size", str(task.batch_size),
+         "--seq-len", str(task.max_length), "--num-classes", str(len(task.labels)), "--threads", "1"],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cost probe failed for {manifest.backbone}: {proc.stderr.strip()[-800:]}")
+    measured = json.loads(proc.stdout)
+    shared = [t for t in manifest.tensors if t.scope in ("global", "group")]
+    payload = sum(int(np.prod(t.shape)) for t in shared) * BYTES_PER_FLOAT
+    size = sum((work / name).stat().st_size for name in manifest.files)
+    return CostCardEntry(
+        peak_train_rss_mb=measured["peak_train_rss_mb"],
+        step_seconds=measured["step_seconds"],
+        eval_seconds_per_sample=measured["eval_seconds_per_sample"],
+        flops_per_step=training_flops(manifest),
+        payload_bytes=payload,
+        bundle_bytes=size,
+        builder_gflops=measured["gflops"],
+    )
+
+
+def training_flops(manifest: BundleManifest) -> float:
+    """Analytic FLOPs of one training step at the bundle's batch and sequence length (an estimate).
+
+    Per token and block, a BERT encoder costs about 24·d² (projections + FFN) + 4·T·d (attention) FLOPs
+    forward. Backward runs only from the first adapter slot up (nothing below it needs gradients) and,
+    with the backbone frozen, computes activation gradients only: about one more forward's worth.
+    Adapters are small and counted at 3x their forward.
+    """
+    d, layers, t = manifest.hidden, manifest.layers, manifest.task.max_length
+    tokens = manifest.task.batch_size * t
+    per_block = 24 * d * d + 4 * t * d
+    backward_blocks = layers - min(manifest.slot_blocks)
+    adapter_params = sum(int(np.prod(x.shape)) for x in manifest.tensors if x.family != "head")
+    return float(tokens * (per_block * (layers + backward_blocks) + 3 * 2 * adapter_params))
+
+
+def _deterministic_tar(directory: Path, names: list[str]) -> bytes:
+    """Same files, same bytes: sorted members, zeroed times and owners."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(names):
+            data = (directory / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -1,0 +1,83 @@
+"""The backbone catalog: every transformer a device can be assigned, smallest first.
+
+Real entries load pretrained weights from installed packages; `tiny-*` entries are random-init BERTs with
+the real tokenizer, for plumbing tests that are not about learning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from export import assets
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A frozen encoder, where its blocks are, and how to tokenise for it."""
+
+    name: str
+    hidden: int
+    layers: int
+    pretrained: bool
+    description: str
+    weights_dir: Callable[[], Path] | None = None
+    tiny_config: dict[str, int] = field(default_factory=dict)
+    tokenizer_json: Callable[[], Path] = assets.bert_tokenizer_json
+
+    def load(self) -> nn.Module:
+        """The Hugging Face encoder in eval mode with every parameter frozen."""
+        import torch
+        from transformers import BertConfig, BertModel
+
+        if self.weights_dir is not None:
+            model = BertModel.from_pretrained(self.weights_dir(), add_pooling_layer=False,
+                                              attn_implementation="eager")
+        else:
+            torch.manual_seed(0)
+            config = BertConfig(vocab_size=30522, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                                max_position_embeddings=512, **self.tiny_config)
+            config._attn_implementation = "eager"
+            model = BertModel(config, add_pooling_layer=False)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # The graphs are exported in training mode; a frozen feature extractor must not drop activations
+        # there (ORT's Dropout would be random and no other backend could reproduce an update).
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    @staticmethod
+    def blocks(model: nn.Module) -> nn.ModuleList:
+        """The encoder blocks, in order; adapters attach after some of them."""
+        return model.encoder.layer  # type: ignore[no-any-return]
+
+
+_TINY = {"num_attention_heads": 2, "intermediate_size": 64}
+
+CATALOG: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("tiny-3", 32, 3, False, "random-init BERT 32x3 (tests only)", tiny_config=_TINY),
+        BackboneSpec("tiny-6", 32, 6, False, "random-init BERT 32x6 (tests only)", tiny_config=_TINY),
+        BackboneSpec("minilm-l3", 384, 3, True, "paraphrase-MiniLM-L3-v2 (17M params)",
+                     weights_dir=assets.minilm_l3_dir),
+        BackboneSpec("minilm-l6", 384, 6, True, "all-MiniLM-L6-v2 (22.7M params)",
+                     weights_dir=assets.minilm_l6_dir),
+    )
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look up a catalogued backbone, with the valid names in the error."""
+    try:
+        return CATALOG[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone '{name}'; catalogued: {', '.join(CATALOG)}") from None
