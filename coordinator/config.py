@@ -1,0 +1,103 @@
+"""Run configuration: one TOML file says what to train, on which backbones, how, and for how long.
+
+Validated with pydantic so a typo or an impossible value fails at start with the field named, instead of
+hours into a run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from coordinator.aggregation import STRATEGY_NAMES
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Strict):
+    name: str = "tweet-sentiment"
+    labels: tuple[str, ...] = ("negative", "neutral", "positive")
+    max_length: int = Field(64, ge=8, le=512)
+    batch_size: int = Field(16, ge=1, le=1024)
+
+
+class DemaSettings(_Strict):
+    rank: int = Field(64, ge=4)
+    slots: int = Field(3, ge=1)
+    experts: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    run_name: str = "run"
+    method: str = "heterotune"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
+    task: TaskConfig = TaskConfig()
+    dema: DemaSettings = DemaSettings()
+    scopes: dict[str, str] = Field(default_factory=dict)  # family -> global | group | local
+    rounds: int = Field(5, ge=1)
+    local_steps: int = Field(20, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_agents: int = Field(1, ge=1)  # rounds start once this many agents have joined
+    join_timeout_s: float = Field(300.0, gt=0)
+    round_timeout_s: float = Field(600.0, gt=0)
+    min_fraction: float = Field(1.0, gt=0, le=1)  # of selected agents that must report for a round to count
+    memory_fraction: float = Field(0.8, gt=0, le=1)
+    max_update_norm: float = Field(1e4, gt=0)
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in STRATEGY_NAMES:
+            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(STRATEGY_NAMES)}")
+        return value
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from export.catalog import CATALOG
+
+        unknown = [b for b in value if b not in CATALOG]
+        if unknown or not value:
+            raise ValueError(f"unknown backbone(s) {unknown}; catalogued: {', '.join(CATALOG)}")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _valid_scopes(cls, value: dict[str, str]) -> dict[str, str]:
+        from export.dema.config import resolve_scopes
+
+        resolve_scopes(value)
+        return value
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML run configuration, apply command-line overrides, and validate everything."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return parse_config({**raw, **(overrides or {})}, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,90 @@
+"""Run one federation end to end: bundles, broker, coordinator, and the files a run leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from coordinator.broker import MosquittoBroker, parse_broker_address
+from coordinator.config import RunConfig
+from coordinator.engine import Coordinator, RoundResult
+from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
+from coordinator.store import RunStore
+from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
+from export.dema import DemaConfig
+
+log = logging.getLogger("coordinator")
+
+
+def build_bundles(config: RunConfig) -> dict[str, Bundle]:
+    """One bundle per catalogued backbone of the run (reused when its recipe was built before)."""
+    task = TaskSpec(config.task.name, config.task.labels, config.task.max_length, config.task.batch_size)
+    dema = DemaConfig(**config.dema.model_dump())
+    return {name: build_bundle(BundleRecipe(name, task, dema)) for name in config.backbones}
+
+
+@contextlib.contextmanager
+def broker_for(address: str | None, workdir: Path) -> Iterator[tuple[str, int]]:
+    """The given broker, or (the embedded default) our own mosquitto on a free loopback port."""
+    if address:
+        yield parse_broker_address(address)
+        return
+    with MosquittoBroker(workdir) as broker:
+        yield broker.host, broker.port
+
+
+def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
+                   start_agents: Callable[[str, int], Any] | None = None,
+                   console: Console | None = None) -> dict[str, Any]:
+    """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json."""
+    console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    bundles = build_bundles(config)
+    store = RunStore(run_dir)
+    store.set_meta("config", config.model_dump(mode="json"))
+    try:
+        with broker_for(broker, run_dir / "broker") as (host, port):
+            console.print(f"[bold]coordinator[/] broker {host}:{port}, method {config.method}, "
+                          f"{config.rounds} rounds, backbones {', '.join(config.backbones)}")
+
+            def show(result: RoundResult) -> None:
+                print_round(console, result.round_id, result.metrics, result.seconds)
+
+            coordinator = Coordinator(config, bundles, Coordinator.endpoint_for(host, port), store,
+                                      on_round=show)
+            if start_agents is not None:
+                start_agents(host, port)
+            results = coordinator.run()
+        rows = store.metrics()
+        write_metrics_csv(run_dir / "metrics.csv", rows)
+        summary = {
+            "run_id": coordinator.run_id,
+            "method": config.method,
+            "rounds": len(results),
+            "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
+            "refused": coordinator.refused,
+            "bundle_bytes": {name: b.size for name, b in bundles.items()},
+            "payload_bytes_per_round": {name: 4 * sum(int(_prod(bundles[name].manifest.tensor(n).shape))
+                                                      for n in coordinator.upload_names(name))
+                                        for name in bundles},
+            "wall_seconds": time.time() - started,
+            "per_round": rounds_overview(rows),
+        }
+        write_summary(run_dir / "summary.json", summary)
+        return summary
+    finally:
+        store.close()
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out

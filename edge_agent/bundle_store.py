@@ -1,0 +1,62 @@
+"""The device's bundle cache, keyed by content sha256, so a rejoin or restart never downloads twice."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
+
+_FILES_CHECKED = ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
+
+
+class BundleError(ValueError):
+    """A fetched bundle is not what its manifest says; the message tells which file and what to do."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HETEROTUNE_AGENT_CACHE", Path.home() / ".cache" / "heterotune-agent"))
+
+
+class BundleStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def has(self, sha256: str) -> bool:
+        return (self.path(sha256) / MANIFEST_NAME).exists()
+
+    def manifest(self, sha256: str) -> BundleManifest:
+        return BundleManifest.model_validate_json((self.path(sha256) / MANIFEST_NAME).read_text())
+
+    def install(self, sha256: str, archive: bytes) -> Path:
+        """Verify and unpack a bundle tar; the directory appears atomically or not at all."""
+        actual = hashlib.sha256(archive).hexdigest()
+        if actual != sha256:
+            raise BundleError(f"bundle archive hashes to {actual[:12]}, expected {sha256[:12]}; fetch it again")
+        work = self.root / f".{sha256}.partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                    raise BundleError(f"bundle member '{member.name}' is not a plain top-level file; refusing it")
+                source = tar.extractfile(member)
+                assert source is not None
+                (work / member.name).write_bytes(source.read())
+        manifest = BundleManifest.model_validate_json((work / MANIFEST_NAME).read_text())
+        for name in _FILES_CHECKED:
+            digest = hashlib.sha256((work / name).read_bytes()).hexdigest()
+            if manifest.files.get(name) != digest:
+                raise BundleError(f"bundle file '{name}' does not match its manifest hash; the bundle is damaged")
+        final = self.path(sha256)
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
+        return final

@@ -1,0 +1,105 @@
+"""One round of local work on a device, independent of how the tensors arrived.
+
+The MQTT join loop and the in-process benchmark runner both call `LocalLearner.run_round`, so the two paths
+train with the very same code.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.data import Example, TextEncoder, batches, eval_batches, split_local
+from edge_agent.probe import peak_rss_mb
+from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
+from protocols.bundle_manifest import BundleManifest
+
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the coordinator asked for this round."""
+
+    round_id: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    upload_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    upload: dict[str, np.ndarray]
+    personal: EvalResult
+    global_: EvalResult | None
+    train_loss: float
+    train_seconds: float
+    eval_seconds: float
+    peak_rss_mb: float
+    n_train: int
+
+
+class LocalLearner:
+    """A device's private data, its bundle, its trainer and the tensors it never shares."""
+
+    def __init__(self, agent_id: str, bundle_dir: Path, manifest: BundleManifest, trainer: TrainerBackend,
+                 examples: Sequence[Example], global_test: Sequence[Example] = (), *, split_seed: int = 0,
+                 initial: Mapping[str, np.ndarray] | None = None) -> None:
+        self.agent_id = agent_id
+        self.manifest = manifest
+        self.trainer = trainer
+        self.encoder = TextEncoder(bundle_dir / manifest.tokenizer, manifest.task.max_length)
+        split = split_local(examples, test_fraction=0.25, seed=split_seed)
+        self.train, self.test = split.train, split.test
+        self.global_test = list(global_test)
+        if initial is None:
+            from safetensors.numpy import load_file
+
+            initial = load_file(str(bundle_dir / manifest.initial_tensors))
+        # Tensors kept across rounds: whatever the coordinator does not send back (e.g. the local head).
+        self.kept: dict[str, np.ndarray] = {k: np.array(v, copy=True) for k, v in initial.items()}
+
+    def run_round(self, plan: RoundPlan, received: Mapping[str, np.ndarray]) -> RoundOutcome:
+        """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out."""
+        unknown = sorted(set(received) - set(self.kept))
+        if unknown:
+            raise ValueError(f"received tensors this bundle does not have: {unknown[:3]}")
+        start_tensors = {**self.kept, **received}
+        self.trainer.start_round(start_tensors, plan.learning_rate)
+
+        eval_start = time.perf_counter()
+        global_result = self.trainer.evaluate(self._batches(self.global_test)) if self.global_test else None
+        eval_seconds = time.perf_counter() - eval_start
+
+        rng = np.random.default_rng([plan.seed, plan.round_id, zlib.crc32(self.agent_id.encode())])
+        stream = batches(self.train, plan.batch_size, rng)
+        train_start = time.perf_counter()
+        losses = [self.trainer.train_step(self._encode(next(stream))) for _ in range(plan.local_steps)]
+        train_seconds = time.perf_counter() - train_start
+
+        eval_start = time.perf_counter()
+        personal = self.trainer.evaluate(self._batches(self.test))
+        eval_seconds += time.perf_counter() - eval_start
+
+        after = self.trainer.read_tensors(self.kept)
+        self.kept = after
+        upload = {name: after[name] for name in plan.upload_names}
+        return RoundOutcome(upload=upload, personal=personal, global_=global_result,
+                            train_loss=float(np.mean(losses[-max(1, len(losses) // 4):])),
+                            train_seconds=train_seconds, eval_seconds=eval_seconds,
+                            peak_rss_mb=peak_rss_mb(), n_train=len(self.train))
+
+    def _encode(self, examples: Sequence[Example]) -> Batch:
+        ids, mask = self.encoder.encode([e.text for e in examples])
+        return Batch(ids, mask, np.array([e.label for e in examples], dtype=np.int64))
+
+    def _batches(self, examples: Sequence[Example]) -> Iterator[Batch]:
+        # Evaluate at the training batch size: the cost card (and the memory check) are measured there.
+        size = self.manifest.task.batch_size
+        return (self._encode(chunk) for chunk in eval_batches(examples, size))
