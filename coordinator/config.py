@@ -6,11 +6,11 @@ hours into a run.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coordinator.aggregation import STRATEGY_NAMES
 
@@ -55,12 +55,17 @@ class RunConfig(_Strict):
     memory_fraction: float = Field(0.8, gt=0, le=1)
     max_update_norm: float = Field(1e4, gt=0)
     seed: int = 0
+    # Operator pinning: agent id -> backbone. The device must still fit it, or it is refused with the reason.
+    pinned: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         if value not in STRATEGY_NAMES:
             raise ValueError(f"unknown method '{value}'; choose one of {', '.join(STRATEGY_NAMES)}")
+        if value == "fedproto":
+            raise ValueError("fedproto is implemented as an aggregation rule only; agents do not send prototypes "
+                             "yet, so the round engine cannot run it")
         return value
 
     @field_validator("backbones")
@@ -72,6 +77,13 @@ class RunConfig(_Strict):
         if unknown or not value:
             raise ValueError(f"unknown backbone(s) {unknown}; catalogued: {', '.join(CATALOG)}")
         return value
+
+    @model_validator(mode="after")
+    def _pins_are_catalogued(self) -> RunConfig:
+        stray = {a: b for a, b in self.pinned.items() if b not in self.backbones}
+        if stray:
+            raise ValueError(f"pinned backbones must be among the run's backbones {list(self.backbones)}: {stray}")
+        return self
 
     @field_validator("scopes")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 from coordinator.config import RunConfig
 from coordinator.datasets import load_tweet_sentiment, write_fleet_data
 from coordinator.runner import run_federation
+from export.bundle import single_thread_env
 
 # (agent id, memory cap in MB). 0.8 x 384 MB admits MiniLM-L3 (~260 MB measured) but not L6 (~350 MB).
 DEMO_FLEET: tuple[tuple[str, float], ...] = (("pi4-a", 384), ("pi4-b", 384), ("orin-a", 2048), ("orin-b", 2048))
@@ -44,7 +45,8 @@ def run_demo(out_dir: Path, *, rounds: int = 5, seed: int = 0, samples: int = 80
                        "--global-test", str(data.global_test_file), "--max-memory", str(memory_mb),
                        "--threads", "1", "--cache-dir", str(logs / agent_id), "--max-idle", "600"]
             with open(logs / f"{agent_id}.log", "wb") as log:
-                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=single_thread_env()))
 
     try:
         return run_federation(demo_config(rounds, seed), out_dir, start_agents=start_agents)

@@ -168,7 +168,7 @@ class Coordinator:
             self.endpoint.stop()
 
     def _announce(self, state: str) -> None:
-        status = CoordStatus(state=state, run_id=self.run_id)  # type: ignore[arg-type]
+        status = CoordStatus(state=state, run_id=self.run_id)
         self.endpoint.publish(topics.coord_status(), encode_message(status), retain=True)
 
     def _wait_for_agents(self) -> None:
@@ -227,7 +227,9 @@ class Coordinator:
         profile = request.profile
         budget = DeviceBudget(agent_id=request.agent_id, memory_budget_mb=profile.memory_budget_mb,
                               gflops=max(profile.gflops, 1e-3), max_round_seconds=profile.max_round_seconds)
-        decision = assign_backbone(budget, self.cards, local_steps=self.config.local_steps,
+        pinned = self.config.pinned.get(request.agent_id)
+        cards = [c for c in self.cards if c.backbone == pinned] if pinned else self.cards
+        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps,
                                    eval_samples=request.n_test + request.n_global_test,
                                    memory_fraction=self.config.memory_fraction,
                                    deadline_seconds=self.config.round_timeout_s)
@@ -364,6 +366,7 @@ class Coordinator:
             expected = {n: (tuple(manifest.tensor(n).shape), "float32") for n in self.upload_names(record.backbone)}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
             update = ClientUpdate(upload.agent_id, record.backbone, report.n_train, dict(tensors))
+            self.store.save_update(self.current_round, upload.agent_id, tensors)
             reason = ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
             update, reason = None, str(exc)

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +110,20 @@ class RunStore:
         os.replace(tmp, path)
         return path
 
+    def save_update(self, round_id: int, agent_id: str, tensors: Mapping[str, np.ndarray]) -> Path:
+        """Every accepted update is kept: the audit trail that lets anyone recompute a round's aggregate."""
+        folder = self.run_dir / "updates" / f"round-{round_id:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{agent_id}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
     def metrics(self) -> list[MetricRow]:
         rows = self.db.execute("SELECT * FROM metrics ORDER BY round_id, agent_id").fetchall()
-        return [MetricRow(*row[:15], bool(row[15]), row[16]) for row in rows]
+        names = [f.name for f in fields(MetricRow)]
+        return [MetricRow(**{**dict(zip(names, row, strict=True)), "accepted": bool(row[15])}) for row in rows]
 
     def last_round(self) -> int:
         row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()

@@ -140,8 +140,8 @@ class EdgeAgent:
 
     def _handle(self, message: Message) -> int | None:
         if isinstance(message, CoordStatus):
-            if message.state == "online" and message.run_id != self.run_id:
-                self._join_wanted.set()  # a (re)started coordinator: introduce ourselves again
+            if message.state == "online" and self.run_id is not None and message.run_id != self.run_id:
+                self._join_wanted.set()  # a new coordinator run: introduce ourselves again
         elif isinstance(message, JoinAccepted):
             self._on_accepted(message)
         elif isinstance(message, JoinRefused):
@@ -254,7 +254,7 @@ class EdgeAgent:
                 log.warning("could not resend update chunks: %s", exc)
 
     def _status(self, state: str) -> None:
-        status = AgentStatus(agent_id=self.config.agent_id, state=state)  # type: ignore[arg-type]
+        status = AgentStatus(agent_id=self.config.agent_id, state=state)
         self.endpoint.publish(topics.agent_status(self.config.agent_id), encode_message(status), retain=True)
 
 

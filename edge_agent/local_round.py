@@ -20,7 +20,6 @@ from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
 from protocols.bundle_manifest import BundleManifest
 
 
-
 @dataclass(frozen=True)
 class RoundPlan:
     """What the coordinator asked for this round."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from export.assets import heterotune_home
 from export.catalog import BackboneSpec, get_backbone
 from export.dema import AdapterClassifier, DemaConfig
-from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, CostCardEntry, TaskEntry
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, CostCardEntry, TaskEntry, TensorEntry
 
 RECIPE_VERSION = 1
 ARCHIVE_NAME = "bundle.tar"
@@ -42,7 +43,7 @@ class TaskSpec:
 class BundleRecipe:
     backbone: str
     task: TaskSpec
-    dema: DemaConfig = DemaConfig()
+    dema: DemaConfig = field(default_factory=DemaConfig)
 
     def key(self) -> str:
         """Changes whenever anything that shapes the exported bytes changes."""
@@ -56,8 +57,17 @@ class BundleRecipe:
             "task": asdict(self.task),
             "dema": self.dema.to_dict(),
             "versions": [torch.__version__, transformers.__version__, onnx.__version__],
+            "code": _export_code_digest(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _export_code_digest() -> str:
+    """The exporter's own source is part of the recipe: a fix to it must not reuse stale bundles."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
         dema=recipe.dema.to_dict(),
         task=TaskEntry(name=task.name, labels=task.labels, max_length=task.max_length,
                        batch_size=task.batch_size),
-        tensors=tuple(s.to_dict() for s in specs),  # type: ignore[misc]
+        tensors=tuple(TensorEntry(**s.to_dict()) for s in specs),
         backbone_params=backbone_params,
         files={name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in files},
     )
@@ -146,7 +156,7 @@ def _cost_card(work: Path, manifest: BundleManifest) -> CostCardEntry:
     proc = subprocess.run(
         [sys.executable, "-m", "edge_agent.probe", str(work), "--batch-size", str(task.batch_size),
          "--seq-len", str(task.max_length), "--num-classes", str(len(task.labels)), "--threads", "1"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=single_thread_env(),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"cost probe failed for {manifest.backbone}: {proc.stderr.strip()[-800:]}")
@@ -163,6 +173,13 @@ def _cost_card(work: Path, manifest: BundleManifest) -> CostCardEntry:
         bundle_bytes=size,
         builder_gflops=measured["gflops"],
     )
+
+
+def single_thread_env() -> dict[str, str]:
+    """One BLAS/OpenMP thread: the cost probe and each emulated device measure the same way. Four agents on
+    two cores with two spinning BLAS threads each starve one another (a matmul benchmark read 1.3 instead of
+    ~100 GFLOP/s that way)."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def training_flops(manifest: BundleManifest) -> float:

@@ -41,7 +41,8 @@ class BackboneSpec:
         else:
             torch.manual_seed(0)
             config = BertConfig(vocab_size=30522, hidden_size=self.hidden, num_hidden_layers=self.layers,
-                                max_position_embeddings=512, **self.tiny_config)
+                                max_position_embeddings=512, num_attention_heads=self.tiny_config["heads"],
+                                intermediate_size=self.tiny_config["intermediate"])
             config._attn_implementation = "eager"
             model = BertModel(config, add_pooling_layer=False)
         model.eval()
@@ -57,10 +58,14 @@ class BackboneSpec:
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
         """The encoder blocks, in order; adapters attach after some of them."""
-        return model.encoder.layer  # type: ignore[no-any-return]
+        from torch.nn import ModuleList
+
+        layers = model.get_submodule("encoder.layer")
+        assert isinstance(layers, ModuleList)
+        return layers
 
 
-_TINY = {"num_attention_heads": 2, "intermediate_size": 64}
+_TINY = {"heads": 2, "intermediate": 64}
 
 CATALOG: dict[str, BackboneSpec] = {
     spec.name: spec

@@ -6,6 +6,7 @@ state keeps the Adam moments (reference/ort-training.md §5), and a clean reload
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import sys
@@ -112,7 +113,5 @@ def _release_memory() -> None:
     """
     gc.collect()
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc (e.g. musl): nothing to trim

@@ -66,7 +66,7 @@ class AdapterClassifier(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled)  # type: ignore[no-any-return]
+        return self.head(pooled)
 
     # --- trainable tensors -------------------------------------------------------------------------
 

@@ -1,0 +1,307 @@
+"""fl/v1 control messages: small, versioned, strictly validated JSON.
+
+Everything arriving over MQTT is untrusted, so decoding is strict (no "5" -> 5 coercion, no
+unknown fields, no NaN, no duplicate keys) and every failure is reduced to one line that can go into
+a log or an UpdateAck reason. Bulk data never travels in these messages: they carry ``BlobRefModel``
+addresses of chunked blobs instead, which keeps each message far below ``MAX_MESSAGE_BYTES``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, TypeVar, overload
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from protocols.chunks import BlobRef
+from protocols.errors import MessageError
+from protocols.topics import SHA256_PATTERN, validate_agent_id
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+AgentId = Annotated[str, AfterValidator(validate_agent_id)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Text = Annotated[str, StringConstraints(max_length=4096)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+_CONFIG = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class BlobRefModel(BaseModel):
+    model_config = _CONFIG
+
+    sha256: Sha256Hex
+    size: NonNegInt
+    chunks: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _chunks_fit_size(self) -> BlobRefModel:
+        if self.chunks > max(1, self.size):
+            raise ValueError(f"{self.chunks} chunks is impossible for a blob of {self.size} bytes")
+        return self
+
+    def to_ref(self) -> BlobRef:
+        return BlobRef(sha256=self.sha256, size=self.size, chunks=self.chunks)
+
+    @classmethod
+    def from_ref(cls, ref: BlobRef) -> BlobRefModel:
+        return cls(sha256=ref.sha256, size=ref.size, chunks=ref.chunks)
+
+
+class DeviceProfile(BaseModel):
+    model_config = _CONFIG
+
+    ram_total_mb: NonNegFloat
+    ram_available_mb: NonNegFloat
+    cores: Annotated[int, Field(ge=1)]
+    arch: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    gflops: NonNegFloat
+    disk_free_mb: NonNegFloat
+    backends: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]]
+    max_memory_mb: Annotated[float, Field(gt=0)] | None = None
+    max_round_seconds: Annotated[float, Field(gt=0)] | None = None
+
+    @property
+    def memory_budget_mb(self) -> float:
+        """What the agent may actually use: free RAM, capped by the owner's limit if one is set."""
+        if self.max_memory_mb is None:
+            return self.ram_available_mb
+        return min(self.ram_available_mb, self.max_memory_mb)
+
+
+class RoundMetrics(BaseModel):
+    model_config = _CONFIG
+
+    personal_accuracy: Fraction
+    global_accuracy: Fraction | None
+    n_test: NonNegInt
+    n_global_test: NonNegInt
+    train_loss: float
+    train_seconds: NonNegFloat
+    eval_seconds: NonNegFloat
+    peak_rss_mb: NonNegFloat
+    bytes_down: NonNegInt
+    backend: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class _Message(BaseModel):
+    model_config = _CONFIG
+
+    v: Literal[1] = 1
+
+
+class JoinRequest(_Message):
+    type: Literal["join"] = "join"
+    agent_id: AgentId
+    nonce: Token
+    profile: DeviceProfile
+    n_train: NonNegInt
+    n_test: NonNegInt
+    n_global_test: NonNegInt = 0
+
+
+class JoinAccepted(_Message):
+    type: Literal["join_accepted"] = "join_accepted"
+    run_id: Token
+    agent_id: AgentId
+    backbone: Token
+    bundle: BlobRefModel
+    explanation: Text
+
+
+class JoinRefused(_Message):
+    type: Literal["join_refused"] = "join_refused"
+    agent_id: AgentId
+    reason: Text
+
+
+class Assignment(_Message):
+    type: Literal["assignment"] = "assignment"
+    run_id: Token
+    round: Annotated[int, Field(ge=1)]
+    nonce: Token
+    backbone: Token
+    bundle: BlobRefModel
+    weights: BlobRefModel
+    upload_names: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]]
+    local_steps: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    learning_rate: Annotated[float, Field(gt=0)]
+    deadline_unix: float
+    seed: int
+
+
+class UpdateReport(_Message):
+    type: Literal["update"] = "update"
+    run_id: Token
+    agent_id: AgentId
+    round: Annotated[int, Field(ge=1)]
+    nonce: Token
+    update: BlobRefModel
+    n_train: NonNegInt
+    metrics: RoundMetrics
+
+
+class UpdateAck(_Message):
+    type: Literal["update_ack"] = "update_ack"
+    round: NonNegInt
+    nonce: Token
+    accepted: bool
+    reason: Text = ""
+
+
+class ResendRequest(_Message):
+    type: Literal["resend"] = "resend"
+    blob: Sha256Hex
+    indices: Annotated[list[NonNegInt], Field(min_length=1)]
+
+
+class Finish(_Message):
+    type: Literal["finish"] = "finish"
+    run_id: Token
+    reason: Text
+
+
+class CoordStatus(_Message):
+    type: Literal["coord_status"] = "coord_status"
+    state: Literal["online", "offline"]
+    run_id: Token | None = None
+
+
+class AgentStatus(_Message):
+    type: Literal["agent_status"] = "agent_status"
+    agent_id: AgentId
+    state: Literal["online", "training", "uploading", "idle", "left", "lost"]
+
+
+Message = Annotated[
+    JoinRequest
+    | JoinAccepted
+    | JoinRefused
+    | Assignment
+    | UpdateReport
+    | UpdateAck
+    | ResendRequest
+    | Finish
+    | CoordStatus
+    | AgentStatus,
+    Field(discriminator="type"),
+]
+
+MESSAGE_TYPES: tuple[type[_Message], ...] = (
+    JoinRequest,
+    JoinAccepted,
+    JoinRefused,
+    Assignment,
+    UpdateReport,
+    UpdateAck,
+    ResendRequest,
+    Finish,
+    CoordStatus,
+    AgentStatus,
+)
+_BY_TYPE: Mapping[str, type[_Message]] = MappingProxyType(
+    {cls.model_fields["type"].default: cls for cls in MESSAGE_TYPES}
+)
+
+M = TypeVar("M", bound=_Message)
+
+
+def encode_message(msg: _Message) -> bytes:
+    if not isinstance(msg, _Message):
+        raise MessageError(f"cannot encode {type(msg).__name__}: not an fl/v1 message model")
+    data = msg.model_dump_json().encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"{getattr(msg, 'type', '?')} message is {len(data)} bytes, over the {MAX_MESSAGE_BYTES}-byte "
+            "limit; "
+            "move bulk data into a chunked blob and send its BlobRef"
+        )
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<message>"
+        parts.append(f"field {loc!r}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+@overload
+def decode_message(payload: bytes, expected: None = None) -> Message: ...
+@overload
+def decode_message(payload: bytes, expected: type[M]) -> M: ...
+@overload
+def decode_message(payload: bytes, expected: tuple[type[_Message], ...]) -> Message: ...
+
+
+def decode_message(
+    payload: bytes, expected: type[_Message] | tuple[type[_Message], ...] | None = None
+) -> _Message:
+    """Parse an untrusted payload; raise ``MessageError`` with a one-line reason on any defect."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise MessageError(f"message payload is a {type(payload).__name__}, not bytes")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"message too large: {len(payload)} bytes > {MAX_MESSAGE_BYTES}; bulk data must be sent as "
+            "a chunked blob"
+        )
+    try:
+        obj = json.loads(
+            bytes(payload).decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_reject_duplicates,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"message is not UTF-8 JSON: {exc}; the sender must use encode_message") from exc
+    if not isinstance(obj, dict):
+        raise MessageError(f"message is a JSON {type(obj).__name__}, expected an object with 'v' and 'type'")
+    version = obj.get("v")
+    if isinstance(version, bool) or version != PROTOCOL_VERSION:
+        raise MessageError(
+            f"unsupported protocol version v={version!r}; this build speaks v={PROTOCOL_VERSION} — "
+            "upgrade the older side so coordinator and agents match"
+        )
+    kind = obj.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_BY_TYPE)}")
+    try:
+        msg = cls.model_validate(obj, strict=True)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {kind!r} message: {_summarise(exc)}") from exc
+    if expected is not None:
+        wanted = expected if isinstance(expected, tuple) else (expected,)
+        if not isinstance(msg, wanted):
+            names = ", ".join(repr(c.model_fields["type"].default) for c in wanted)
+            raise MessageError(f"unexpected message type {kind!r} here; expected {names}")
+    return msg

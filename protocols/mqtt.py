@@ -1,0 +1,651 @@
+"""A thin, thread-safe paho-mqtt 2.x endpoint plus chunked blob transfer over it.
+
+The wrapper exists to encode the traps measured in reference/mqtt.md §9 once: TCP_NODELAY on every
+(re)connect, resubscribe on every connect (broker amnesia), size checks before publish (paho ignores
+the server's MaximumPacketSize and loops forever), publish completion via on_publish (paho's
+wait_for_publish raises for messages queued while offline), disconnect before loop_stop, and
+callbacks that only enqueue (a blocked network thread gets the client declared dead).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from protocols.chunks import (
+    CHUNK_SIZE,
+    BlobAssembler,
+    BlobRef,
+    ChunkError,
+    decode_chunk,
+    encode_chunk,
+    split_blob,
+)
+from protocols.errors import (
+    BlobFetchTimeout,
+    BlobIntegrityError,
+    BrokerUnavailable,
+    PayloadTooLarge,
+    ProtocolError,
+    TopicError,
+)
+from protocols.topics import blob_chunk, blob_filter, parse_blob_topic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+_MAX_TOPIC_BYTES = 65535
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last will, sent by the broker if the connection dies without a DISCONNECT.
+
+    A delay lets a Wi-Fi blip that ends in a reconnect pass without being counted as a dropout; it
+    only works if the session expiry is at least as long (reference §9.20).
+    """
+
+    topic: str
+    payload: bytes
+    retain: bool = True
+    delay_seconds: int = 0
+
+
+def _check_topic(topic: str) -> None:
+    if not isinstance(topic, str) or not topic:
+        raise TopicError(f"publish topic {topic!r} must be a non-empty str")
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise TopicError(
+            f"publish topic {topic!r} contains '+', '#' or NUL; wildcards are only valid in subscriptions "
+            "and NUL makes the broker drop the connection"
+        )
+    if len(topic.encode("utf-8")) > _MAX_TOPIC_BYTES:
+        raise TopicError(f"topic of {len(topic)} characters exceeds the MQTT limit of 65535 bytes")
+
+
+def _check_filter(topic_filter: str) -> None:
+    if not isinstance(topic_filter, str) or not topic_filter or "\x00" in topic_filter:
+        raise TopicError(f"subscription filter {topic_filter!r} must be a non-empty str without NUL")
+
+
+class MqttEndpoint:
+    """One MQTT v5 client with a background network thread and a queue of inbound messages."""
+
+    def __init__(
+        self,
+        client_id: str,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        clean_start: bool = False,
+        session_expiry: int = 3600,
+        keepalive: int = 30,
+        will: Will | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        on_connect: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._client_id = client_id
+        self._host = host
+        self._port = int(port)
+        self._clean_start = clean_start
+        self._session_expiry = int(session_expiry)
+        self._keepalive = int(keepalive)
+        self._max_payload = int(max_payload)
+        self._user_on_connect = on_connect
+
+        self._lock = threading.Lock()
+        self._acks = threading.Condition(self._lock)
+        self._subs: dict[str, int] = {}
+        # Per message id: how many packets were handed to paho and how many were acknowledged.
+        # Counting (instead of a set) stays correct when paho reuses a message id.
+        self._issued: dict[int, int] = {}
+        self._acked: dict[int, int] = {}
+        self._failed: dict[int, str] = {}
+        self._inbox: queue.Queue[Inbound] = queue.Queue()
+        # _link_up: CONNACK received; _connected: additionally every remembered subscription is
+        # back (SUBACK), so a message published by anyone after wait_connected() cannot be missed.
+        self._link_up = threading.Event()
+        self._connected = threading.Event()
+        self._restore_mid: int | None = None
+        self._first_connack = threading.Event()
+        self._connack_error: str | None = None
+        self._net_thread: int | None = None
+        self._started = False
+        self._stopped = False
+
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if tls_ca is not None:
+            client.tls_set(ca_certs=tls_ca)
+        client.reconnect_delay_set(1, 8)
+        if will is not None:
+            _check_topic(will.topic)
+            will_props: Properties | None = None
+            if will.delay_seconds > 0:
+                will_props = Properties(PacketTypes.WILLMESSAGE)
+                will_props.WillDelayInterval = int(will.delay_seconds)
+            client.will_set(will.topic, will.payload, qos=1, retain=will.retain, properties=will_props)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
+        self._client = client
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    @property
+    def connected(self) -> bool:
+        """True once connected and all subscriptions are re-established."""
+        return self._connected.is_set()
+
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and start the network thread; fail fast if the broker is unreachable or refuses us."""
+        if self._started:
+            raise RuntimeError(f"MqttEndpoint {self._client_id!r} was already started; create a new one")
+        self._started = True
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        try:
+            self._client.connect(
+                self._host,
+                self._port,
+                keepalive=self._keepalive,
+                clean_start=self._clean_start,
+                properties=props,
+            )
+        except OSError as exc:
+            self._stopped = True
+            raise BrokerUnavailable(
+                f"cannot connect to the MQTT broker at {self.address}: {exc}; check that the broker is "
+                "running and that host/port (and TLS settings) are right"
+            ) from exc
+        self._client.loop_start()
+        if not self._first_connack.wait(timeout):
+            self.stop()
+            raise BrokerUnavailable(
+                f"no CONNACK from the MQTT broker at {self.address} within {timeout:g} s; check that the "
+                "address really is an MQTT broker and that it is not overloaded"
+            )
+        if self._connack_error is not None:
+            reason = self._connack_error
+            self.stop()
+            raise BrokerUnavailable(
+                f"the MQTT broker at {self.address} refused client {self._client_id!r}: {reason}; check the "
+                "username/password and that the client id is allowed"
+            )
+        self._connected.wait(timeout)  # subscriptions made before start() are active on return
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will is sent) and stop the network thread. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._connected.clear()
+        self._link_up.clear()
+        try:
+            self._client.disconnect()  # first: otherwise loop_stop() waits ~1 s in select() (§9.2)
+        finally:
+            self._client.loop_stop()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until connected with all subscriptions restored (see ``connected``)."""
+        return self._connected.wait(timeout)
+
+    def __enter__(self) -> MqttEndpoint:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -------------------------------------------------------------------------------- subscribing
+
+    def _on_network_thread(self) -> bool:
+        return self._net_thread == threading.get_ident()
+
+    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout: float = 10.0) -> bool:
+        """Subscribe now (if connected) and on every future connect.
+
+        Waits for the SUBACK so that a message published right after this returns is not missed;
+        returns False if none came within ``timeout`` (e.g. offline: the subscription is then made by
+        the next connect). Never waits when called from a callback.
+        """
+        _check_filter(topic_filter)
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if not self._link_up.is_set():
+            return False
+        rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        self._track(mid)
+        if self._on_network_thread():
+            return False
+        ok = self._wait_ack(mid, timeout)
+        if ok is False:
+            with self._lock:
+                self._subs.pop(topic_filter, None)
+                reason = self._failed.get(mid, "refused")
+            raise ProtocolError(
+                f"the broker refused the subscription to {topic_filter!r}: {reason}; check the filter "
+                "syntax and the ACL for this user"
+            )
+        return ok is True
+
+    def unsubscribe(self, topic_filter: str, *, timeout: float = 5.0) -> None:
+        """Forget a subscription; waits for the UNSUBACK so no late message for it follows."""
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if not self._link_up.is_set():
+            return
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._track(mid)
+            if not self._on_network_thread():
+                self._wait_ack(mid, timeout)
+
+    @contextmanager
+    def route(self, topic_filter: str) -> Iterator[queue.Queue[Inbound]]:
+        """Divert messages matching ``topic_filter`` to a private queue while the block runs.
+
+        Lets a helper such as ``fetch_blob`` consume its own messages without stealing or
+        reordering anything on the main ``get()`` queue. One route per filter at a time.
+        """
+        _check_filter(topic_filter)
+        private: queue.Queue[Inbound] = queue.Queue()
+
+        def deliver(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+            self._enqueue(private, msg)
+
+        self._client.message_callback_add(topic_filter, deliver)
+        try:
+            yield private
+        finally:
+            self._client.message_callback_remove(topic_filter)
+
+    # --------------------------------------------------------------------------------- publishing
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_seconds: int | None = None,
+    ) -> int:
+        """Queue a message and return its message id (see ``wait_published``).
+
+        Works while disconnected: paho keeps QoS 1 messages and sends them after the reconnect.
+        """
+        if self._stopped:
+            raise RuntimeError(f"MqttEndpoint {self._client_id!r} is stopped; create a new one to publish")
+        _check_topic(topic)
+        payload = bytes(payload)
+        if len(payload) > self._max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes for {topic!r} exceeds the {self._max_payload}-byte limit; "
+                f"send it as a chunked blob (publish_blob, {CHUNK_SIZE}-byte chunks) or raise max_payload "
+                "together with the broker's max_packet_size",
+                size=len(payload),
+                limit=self._max_payload,
+            )
+        props: Properties | None = None
+        if expiry_seconds is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry_seconds)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        queued_offline = info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not queued_offline:
+            raise ProtocolError(
+                f"paho could not queue the message for {topic!r}: {paho.error_string(info.rc)}"
+                + ("; QoS 0 messages are dropped while offline, use QoS 1" if qos == 0 else "")
+            )
+        self._track(info.mid)
+        return info.mid
+
+    def wait_published(self, mid: int, timeout: float | None = None) -> bool:
+        """True once the broker acknowledged ``mid`` with success; False on timeout or rejection."""
+        return self._wait_ack(mid, timeout) is True
+
+    # ---------------------------------------------------------------------------------- receiving
+
+    def get(self, timeout: float | None = None) -> Inbound | None:
+        """Next inbound message, or None after ``timeout`` seconds (None = wait forever)."""
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> list[Inbound]:
+        """Everything currently queued, without waiting."""
+        out: list[Inbound] = []
+        while True:
+            try:
+                out.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    # ------------------------------------------------------------------------ ack bookkeeping
+
+    def _track(self, mid: int) -> None:
+        with self._acks:
+            self._issued[mid] = self._issued.get(mid, 0) + 1
+
+    def _ack(self, mid: int, failure: str | None) -> None:
+        with self._acks:
+            self._acked[mid] = self._acked.get(mid, 0) + 1
+            if failure is None:
+                self._failed.pop(mid, None)
+            else:
+                self._failed[mid] = failure
+            self._acks.notify_all()
+
+    def _wait_ack(self, mid: int, timeout: float | None) -> bool | None:
+        """True: acknowledged OK; False: acknowledged with a failure reason; None: no ack yet."""
+        with self._acks:
+            done = self._acks.wait_for(
+                lambda: mid in self._issued and self._acked.get(mid, 0) >= self._issued[mid], timeout
+            )
+            if not done:
+                return None
+            return mid not in self._failed
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        try:
+            self._net_thread = threading.get_ident()
+            if reason_code.is_failure:
+                self._connack_error = str(reason_code)
+                log.warning("MQTT broker %s refused %s: %s", self.address, self._client_id, reason_code)
+                self._first_connack.set()
+                return
+            sock = client.socket()
+            if isinstance(sock, socket.socket):
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 88 ms -> 0.4 ms (§9.1)
+                except OSError as exc:
+                    log.debug("TCP_NODELAY not set: %s", exc)
+            self._link_up.set()
+            with self._lock:
+                subs = list(self._subs.items())
+            self._restore_mid = None
+            if subs:
+                rc, mid = client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in subs])
+                if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                    self._track(mid)
+                    self._restore_mid = mid
+            if self._restore_mid is None:
+                self._connected.set()
+            self._connack_error = None
+            self._first_connack.set()
+            log.info(
+                "MQTT %s connected to %s (session_present=%s)",
+                self._client_id,
+                self.address,
+                flags.session_present,
+            )
+            if self._user_on_connect is not None:
+                self._user_on_connect(bool(flags.session_present))
+        except Exception:  # an exception here would kill paho's network thread
+            log.exception("on_connect handler of %s failed", self._client_id)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # paho may report one drop twice (§9.7): only the first transition is logged.
+        self._connected.clear()
+        if self._link_up.is_set():
+            self._link_up.clear()
+            if not self._stopped:
+                log.warning("MQTT %s lost connection to %s: %s", self._client_id, self.address, reason_code)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._enqueue(self._inbox, msg)
+
+    def _enqueue(self, target: queue.Queue[Inbound], msg: paho.MQTTMessage) -> None:
+        try:
+            target.put_nowait(Inbound(topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain)))
+        except Exception:
+            log.exception("dropping undecodable inbound message for %s", self._client_id)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        failure = str(reason_code) if reason_code.is_failure else None
+        if failure is not None:
+            log.warning("broker rejected publish mid=%d from %s: %s", mid, self._client_id, failure)
+        self._ack(mid, failure)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        failures = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failures:
+            log.warning("broker refused subscription mid=%d of %s: %s", mid, self._client_id, failures)
+        self._ack(mid, ", ".join(failures) if failures else None)
+        if mid == self._restore_mid:
+            self._restore_mid = None
+            self._connected.set()
+
+    def _on_unsubscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._ack(mid, None)
+
+
+# ------------------------------------------------------------------------------ blob transfer
+
+
+def publish_blob(
+    endpoint: MqttEndpoint,
+    data: bytes,
+    *,
+    retain: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+    indices: Iterable[int] | None = None,
+    topic: str | None = None,
+    wait_timeout: float | None = None,
+) -> BlobRef:
+    """Publish ``data`` as chunk frames and return its address.
+
+    By default each chunk goes retained to ``fl/v1/blobs/{sha}/{i}`` so late or rejoining receivers
+    fetch it by subscribing. ``indices`` republishes only those chunks (answering a ResendRequest;
+    out-of-range indices from a peer are ignored). ``topic`` sends every frame to one topic instead
+    (agent update uploads; frames are self-describing). With ``wait_timeout`` the call returns only
+    once the broker acknowledged every chunk, raising ``TimeoutError`` otherwise.
+    """
+    chunks = split_blob(data, chunk_size)
+    ref = BlobRef(sha256=chunks[0].blob_sha, size=len(data), chunks=len(chunks))
+    wanted = None if indices is None else {i for i in indices if isinstance(i, int) and 0 <= i < len(chunks)}
+    mids = []
+    for chunk in chunks:
+        if wanted is not None and chunk.index not in wanted:
+            continue
+        target = topic if topic is not None else blob_chunk(ref.sha256, chunk.index)
+        mids.append(endpoint.publish(target, encode_chunk(chunk), qos=1, retain=retain))
+    if wait_timeout is not None:
+        _wait_all(endpoint, mids, wait_timeout, f"chunks of blob {ref.sha256[:12]}")
+    return ref
+
+
+def clear_blob(endpoint: MqttEndpoint, ref: BlobRef, *, wait_timeout: float | None = None) -> None:
+    """Remove a blob's retained chunks from the broker (empty retained payloads).
+
+    With ``wait_timeout`` it returns only after the broker acknowledged every clear, so a
+    subscriber arriving afterwards is guaranteed not to see the old chunks.
+    """
+    mids = [endpoint.publish(blob_chunk(ref.sha256, i), b"", qos=1, retain=True) for i in range(ref.chunks)]
+    if wait_timeout is not None:
+        _wait_all(endpoint, mids, wait_timeout, f"clears of blob {ref.sha256[:12]}")
+
+
+def _wait_all(endpoint: MqttEndpoint, mids: list[int], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    for mid in mids:
+        if not endpoint.wait_published(mid, max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(
+                f"broker did not acknowledge all {len(mids)} {what} within {timeout:g} s; check the broker "
+                "connection, its max_packet_size and the ACL"
+            )
+
+
+def fetch_blob(
+    endpoint: MqttEndpoint,
+    ref: BlobRef,
+    *,
+    request_resend: Callable[[list[int]], None],
+    timeout: float = 120.0,
+    resend_after: float = 5.0,
+) -> bytes:
+    """Download and verify a retained blob, asking the publisher for damaged or missing chunks.
+
+    A corrupt chunk is re-requested at once; when no new chunk arrived for ``resend_after``
+    seconds the missing ones are re-requested and the filter re-subscribed, which makes the broker
+    redeliver every retained chunk (duplicates are harmless). The same index is asked for at most
+    once per ``resend_after`` window. Raises ``BlobFetchTimeout`` (a TimeoutError) naming the
+    missing indices if the blob is not complete after ``timeout`` seconds.
+    """
+    topic_filter = blob_filter(ref.sha256)
+    assembler = BlobAssembler(ref)
+    asked: dict[int, float] = {}
+    start = time.monotonic()
+    deadline = start + timeout
+    last_progress = start
+
+    def ask(indices: list[int], now: float) -> None:
+        fresh = [i for i in indices if now - asked.get(i, -1e18) >= resend_after]
+        if fresh:
+            for i in fresh:
+                asked[i] = now
+            log.info("blob %s: requesting %d chunks again: %s", ref.sha256[:12], len(fresh), fresh[:20])
+            request_resend(fresh)
+
+    with endpoint.route(topic_filter) as inbox:
+        endpoint.subscribe(topic_filter)
+        try:
+            while True:
+                now = time.monotonic()
+                if assembler.complete:
+                    try:
+                        return assembler.assemble()
+                    except BlobIntegrityError as exc:
+                        log.warning("%s", exc)
+                        asked.clear()
+                        ask(list(range(ref.chunks)), now)
+                        last_progress = now
+                        continue
+                if now >= deadline:
+                    missing = assembler.missing()
+                    raise BlobFetchTimeout(
+                        f"blob {ref.sha256[:12]} incomplete after {timeout:g} s: {len(missing)} of "
+                        f"{ref.chunks} chunks missing (indices {missing[:20]}"
+                        f"{' ...' if len(missing) > 20 else ''}), {assembler.received_bytes} of {ref.size} "
+                        "bytes received; check that the publisher is online and still serving this blob",
+                        missing=missing,
+                    )
+                if now - last_progress >= resend_after:
+                    ask(assembler.missing(), now)
+                    endpoint.subscribe(topic_filter)  # re-subscribing redelivers retained chunks
+                    last_progress = time.monotonic()
+                    continue
+                wait = max(0.001, min(deadline, last_progress + resend_after) - now)
+                try:
+                    item = inbox.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                if _accept_chunk(assembler, item, ask):
+                    last_progress = time.monotonic()
+        finally:
+            endpoint.unsubscribe(topic_filter)
+
+
+def _accept_chunk(assembler: BlobAssembler, item: Inbound, ask: Callable[[list[int], float], None]) -> bool:
+    """Feed one delivery to the assembler; True if it was a new valid chunk."""
+    if not item.payload:
+        return False  # a cleared retained chunk
+    try:
+        _, topic_index = parse_blob_topic(item.topic)
+    except TopicError:
+        return False
+    try:
+        chunk = decode_chunk(item.payload)
+        if chunk.index != topic_index:
+            raise ChunkError(
+                f"frame for chunk {chunk.index} arrived on the topic of chunk {topic_index}",
+                index=topic_index,
+                blob_sha=chunk.blob_sha,
+            )
+        return assembler.add(chunk)
+    except ChunkError as exc:
+        log.warning("bad chunk on %s: %s", item.topic, exc)
+        if 0 <= topic_index < assembler.ref.chunks and not assembler.has(topic_index):
+            ask([topic_index], time.monotonic())
+        return False
