@@ -61,8 +61,9 @@ class RunConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
+        runnable = [name for name in STRATEGY_NAMES if name != "fedproto"]
         if value not in STRATEGY_NAMES:
-            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(STRATEGY_NAMES)}")
+            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(runnable)}")
         if value == "fedproto":
             raise ValueError("fedproto is implemented as an aggregation rule only; agents do not send prototypes "
                              "yet, so the round engine cannot run it")

@@ -218,7 +218,6 @@ class EdgeAgent:
         if time.time() > a.deadline_unix:
             log.warning("round %d arrived after its deadline; skipping it", a.round)
             return
-        self.bytes_down = 0
         learner = self._ensure_bundle(a.bundle)
         received = decode_tensors(self._fetch(a.weights))
         self._status("training")
@@ -240,6 +239,7 @@ class EdgeAgent:
         report = UpdateReport(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
                               update=BlobRefModel.from_ref(ref), n_train=outcome.n_train, metrics=metrics)
         self.endpoint.publish(topics.agent_report(self.config.agent_id), encode_message(report))
+        self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         self._status("idle")
         log.info("round %d: personal %.3f, global %s, loss %.3f, %.1f s train", a.round,
                  outcome.personal.accuracy, f"{outcome.global_.accuracy:.3f}" if outcome.global_ else "-",
