@@ -70,8 +70,11 @@ def _free_port(host: str) -> int:
         return port
 
 
-def probe_mqtt(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if an MQTT v5 CONNECT to host:port gets a successful CONNACK within ``timeout``."""
+def probe_mqtt(host: str, port: int, timeout: float = 1.0, *, require_success: bool = True) -> bool:
+    """True if an MQTT v5 CONNECT to host:port gets a CONNACK within ``timeout``.
+
+    With ``require_success=False`` any CONNACK counts, e.g. "not authorized" from a broker that admits only
+    provisioned users: it is up and serving, which is all readiness means."""
     try:
         socket.create_connection((host, port), timeout=min(timeout, 0.2)).close()
     except OSError:
@@ -79,7 +82,7 @@ def probe_mqtt(host: str, port: int, timeout: float = 1.0) -> bool:
     ok = threading.Event()
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason_code: Any, props: Any) -> None:
-        if not reason_code.is_failure:
+        if not (require_success and reason_code.is_failure):
             ok.set()
 
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -216,7 +219,8 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return f"exited with code {proc.returncode}"
-            if probe_mqtt(self._host, port, timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
+            if probe_mqtt(self._host, port, timeout=min(1.0, max(0.05, deadline - time.monotonic())),
+                          require_success=False):
                 return None
             time.sleep(0.005)
         return f"no CONNACK within {timeout:g} s"

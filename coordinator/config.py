@@ -51,7 +51,12 @@ class RunConfig(_Strict):
     min_agents: int = Field(1, ge=1)  # rounds start once this many agents have joined
     join_timeout_s: float = Field(300.0, gt=0)
     round_timeout_s: float = Field(600.0, gt=0)
-    min_fraction: float = Field(1.0, gt=0, le=1)  # of selected agents that must report for a round to count
+    # Selection (DESIGN.md "Round engine"): aim for `agents_per_round` reports (None = every live agent), invite
+    # `over_selection` times as many, close the round at the target; stragglers past the deadline are ignored.
+    agents_per_round: int | None = Field(None, ge=1)
+    over_selection: float = Field(1.3, ge=1.0, le=5.0)
+    min_fraction: float = Field(1.0, gt=0, le=1)  # of the target that must be accepted for a round to count
+    max_round_attempts: int = Field(3, ge=1)  # an abandoned round is retried with the same id this often
     memory_fraction: float = Field(0.8, gt=0, le=1)
     max_update_norm: float = Field(1e4, gt=0)
     seed: int = 0

@@ -39,16 +39,33 @@ def broker_for(address: str | None, workdir: Path) -> Iterator[tuple[str, int]]:
         yield broker.host, broker.port
 
 
+def resume_config(run_dir: Path) -> RunConfig:
+    """The configuration a run directory was started with (stored in its database)."""
+    if not (run_dir / "coordinator.sqlite").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no coordinator.sqlite); nothing to resume")
+    store = RunStore(run_dir)
+    try:
+        raw = store.meta("config")
+    finally:
+        store.close()
+    if raw is None:
+        raise ValueError(f"{run_dir} has no stored configuration; it was never started")
+    return RunConfig.model_validate(raw)
+
+
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
-                   console: Console | None = None) -> dict[str, Any]:
-    """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json."""
+                   console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
+
+    With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bundles = build_bundles(config)
     store = RunStore(run_dir)
-    store.set_meta("config", config.model_dump(mode="json"))
+    if not resume:
+        store.set_meta("config", config.model_dump(mode="json"))
     try:
         with broker_for(broker, run_dir / "broker") as (host, port):
             console.print(f"[bold]coordinator[/] broker {host}:{port}, method {config.method}, "
@@ -57,8 +74,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             def show(result: RoundResult) -> None:
                 print_round(console, result.round_id, result.metrics, result.seconds)
 
-            coordinator = Coordinator(config, bundles, Coordinator.endpoint_for(host, port), store,
-                                      on_round=show)
+            make = Coordinator.resume if resume else Coordinator
+            coordinator = make(config, bundles, Coordinator.endpoint_for(host, port), store, on_round=show)
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()

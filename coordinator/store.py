@@ -25,7 +25,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS agents (
     agent_id TEXT PRIMARY KEY, backbone TEXT, status TEXT NOT NULL, profile TEXT NOT NULL,
-    explanation TEXT NOT NULL, updated REAL NOT NULL);
+    explanation TEXT NOT NULL, n_train INTEGER NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
     round_id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL NOT NULL, selected INTEGER NOT NULL,
     accepted INTEGER NOT NULL, tensors_file TEXT NOT NULL, diagnostics TEXT NOT NULL);
@@ -77,9 +77,18 @@ class RunStore:
         return None if row is None else json.loads(row[0])
 
     def upsert_agent(self, agent_id: str, backbone: str | None, status: str, profile: Mapping[str, Any],
-                     explanation: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?)",
-                        (agent_id, backbone, status, json.dumps(dict(profile)), explanation, time.time()))
+                     explanation: str, n_train: int = 0) -> None:
+        self.db.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (agent_id, backbone, status, json.dumps(dict(profile)), explanation, n_train, time.time()))
+
+    def joined_agents(self) -> list[tuple[str, str, int, dict[str, Any]]]:
+        """(agent id, backbone, n_train, profile) of every agent that was admitted to the run."""
+        rows = self.db.execute("SELECT agent_id, backbone, n_train, profile FROM agents WHERE status = 'joined' "
+                               "ORDER BY agent_id").fetchall()
+        return [(a, b, int(n), json.loads(p)) for a, b, n, p in rows]
+
+    def tensors_path(self, round_id: int) -> Path:
+        return self.run_dir / "tensors" / f"round-{round_id:04d}.safetensors"
 
     def commit_round(self, round_id: int, state: FederatedState, *, started: float, selected: int,
                      metrics: list[MetricRow], diagnostics: Mapping[str, Any]) -> Path:
@@ -100,7 +109,7 @@ class RunStore:
         return path
 
     def save_state(self, round_id: int, state: FederatedState) -> Path:
-        path = self.run_dir / "tensors" / f"round-{round_id:04d}.safetensors"
+        path = self.tensors_path(round_id)
         flat = {f"global/{k}": v for k, v in state.global_tensors.items()}
         for group, tensors in state.group_tensors.items():
             flat.update({f"group/{group}/{k}": v for k, v in tensors.items()})

@@ -116,6 +116,7 @@ class MqttEndpoint:
         self._keepalive = int(keepalive)
         self._max_payload = int(max_payload)
         self._user_on_connect = on_connect
+        self._connect_listeners: list[Callable[[bool], None]] = []
 
         self._lock = threading.Lock()
         self._acks = threading.Condition(self._lock)
@@ -225,6 +226,10 @@ class MqttEndpoint:
             self._client.disconnect()  # first: otherwise loop_stop() waits ~1 s in select() (§9.2)
         finally:
             self._client.loop_stop()
+
+    def add_connect_listener(self, listener: Callable[[bool], None]) -> None:
+        """Also call ``listener(session_present)`` on every (re)connect, from the network thread: keep it fast."""
+        self._connect_listeners.append(listener)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until connected with all subscriptions restored (see ``connected``)."""
@@ -432,8 +437,8 @@ class MqttEndpoint:
                 self.address,
                 flags.session_present,
             )
-            if self._user_on_connect is not None:
-                self._user_on_connect(bool(flags.session_present))
+            for listener in ([self._user_on_connect] if self._user_on_connect else []) + self._connect_listeners:
+                listener(bool(flags.session_present))
         except Exception:  # an exception here would kill paho's network thread
             log.exception("on_connect handler of %s failed", self._client_id)
 
