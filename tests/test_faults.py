@@ -33,6 +33,7 @@ from protocols.messages import (
     JoinAccepted,
     JoinRequest,
     RoundMetrics,
+    UpdateAck,
     UpdateReport,
     decode_message,
     encode_message,
@@ -141,6 +142,8 @@ class RogueAgent:
         self.endpoint = MqttEndpoint(agent_id, broker.host, broker.port, clean_start=True)
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.stop = threading.Event()
+        self.acks: list[UpdateAck] = []
+        self.sent_reports: list[bytes] = []
 
     def run(self) -> None:
         e, me = self.endpoint, self.agent_id
@@ -158,11 +161,15 @@ class RogueAgent:
             if item is None or not item.payload:
                 continue
             message = decode_message(item.payload)
+            if isinstance(message, UpdateAck):
+                self.acks.append(message)
             if isinstance(message, JoinAccepted):
                 e.publish(topics.agent_report(me), b"\x00not json at all")  # malformed flood, all topics
                 e.publish(topics.agent_join(me), b"{}" * 100)
                 e.publish(topics.agent_update_chunk(me, 1), os.urandom(300))
             if isinstance(message, Assignment):
+                for old in self.sent_reports:  # replay every earlier report: must be refused as stale
+                    e.publish(topics.agent_report(me), old)
                 weights = decode_tensors(fetch_blob(e, message.weights.to_ref(), request_resend=lambda _i: None))
                 upload = {n: np.array(weights[n], copy=True) for n in message.upload_names}
                 self.poison(upload)
@@ -173,7 +180,8 @@ class RogueAgent:
                                        bytes_down=1, backend="ort")
                 report = UpdateReport(run_id=message.run_id, agent_id=me, round=message.round, nonce=message.nonce,
                                       update=BlobRefModel.from_ref(ref), n_train=10_000, metrics=metrics)
-                e.publish(topics.agent_report(me), encode_message(report))
+                self.sent_reports.append(encode_message(report))
+                e.publish(topics.agent_report(me), self.sent_reports[-1])
         e.stop()
 
 
@@ -207,6 +215,8 @@ def test_poisoned_updates_are_rejected_and_never_used(tmp_path: Path, poison: Ca
     assert rogue_rows and all(not r.accepted and reason in r.reason for r in rogue_rows), rogue_rows
     assert all(r.accepted for r in rows if r.agent_id != "rogue")
     assert not (tmp_path / "run" / "updates" / "round-0001" / "rogue.safetensors").exists()
+    assert any(not ack.accepted and reason in ack.reason for ack in rogue.acks), rogue.acks
+    assert any(not ack.accepted and "stale or replayed" in ack.reason and ack.round == 1 for ack in rogue.acks)
     assert_rounds_follow_the_rule(tmp_path / "run", pins)
 
 
