@@ -33,11 +33,13 @@ from protocols.messages import (
     JoinAccepted,
     JoinRequest,
     RoundMetrics,
+    ResendRequest,
     UpdateAck,
     UpdateReport,
     decode_message,
     encode_message,
 )
+from protocols.chunks import BlobRef, encode_chunk, split_blob
 from protocols.mqtt import MqttEndpoint, fetch_blob, publish_blob
 from protocols.tensors import decode_tensors, encode_tensors
 from tests.harness import AgentProcesses, agent_processes, assert_rounds_follow_the_rule, fleet_data
@@ -135,14 +137,20 @@ def test_broker_restarted_mid_round(tmp_path: Path) -> None:
 
 
 class RogueAgent:
-    """A device that joins properly and then sends poison: NaN tensors of the right names and shapes."""
+    """A scripted device speaking the real protocol: it joins properly, then sends poisoned tensors of the right
+    names and shapes, replays old reports, floods garbage, and (``flaky``) mangles its upload in flight: one
+    chunk corrupted, one duplicated, the last one dropped, repaired only when the coordinator asks."""
 
-    def __init__(self, broker: MosquittoBroker, agent_id: str, poison: Callable[[dict[str, np.ndarray]], None]):
-        self.agent_id, self.poison = agent_id, poison
+    def __init__(self, broker: MosquittoBroker, agent_id: str, poison: Callable[[dict[str, np.ndarray]], None],
+                 *, flaky: bool = False):
+        self.agent_id, self.poison, self.flaky = agent_id, poison, flaky
+        self.blobs: dict[str, bytes] = {}
+        self.resend_requests: list[ResendRequest] = []
         self.endpoint = MqttEndpoint(agent_id, broker.host, broker.port, clean_start=True)
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.stop = threading.Event()
         self.acks: list[UpdateAck] = []
+        self.round = 0
         self.sent_reports: list[bytes] = []
 
     def run(self) -> None:
@@ -163,6 +171,10 @@ class RogueAgent:
             message = decode_message(item.payload)
             if isinstance(message, UpdateAck):
                 self.acks.append(message)
+            if isinstance(message, ResendRequest) and message.blob in self.blobs:
+                self.resend_requests.append(message)
+                publish_blob(e, self.blobs[message.blob], retain=False, indices=message.indices, chunk_size=4096,
+                             topic=topics.agent_update_chunk(me, self.round))
             if isinstance(message, JoinAccepted):
                 e.publish(topics.agent_report(me), b"\x00not json at all")  # malformed flood, all topics
                 e.publish(topics.agent_join(me), b"{}" * 100)
@@ -173,8 +185,16 @@ class RogueAgent:
                 weights = decode_tensors(fetch_blob(e, message.weights.to_ref(), request_resend=lambda _i: None))
                 upload = {n: np.array(weights[n], copy=True) for n in message.upload_names}
                 self.poison(upload)
-                ref = publish_blob(e, encode_tensors(upload), retain=False,
-                                   topic=topics.agent_update_chunk(me, message.round))
+                blob, self.round = encode_tensors(upload), message.round
+                ref = BlobRef.from_blob(blob, chunk_size=4096)
+                self.blobs[ref.sha256] = blob
+                chunk_topic = topics.agent_update_chunk(me, message.round)
+                frames = [encode_chunk(c) for c in split_blob(blob, 4096)]
+                if self.flaky:  # corrupt the first, duplicate the second, drop the last
+                    frames[0] = frames[0][:-1] + bytes([frames[0][-1] ^ 0xFF])
+                    frames = [*frames[:2], frames[1], *frames[2:-1]]
+                for frame in frames:
+                    e.publish(chunk_topic, frame)
                 metrics = RoundMetrics(personal_accuracy=0.5, global_accuracy=None, n_test=1, n_global_test=0,
                                        train_loss=0.1, train_seconds=0.1, eval_seconds=0.1, peak_rss_mb=1,
                                        bytes_down=1, backend="ort")
@@ -217,6 +237,27 @@ def test_poisoned_updates_are_rejected_and_never_used(tmp_path: Path, poison: Ca
     assert not (tmp_path / "run" / "updates" / "round-0001" / "rogue.safetensors").exists()
     assert any(not ack.accepted and reason in ack.reason for ack in rogue.acks), rogue.acks
     assert any(not ack.accepted and "stale or replayed" in ack.reason and ack.round == 1 for ack in rogue.acks)
+    assert_rounds_follow_the_rule(tmp_path / "run", pins)
+
+
+def test_corrupt_duplicate_and_dropped_chunks_are_repaired_and_used(tmp_path: Path) -> None:
+    pins = {"a1": "tiny-3", "a4": "tiny-6", "flaky": "tiny-3"}
+    data = fleet_data(tmp_path, ["a1", "a4"])
+    config = tiny_config(pins, rounds=2, min_fraction=1.0)
+    with MosquittoBroker(tmp_path / "broker") as broker, agent_processes(tmp_path, data) as agents:
+        flaky = RogueAgent(broker, "flaky", lambda upload: None, flaky=True)  # an honest (zero) update
+        thread, outcome = run_in_thread(config, tmp_path / "run", broker, agents)
+        time.sleep(1.0)
+        flaky.thread.start()
+        summary = finish(thread, outcome, agents)
+        flaky.stop.set()
+        flaky.thread.join(10)
+    assert summary["rounds"] == 2
+    rows = RunStore(tmp_path / "run").metrics()
+    assert all(r.accepted for r in rows), [(r.agent_id, r.reason) for r in rows if not r.accepted]
+    assert {r.agent_id for r in rows if r.round == 2} == set(pins)
+    asked = sorted(i for request in flaky.resend_requests for i in request.indices)
+    assert 0 in asked and asked[-1] > 1, asked  # the corrupt first chunk and the dropped last one were asked for
     assert_rounds_follow_the_rule(tmp_path / "run", pins)
 
 
