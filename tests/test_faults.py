@@ -26,20 +26,20 @@ from coordinator.config import RunConfig, TaskConfig
 from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore, load_state
 from protocols import topics
+from protocols.chunks import BlobRef, encode_chunk, split_blob
 from protocols.messages import (
     Assignment,
     BlobRefModel,
     DeviceProfile,
     JoinAccepted,
     JoinRequest,
-    RoundMetrics,
     ResendRequest,
+    RoundMetrics,
     UpdateAck,
     UpdateReport,
     decode_message,
     encode_message,
 )
-from protocols.chunks import BlobRef, encode_chunk, split_blob
 from protocols.mqtt import MqttEndpoint, fetch_blob, publish_blob
 from protocols.tensors import decode_tensors, encode_tensors
 from tests.harness import AgentProcesses, agent_processes, assert_rounds_follow_the_rule, fleet_data
