@@ -569,6 +569,7 @@ def fetch_blob(
     request_resend: Callable[[list[int]], None],
     timeout: float = 120.0,
     resend_after: float = 5.0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> bytes:
     """Download and verify a retained blob, asking the publisher for damaged or missing chunks.
 
@@ -576,7 +577,8 @@ def fetch_blob(
     seconds the missing ones are re-requested and the filter re-subscribed, which makes the broker
     redeliver every retained chunk (duplicates are harmless). The same index is asked for at most
     once per ``resend_after`` window. Raises ``BlobFetchTimeout`` (a TimeoutError) naming the
-    missing indices if the blob is not complete after ``timeout`` seconds.
+    missing indices if the blob is not complete after ``timeout`` seconds. ``on_progress(received, total)``
+    is called after every new chunk (bytes), e.g. to show a progress line.
     """
     topic_filter = blob_filter(ref.sha256)
     assembler = BlobAssembler(ref)
@@ -628,6 +630,8 @@ def fetch_blob(
                     continue
                 if _accept_chunk(assembler, item, ask):
                     last_progress = time.monotonic()
+                    if on_progress is not None:
+                        on_progress(assembler.received_bytes, ref.size)
         finally:
             endpoint.unsubscribe(topic_filter)
 
