@@ -26,6 +26,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from protocols.bundle_manifest import BundleManifest
+
 # Relative slack on the limits so that "exactly at the limit" (e.g. 320 MB vs 0.8 x 400 MB) is not
 # lost to float rounding of the product.
 _REL_TOL = 1e-9
@@ -238,3 +240,15 @@ def assign_backbone(
         f"{_needs(smallest, memory_fraction)}; it would take {' and '.join(shortfalls)}"
     )
     return Decision(agent_id=device.agent_id, backbone=None, reason=reason, lines=lines)
+
+
+def cost_card_of(manifest: BundleManifest) -> CostCard:
+    """The assignment view of a bundle's cost card (measured at export, see export/bundle.py)."""
+    card = manifest.cost_card
+    if card is None:
+        raise ValueError(f"bundle for {manifest.backbone} has no cost card; rebuild it with costs")
+    return CostCard(backbone=manifest.backbone, peak_train_rss_mb=card.peak_train_rss_mb,
+                    step_seconds=card.step_seconds, eval_seconds_per_sample=card.eval_seconds_per_sample,
+                    flops_per_step=card.flops_per_step, payload_bytes=card.payload_bytes,
+                    bundle_bytes=card.bundle_bytes, builder_gflops=card.builder_gflops,
+                    layers=manifest.layers, hidden=manifest.hidden)

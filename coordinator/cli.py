@@ -6,9 +6,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from coordinator.config import RunConfig
+    from coordinator.fleet import DataSplit, EmulatedAgent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,42 +28,128 @@ def _logging(verbose: bool) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option(help="run configuration (TOML)")],
+    config: Annotated[Path | None, typer.Option(help="run configuration (TOML)")] = None,
     broker: Annotated[str | None, typer.Option(help="use this broker HOST:PORT instead of starting one")] = None,
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/run"),
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory after a crash")] = None,
+    username: Annotated[str | None, typer.Option(help="MQTT user (see `coordinator provision`)")] = None,
+    password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate of a TLS broker", exists=True)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a federation; agents join with `edge-agent join --broker HOST:PORT ...`."""
     from coordinator.config import ConfigError, load_config
-    from coordinator.runner import run_federation
+    from coordinator.runner import resume_config, run_federation
 
     _logging(verbose)
+    if (config is None) == (resume is None):
+        typer.echo("error: give either --config FILE (a new run) or --resume RUN_DIR (continue one)", err=True)
+        raise typer.Exit(2)
     try:
-        run_config = load_config(config)
-    except ConfigError as exc:
+        run_config = load_config(config) if config is not None else resume_config(resume)  # type: ignore[arg-type]
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    summary = run_federation(run_config, out, broker=broker)
+    mqtt = {"username": username, "password": password, "tls_ca": str(tls_ca) if tls_ca else None}
+    summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None, mqtt_options=mqtt)
     typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds")}, indent=2))
+
+
+FleetOption = Annotated[Path | None, typer.Option(help="fleet file (TOML) of device classes to emulate; "
+                                                       "default: the demo's 2 x 384 MB + 2 x 2048 MB")]
+ConfigOption = Annotated[Path | None, typer.Option(help="run configuration (TOML); default: the demo's")]
+
+
+def _fleet_inputs(fleet: Path | None, config: Path | None, rounds: int | None,
+                  seed: int) -> tuple[list[EmulatedAgent], RunConfig, DataSplit, str]:
+    """The agents, run configuration and data split a fleet command works on; exit 2 with the reason if invalid."""
+    from coordinator.config import ConfigError, load_config
+    from coordinator.demo import demo_agents, demo_config
+    from coordinator.fleet import DataSplit, FleetError, load_fleet
+
+    try:
+        run_config = (load_config(config, {"rounds": rounds} if rounds else None) if config is not None
+                      else demo_config(rounds or 5, seed))
+        if fleet is None:
+            return demo_agents(), run_config, DataSplit.model_validate({}), "the demo fleet"
+        parsed = load_fleet(fleet)
+    except (ConfigError, FleetError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return parsed.agents(), run_config, parsed.data, f"fleet {parsed.name} ({fleet})"
+
+
+@app.command()
+def assign(
+    fleet: FleetOption = None,
+    config: ConfigOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="show the cost cards and each candidate's arithmetic")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable decisions")] = False,
+) -> None:
+    """Which backbone each device of a fleet would get, and why, without running anything.
+
+    Uses the cost cards of the run's bundles (built now if they do not exist yet).
+    """
+    from coordinator.assignment import cost_card_of
+    from coordinator.fleet import format_plan, plan_as_json, plan_fleet
+    from coordinator.runner import build_bundles
+
+    agents, run_config, data, source = _fleet_inputs(fleet, config, None, 0)
+    cards = [cost_card_of(b.manifest) for b in build_bundles(run_config).values()]
+    plans = plan_fleet(agents, cards, run_config, eval_samples=data.eval_samples(len(run_config.task.labels)))
+    if as_json:
+        typer.echo(json.dumps(plan_as_json(plans), indent=2))
+    else:
+        typer.echo(format_plan(plans, cards, run_config, source=source, explain=explain))
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
-    rounds: Annotated[int, typer.Option(min=1)] = 5,
+    rounds: Annotated[int | None, typer.Option(min=1, help="rounds (default: 5, or the config's)")] = None,
     seed: int = 0,
+    fleet: FleetOption = None,
+    config: ConfigOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """A real federated run on this machine: own mosquitto on loopback + 4 emulated edge agents."""
-    from coordinator.demo import run_demo
+    """A real federated run on this machine: own mosquitto on loopback + emulated edge agents (4 by default)."""
+    from coordinator.demo import plan_for, run_demo, run_fleet
+    from coordinator.fleet import format_plan
     from coordinator.report import _pct
 
     _logging(verbose)
-    summary = run_demo(out, rounds=rounds, seed=seed)
+    if fleet is None and config is None:
+        summary = run_demo(out, rounds=rounds or 5, seed=seed)
+    else:
+        agents, run_config, data, source = _fleet_inputs(fleet, config, rounds, seed)
+        run_config, plans = plan_for(agents, run_config, data)
+        typer.echo(format_plan(plans, [], run_config, source=source, explain=False), err=True)
+        summary = run_fleet(out, agents, run_config, data, seed=seed)
     typer.echo(f"\ndemo finished in {summary['wall_seconds']:.0f} s; run directory: {out}")
+    for agent_id, backbone in sorted(summary["agents"].items()):
+        typer.echo(f"  {agent_id}: {backbone}")
+    for agent_id, reason in sorted(summary["refused"].items()):
+        typer.echo(f"  {agent_id}: {reason}")
     for entry in summary["per_round"]:
         typer.echo(f"  round {entry['round']}: global accuracy {_pct(entry['global_accuracy'])} %, "
                    f"personal accuracy {_pct(entry['personal_accuracy'])} %")
+
+
+@app.command()
+def provision(
+    out: Annotated[Path, typer.Option(help="directory for CA, certificates, password file, ACL and config")],
+    agents: Annotated[list[str], typer.Option("--agent", help="agent id (repeat for each agent)")],
+    host: Annotated[str, typer.Option(help="the broker's address as agents reach it (IP or DNS name)")] = "127.0.0.1",
+    tls_port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
+) -> None:
+    """Write a secured mosquitto configuration: TLS, one password per agent, and an ACL per agent."""
+    from coordinator.provision import provision as write_security
+
+    result = write_security(out, agents, host=host, tls_port=tls_port)
+    typer.echo(f"wrote {result.directory}: ca.crt (give it to every device), passwd, acl, credentials.json (0600)")
+    typer.echo(f"append {result.directory / 'mosquitto-security.conf'} to the broker's mosquitto.conf; agents join "
+               f"with --broker {host}:{tls_port} --username ID --password ... --tls-ca ca.crt")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The demo: a real federated run on one machine.
+"""The demo: a real federated run on one machine, with the default fleet or one from a fleet file.
 
-Our own mosquitto on loopback, the coordinator, and four edge-agent processes emulating two Raspberry-Pi
-class devices (memory cap 384 MB: only MiniLM-L3 fits) and two Jetson-class devices (2 GB: MiniLM-L6), each
-holding a Dirichlet(0.3) label-skewed share of real tweets, plus a balanced held-out set for the global view.
+Our own mosquitto on loopback, the coordinator, and one edge-agent process per emulated device, each holding a
+Dirichlet label-skewed share of real tweets, plus a balanced held-out set for the global view. The default
+fleet is two Raspberry-Pi class devices (memory cap 384 MB: only MiniLM-L3 fits) and two Jetson-class devices
+(2 GB: MiniLM-L6). `coordinator demo --fleet FILE` emulates the device classes of a fleet file instead
+(coordinator/fleet.py): every agent enforces its memory cap and runs at its class's speed.
 """
 
 from __future__ import annotations
@@ -10,46 +12,89 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.assignment import cost_card_of
 from coordinator.config import RunConfig
 from coordinator.datasets import load_tweet_sentiment, write_fleet_data
-from coordinator.runner import run_federation
+from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
+from coordinator.runner import build_bundles, run_federation
 from export.bundle import single_thread_env
 
-# (agent id, memory cap in MB). 0.8 x 384 MB admits MiniLM-L3 (~260 MB measured) but not L6 (~350 MB).
+# (agent id, memory cap in MB). The cost cards measure a whole agent process (MiniLM-L3 ~312 MB, L6 ~410 MB
+# on the builder), so 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
 DEMO_FLEET: tuple[tuple[str, float], ...] = (("pi4-a", 384), ("pi4-b", 384), ("orin-a", 2048), ("orin-b", 2048))
+
+# The demo's memory fraction. The run default (0.8) leaves 20 % for what a cost card might miss; the cards
+# now measure a complete agent within a few per cent (docs/cost-model.md), and every agent enforces its cap
+# for real, so 10 % covers allocator growth over rounds (+3 % over five measured).
+DEMO_MEMORY_FRACTION = 0.9
 
 
 def demo_config(rounds: int = 5, seed: int = 0) -> RunConfig:
     return RunConfig(run_name="demo", method="heterotune", backbones=("minilm-l3", "minilm-l6"), rounds=rounds,
                      local_steps=20, learning_rate=2e-3, min_agents=len(DEMO_FLEET), join_timeout_s=300,
-                     round_timeout_s=300, seed=seed)
+                     round_timeout_s=300, memory_fraction=DEMO_MEMORY_FRACTION, seed=seed)
+
+
+def demo_agents(fleet: Sequence[tuple[str, float]] = DEMO_FLEET) -> list[EmulatedAgent]:
+    """The default fleet as emulated agents (full speed, capped memory)."""
+    return [EmulatedAgent(agent_id, memory_mb, device_class=agent_id.rsplit("-", 1)[0])
+            for agent_id, memory_mb in fleet]
 
 
 def run_demo(out_dir: Path, *, rounds: int = 5, seed: int = 0, samples: int = 8000,
              max_per_client: int = 600, fleet: tuple[tuple[str, float], ...] = DEMO_FLEET) -> dict[str, Any]:
+    """The README's demo: the default fleet, 5 rounds of HeteroTune on MiniLM-L3/L6."""
+    data = DataSplit(samples_per_agent=max_per_client)
+    return run_fleet(out_dir, demo_agents(fleet), demo_config(rounds, seed), data, seed=seed, samples=samples)
+
+
+def plan_for(agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit) -> tuple[RunConfig, list[AgentPlan]]:
+    """What the coordinator will decide for the fleet (from the built or reused bundles' cost cards), and the
+    config with ``min_agents`` set to the number of agents it admits, so round 1 waits for exactly those."""
+    cards = [cost_card_of(b.manifest) for b in build_bundles(config).values()]
+    plans = plan_fleet(agents, cards, config, eval_samples=data.eval_samples(len(config.task.labels)))
+    return config.model_copy(update={"min_agents": max(1, expected_members(plans))}), plans
+
+
+def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, global_test: Path,
+                  cache_dir: Path) -> list[str]:
+    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed and round limit."""
+    command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent.agent_id,
+               "--data", str(data_file), "--global-test", str(global_test), "--max-memory", f"{agent.memory_mb:g}",
+               "--threads", "1", "--cache-dir", str(cache_dir), "--max-idle", "600"]
+    if agent.slowdown != 1:
+        command += ["--slowdown", repr(agent.slowdown)]
+    if agent.max_round_seconds is not None:
+        command += ["--max-round-seconds", f"{agent.max_round_seconds:g}"]
+    return command
+
+
+def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit, *,
+              seed: int = 0, samples: int | None = None) -> dict[str, Any]:
+    """Write each agent's data, start one `edge-agent join` process per agent and run the federation."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    samples = samples or max(8000, 2 * len(agents) * data.samples_per_agent)
     dataset = load_tweet_sentiment(max_samples=samples, seed=seed)
-    data = write_fleet_data(dataset, [agent_id for agent_id, _ in fleet], out_dir / "data", alpha=0.3, seed=seed,
-                            global_per_class=100, max_per_client=max_per_client)
+    files = write_fleet_data(dataset, [a.agent_id for a in agents], out_dir / "data", alpha=data.alpha, seed=seed,
+                             global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent)
     processes: list[subprocess.Popen[bytes]] = []
 
     def start_agents(host: str, port: int) -> None:
         logs = out_dir / "agents"
         logs.mkdir(exist_ok=True)
-        for agent_id, memory_mb in fleet:
-            command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}",
-                       "--id", agent_id, "--data", str(data.client_files[agent_id]),
-                       "--global-test", str(data.global_test_file), "--max-memory", str(memory_mb),
-                       "--threads", "1", "--cache-dir", str(logs / agent_id), "--max-idle", "600"]
-            with open(logs / f"{agent_id}.log", "wb") as log:
+        for agent in agents:
+            command = agent_command(agent, host, port, files.client_files[agent.agent_id], files.global_test_file,
+                                    logs / agent.agent_id)
+            with open(logs / f"{agent.agent_id}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                   env=single_thread_env()))
 
     try:
-        return run_federation(demo_config(rounds, seed), out_dir, start_agents=start_agents)
+        return run_federation(config, out_dir, start_agents=start_agents)
     finally:
         _stop(processes)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import ClientUpdate, FederatedState, make_strategy
-from coordinator.assignment import CostCard, DeviceBudget, assign_backbone
+from coordinator.assignment import DeviceBudget, assign_backbone, cost_card_of
 from coordinator.config import RunConfig
 from coordinator.methods import scopes_for
-from coordinator.store import MetricRow, RunStore
+from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
 from protocols.chunks import BlobAssembler, BlobRef, decode_chunk
@@ -36,6 +37,7 @@ from protocols.messages import (
     JoinRefused,
     JoinRequest,
     ResendRequest,
+    RoundDeclined,
     UpdateAck,
     UpdateReport,
     decode_message,
@@ -64,6 +66,7 @@ class PendingUpload:
 
     agent_id: str
     nonce: str
+    backbone: str  # as assigned: a rejoin mid-round may change the agent's record, not this upload's group
     report: UpdateReport | None = None
     assembler: BlobAssembler | None = None
     report_time: float = 0.0
@@ -97,9 +100,12 @@ class Coordinator:
         self.blobs: dict[str, bytes] = {}  # sha -> bytes we serve (bundles, round weights)
         self.bundle_refs: dict[str, BlobRef] = {}
         self.pending: dict[str, PendingUpload] = {}
+        self.declined_rows: list[MetricRow] = []
         self.current_round = 0
         self.state = self._initial_state()
-        self.cards = [self._cost_card(b) for b in bundles.values()]
+        self.cards = [cost_card_of(b.manifest) for b in bundles.values()]
+        self._reconnected = threading.Event()
+        endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
 
     @staticmethod
     def endpoint_for(host: str, port: int, **kwargs: Any) -> MqttEndpoint:
@@ -127,16 +133,6 @@ class Coordinator:
                 global_tensors.setdefault(name, initial[name].copy())
         return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 
-    def _cost_card(self, bundle: Bundle) -> CostCard:
-        card = bundle.manifest.cost_card
-        if card is None:
-            raise ValueError(f"bundle for {bundle.manifest.backbone} has no cost card; rebuild it with costs")
-        return CostCard(backbone=bundle.manifest.backbone, peak_train_rss_mb=card.peak_train_rss_mb,
-                        step_seconds=card.step_seconds, eval_seconds_per_sample=card.eval_seconds_per_sample,
-                        flops_per_step=card.flops_per_step, payload_bytes=card.payload_bytes,
-                        bundle_bytes=card.bundle_bytes, builder_gflops=card.builder_gflops,
-                        layers=bundle.manifest.layers, hidden=bundle.manifest.hidden)
-
     def upload_names(self, backbone: str) -> list[str]:
         return sorted(self._names(backbone, "global") + self._names(backbone, "group"))
 
@@ -149,23 +145,60 @@ class Coordinator:
                 self.endpoint.subscribe(topics.agents_filter(kind))
             self.endpoint.subscribe(topics.update_filter())
             self._announce("online")
-            self.store.set_meta("run_id", self.run_id)
-            self.store.save_state(0, self.state)
-            self._wait_for_agents()
+            first_round = self.store.last_round() + 1
+            if first_round == 1:
+                self.store.set_meta("run_id", self.run_id)
+                self.store.save_state(0, self.state)
+                self._wait_for_agents()
+            else:
+                self._resume_agents()
             results = []
-            round_id = 1
-            while round_id <= self.config.rounds:
-                result = self._run_round(round_id)
-                if result is None:
-                    continue  # abandoned: retried with the same round id
+            for round_id in range(first_round, self.config.rounds + 1):
+                result = self._run_round_with_retries(round_id)
                 results.append(result)
                 if self.on_round:
                     self.on_round(result)
-                round_id += 1
             self._finish("completed all rounds")
             return results
         finally:
             self.endpoint.stop()
+
+    def _run_round_with_retries(self, round_id: int) -> RoundResult:
+        for attempt in range(self.config.max_round_attempts):
+            result = self._run_round(round_id, attempt)
+            if result is not None:
+                return result
+        raise RuntimeError(f"round {round_id} missed its minimum in {self.config.max_round_attempts} attempts; the "
+                           f"run stops with rounds 1-{round_id - 1} committed (continue with --resume)")
+
+    @classmethod
+    def resume(cls, config: RunConfig, bundles: dict[str, Bundle], endpoint: MqttEndpoint, store: RunStore,
+               **kwargs: Any) -> Coordinator:
+        """Pick up a run after a crash: same run id, agents, and the last committed round's tensors."""
+        coordinator = cls(config, bundles, endpoint, store, **kwargs)
+        run_id = store.meta("run_id")
+        if run_id is None:
+            raise ValueError(f"{store.run_dir} holds no started run to resume")
+        coordinator.run_id = run_id
+        coordinator.state = load_state(store.tensors_path(store.last_round()))
+        for agent_id, backbone, n_train, profile in store.joined_agents():
+            coordinator.agents[agent_id] = AgentRecord(agent_id, backbone, n_train, profile)
+        return coordinator
+
+    def _resume_agents(self) -> None:
+        """Serve the bundles again and give retained agent statuses a moment to arrive."""
+        for backbone in sorted({a.backbone for a in self.agents.values()}):
+            self._serve_bundle(backbone)
+        log.info("resuming run %s at round %d with %d agents", self.run_id, self.store.last_round() + 1,
+                 len(self.agents))
+        self._pump_until(time.monotonic() + 1.0)
+
+    def _republish(self) -> None:
+        """The coordinator is the source of truth: after any (re)connect, e.g. a broker restart that lost its
+        retained messages, publish the status and every blob still being served again (duplicates are harmless)."""
+        self._announce("online")
+        for data in list(self.blobs.values()):
+            publish_blob(self.endpoint, data, retain=True)
 
     def _announce(self, state: str) -> None:
         status = CoordStatus(state=state, run_id=self.run_id)
@@ -190,6 +223,9 @@ class Coordinator:
             self._pump(max(0.0, until - time.monotonic()))
 
     def _pump(self, timeout: float) -> None:
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            self._republish()
         item = self.endpoint.get(timeout=timeout)
         if item is not None:
             self._dispatch(item)
@@ -218,6 +254,8 @@ class Coordinator:
             self._on_report(message)
         elif isinstance(message, ResendRequest):
             self._on_resend(message)
+        elif isinstance(message, RoundDeclined):
+            self._on_declined(message)
         elif isinstance(message, AgentStatus) and agent_id in self.agents:
             self.agents[agent_id].status = message.state
 
@@ -242,20 +280,28 @@ class Coordinator:
             self.endpoint.publish(inbox, encode_message(refusal))
             return
         bundle_ref = self._serve_bundle(decision.backbone)
+        pending = self.pending.get(request.agent_id)
+        if pending is not None and pending.backbone != decision.backbone and not pending.done:
+            pending.done = True  # it was assigned the old backbone's round; that upload can no longer be used
+            log.warning("%s rejoined as %s mid-round; its %s round is dropped", request.agent_id,
+                        decision.backbone, pending.backbone)
         self.agents[request.agent_id] = AgentRecord(request.agent_id, decision.backbone, request.n_train,
                                                     profile.model_dump())
         self.store.upsert_agent(request.agent_id, decision.backbone, "joined", profile.model_dump(),
-                                decision.reason)
+                                decision.reason, request.n_train)
         log.info("%s joined -> %s (%s)", request.agent_id, decision.backbone, decision.reason)
         accepted = JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
                                 bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason)
         self.endpoint.publish(inbox, encode_message(accepted))
 
-    def _serve_bundle(self, backbone: str) -> BlobRef:
-        if backbone not in self.bundle_refs:
-            data = self.bundles[backbone].archive_bytes()
-            self.bundle_refs[backbone] = self._serve(data)
-        return self.bundle_refs[backbone]
+    def _serve_bundle(self, backbone: str, part: str | None = None) -> BlobRef:
+        """Publish a backbone's bundle tar, or one of its parts (e.g. the torch backbone), once per run."""
+        key = backbone if part is None else f"{backbone}/{part}"
+        if key not in self.bundle_refs:
+            bundle = self.bundles[backbone]
+            data = bundle.archive_bytes() if part is None else bundle.part_bytes(part)
+            self.bundle_refs[key] = self._serve(data)
+        return self.bundle_refs[key]
 
     def _serve(self, data: bytes) -> BlobRef:
         ref = publish_blob(self.endpoint, data, retain=True)
@@ -266,22 +312,38 @@ class Coordinator:
         data = self.blobs.get(request.blob)
         if data is not None:
             publish_blob(self.endpoint, data, retain=True, indices=request.indices)
+            return
+        # A bundle part (the torch backbone) is published on first request only, so an ORT-only fleet never
+        # puts it on the broker; the agent asks for it by its hash from the bundle manifest.
+        for backbone, bundle in self.bundles.items():
+            for name, part in bundle.manifest.parts.items():
+                if part.sha256 == request.blob:
+                    self._serve_bundle(backbone, part=name)
+                    return
 
     # --- one round ---------------------------------------------------------------------------------
 
-    def _run_round(self, round_id: int) -> RoundResult | None:
+    def _select(self, round_id: int, attempt: int) -> tuple[list[str], int]:
+        """Invite over_selection x the target from the live agents, seeded so a resumed run picks the same."""
+        live = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+        if not live:
+            raise RuntimeError("no live agents left to train; restart agents and resume the run")
+        target = min(self.config.agents_per_round or len(live), len(live))
+        invited = min(len(live), math.ceil(target * self.config.over_selection))
+        rng = np.random.default_rng([self.config.seed, round_id, attempt])
+        return sorted(str(a) for a in rng.choice(live, size=invited, replace=False)), target
+
+    def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
         started = time.time()
         self.current_round = round_id
-        selected = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
-        if not selected:
-            raise RuntimeError("no live agents left to train; restart agents and resume the run")
+        selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
         self.pending = {}
         for agent_id in selected:
             record = self.agents[agent_id]
             nonce = secrets.token_hex(8)
-            self.pending[agent_id] = PendingUpload(agent_id, nonce)
+            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone)
             assignment = Assignment(
                 run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
                 bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
@@ -293,9 +355,13 @@ class Coordinator:
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted: list[ClientUpdate] = []
         rows: list[MetricRow] = []
-        while time.time() < deadline and not all(p.done for p in self.pending.values()):
+        self.declined_rows = []
+        while time.time() < deadline and len(accepted) < target and not all(p.done for p in self.pending.values()):
             self._pump(0.2)
             for upload in self.pending.values():
+                if not upload.done and self.agents[upload.agent_id].status in ("lost", "left"):
+                    upload.done = True  # its last will arrived: stop waiting for it
+                    log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
@@ -305,11 +371,14 @@ class Coordinator:
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
-        needed = math.ceil(self.config.min_fraction * len(selected))
+        rows += self.declined_rows
+        needed = math.ceil(self.config.min_fraction * target)
         if len(accepted) < needed:
-            log.warning("round %d: %d of %d updates accepted, %d needed; abandoning and retrying", round_id,
-                        len(accepted), len(selected), needed)
+            log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
+                        round_id, attempt + 1, len(accepted), len(selected), needed)
+            self.pending = {}
             return None
+        self.pending = {}  # anything arriving from now on is a straggler and is ignored
         result = self.strategy.aggregate(self.state, accepted, round_id)
         self.state = result.state
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
@@ -339,13 +408,29 @@ class Coordinator:
         upload = self.pending.get(report.agent_id)
         if upload is None or report.round != self.current_round or report.nonce != upload.nonce \
                 or report.run_id != self.run_id:
-            log.warning("stale or replayed report from %s (round %d) ignored", report.agent_id, report.round)
+            reason = f"stale or replayed update (round {report.round}); current round is {self.current_round}"
+            log.warning("rejected report from %s: %s", report.agent_id, reason)
+            if report.agent_id in self.agents:  # tell it, so it stops resending
+                ack = UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=reason)
+                self.endpoint.publish(topics.agent_inbox(report.agent_id), encode_message(ack))
             return
         if upload.report is None:
             upload.report = report
             upload.report_time = time.monotonic()
             if upload.assembler is None or upload.assembler.ref.sha256 != report.update.sha256:
                 upload.assembler = BlobAssembler(report.update.to_ref())
+
+    def _on_declined(self, declined: RoundDeclined) -> None:
+        upload = self.pending.get(declined.agent_id)
+        if upload is None or upload.done or declined.nonce != upload.nonce or declined.round != self.current_round:
+            return
+        upload.done = True
+        log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
+        self.declined_rows.append(MetricRow(
+            round=declined.round, agent_id=declined.agent_id, backbone=upload.backbone, personal_accuracy=None,
+            global_accuracy=None, n_test=0, n_global_test=0, n_train=0, train_loss=None, bytes_up=0, bytes_down=0,
+            train_seconds=0.0, eval_seconds=0.0, peak_rss_mb=0.0, backend="", accepted=False,
+            reason=f"declined: {declined.reason}"))
 
     def _try_finalize(self, upload: PendingUpload) -> tuple[ClientUpdate | None, MetricRow] | None:
         """Accept or reject a complete upload (once); ask for missing chunks after a grace period."""
@@ -359,13 +444,13 @@ class Coordinator:
                 self.endpoint.publish(topics.agent_inbox(upload.agent_id), encode_message(request))
             return None
         upload.done = True
-        record = self.agents[upload.agent_id]
+        backbone = upload.backbone
         try:
             tensors = decode_tensors(assembler.assemble())
-            manifest = self.bundles[record.backbone].manifest
-            expected = {n: (tuple(manifest.tensor(n).shape), "float32") for n in self.upload_names(record.backbone)}
+            manifest = self.bundles[backbone].manifest
+            expected = {n: (tuple(manifest.tensor(n).shape), "float32") for n in self.upload_names(backbone)}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
-            update = ClientUpdate(upload.agent_id, record.backbone, report.n_train, dict(tensors))
+            update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))
             self.store.save_update(self.current_round, upload.agent_id, tensors)
             reason = ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
@@ -375,7 +460,7 @@ class Coordinator:
         self.endpoint.publish(topics.agent_inbox(upload.agent_id), encode_message(ack))
         m = report.metrics
         row = MetricRow(
-            round=self.current_round, agent_id=upload.agent_id, backbone=record.backbone,
+            round=self.current_round, agent_id=upload.agent_id, backbone=backbone,
             personal_accuracy=m.personal_accuracy, global_accuracy=m.global_accuracy, n_test=m.n_test,
             n_global_test=m.n_global_test, n_train=report.n_train, train_loss=m.train_loss,
             bytes_up=report.update.size, bytes_down=m.bytes_down, train_seconds=m.train_seconds,

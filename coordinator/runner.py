@@ -55,7 +55,8 @@ def resume_config(run_dir: Path) -> RunConfig:
 
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
-                   console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+                   console: Console | None = None, resume: bool = False,
+                   mqtt_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
     With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
@@ -75,7 +76,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
                 print_round(console, result.round_id, result.metrics, result.seconds)
 
             make = Coordinator.resume if resume else Coordinator
-            coordinator = make(config, bundles, Coordinator.endpoint_for(host, port), store, on_round=show)
+            endpoint = Coordinator.endpoint_for(host, port, **(mqtt_options or {}))
+            coordinator = make(config, bundles, endpoint, store, on_round=show)
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from edge_agent.bundle_store import BundleStore
 from edge_agent.data import Example, load_examples
+from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.profile import profile_device
 from edge_agent.trainers.base import TrainerBackend
 from protocols import topics
 from protocols.bundle_manifest import BundleManifest
-from protocols.errors import MessageError, ProtocolError
+from protocols.errors import BlobFetchTimeout, MessageError, ProtocolError
 from protocols.messages import (
     AgentStatus,
     Assignment,
@@ -33,6 +34,7 @@ from protocols.messages import (
     JoinRequest,
     Message,
     ResendRequest,
+    RoundDeclined,
     RoundMetrics,
     UpdateAck,
     UpdateReport,
@@ -45,6 +47,7 @@ from protocols.tensors import decode_tensors, encode_tensors
 log = logging.getLogger("edge_agent")
 
 EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_BROKER, EXIT_IDLE = 0, 2, 3, 4, 5
+ACK_TIMEOUT_S = 15.0  # upload again when the coordinator has not acknowledged an update for this long
 
 
 @dataclass
@@ -63,20 +66,46 @@ class AgentConfig:
     keepalive: int = 30
     username: str | None = None
     password: str | None = None
+    tls_ca: Path | None = None
+    # Emulated devices (edge_agent/limits.py): abort a round whose RSS crosses max_memory_mb, and run
+    # `slowdown` times slower than this machine (sleeps after each step, GFLOP/s reported divided by it).
+    enforce_memory: bool = True
+    slowdown: float = 1.0
+
+
+BACKENDS = ("auto", "ort", "torch")
+
+
+def resolve_backend(requested: str) -> str:
+    """The trainer backend this device will use: the forced one, or for 'auto' ORT where it loads, else torch.
+
+    Resolved before the bundle is fetched, because the backend decides which bundle parts to download.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown trainer backend '{requested}'; choose one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    from edge_agent.profile import available_backends
+
+    found = available_backends()
+    if not found:
+        raise ImportError("no trainer backend is installed: pip install --no-deps onnxruntime-training-cpu==1.19.2 "
+                          "(x86_64, macOS arm64) or pip install torch (any platform, e.g. Linux aarch64)")
+    return found[0]
 
 
 def make_trainer(backend: str, bundle_dir: Path, threads: int) -> TrainerBackend:
-    """The requested backend; 'auto' prefers ONNX Runtime and falls back to PyTorch where ORT is missing."""
-    if backend in ("auto", "ort"):
-        try:
-            from edge_agent.trainers.ort import OrtTrainer
+    """The requested backend; 'auto' prefers ONNX Runtime and falls back to PyTorch where ORT is missing.
 
-            return OrtTrainer(bundle_dir, threads=threads)
-        except ImportError:
-            if backend == "ort":
-                raise
-    raise ImportError(f"trainer backend '{backend}' is not available on this device; "
-                      "install onnxruntime-training-cpu==1.19.2 (x86_64) or use --backend auto")
+    Both modules are imported here, not at the top: an aarch64 device has no ORT, an x86_64 one needs no torch.
+    """
+    if resolve_backend(backend) == "ort":
+        from edge_agent.trainers.ort import OrtTrainer
+
+        return OrtTrainer(bundle_dir, threads=threads)
+    from edge_agent.trainers.torch_backend import TorchTrainer
+
+    return TorchTrainer(bundle_dir, threads=threads)
 
 
 class EdgeAgent:
@@ -86,26 +115,31 @@ class EdgeAgent:
         self.run_id: str | None = None
         self.learner: LocalLearner | None = None
         self.bundle_sha: str | None = None
-        self.pending_uploads: dict[int, bytes] = {}
+        # round -> (update blob, report) kept until the coordinator acknowledges it, for resends
+        self.pending_uploads: dict[int, tuple[bytes, bytes]] = {}
+        self._last_upload = 0.0
         self.bytes_down = 0
         self._join_wanted = threading.Event()
+        self._join_sent_for: str | None = None
+        self._connected = threading.Event()
         self._profile: DeviceProfile | None = None
         self.endpoint = MqttEndpoint(
             config.agent_id, config.host, config.port,
             username=config.username, password=config.password,
+            tls_ca=str(config.tls_ca) if config.tls_ca else None,
             keepalive=config.keepalive, session_expiry=3600,
             will=Will(topics.agent_status(config.agent_id),
                       encode_message(AgentStatus(agent_id=config.agent_id, state="lost")),
                       retain=True, delay_seconds=10),
-            on_connect=lambda _session_present: self._join_wanted.set(),
+            on_connect=lambda _session_present: self._connected.set(),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._profile = DeviceProfile(**profile_device(max_memory_mb=self.config.max_memory_mb,
-                                                       max_round_seconds=self.config.max_round_seconds,
-                                                       disk_path=self.config.cache_dir))
+        measured = profile_device(max_memory_mb=self.config.max_memory_mb,
+                                  max_round_seconds=self.config.max_round_seconds, disk_path=self.config.cache_dir)
+        self._profile = DeviceProfile(**slowed_profile(measured, self.config.slowdown))
         self.endpoint.start()
         try:
             self.endpoint.subscribe(topics.agent_inbox(self.config.agent_id))
@@ -117,10 +151,15 @@ class EdgeAgent:
     def _loop(self) -> int:
         last_activity = time.monotonic()
         while True:
+            if self._connected.is_set():
+                self._connected.clear()
+                self._status("online")  # after a long drop the broker published our will ("lost")
             if self._join_wanted.is_set():
                 self._join_wanted.clear()
                 self._send_join()
             item = self.endpoint.get(timeout=0.5)
+            if self.pending_uploads and time.monotonic() - self._last_upload > ACK_TIMEOUT_S:
+                self._upload_again()  # no ack: the report or chunks may have been lost in a broker restart
             if item is None:
                 if time.monotonic() - last_activity > self.config.max_idle_seconds:
                     log.error("no word from the coordinator for %.0f s; giving up", self.config.max_idle_seconds)
@@ -140,8 +179,14 @@ class EdgeAgent:
 
     def _handle(self, message: Message) -> int | None:
         if isinstance(message, CoordStatus):
-            if message.state == "online" and self.run_id is not None and message.run_id != self.run_id:
-                self._join_wanted.set()  # a new coordinator run: introduce ourselves again
+            if message.state == "online" and message.run_id != self.run_id \
+                    and message.run_id != self._join_sent_for:
+                # A coordinator run we have not joined: introduce ourselves, once per run. The status is retained,
+                # so this fires right after subscribing if the coordinator is up, or when it starts later.
+                self._join_sent_for = message.run_id
+                self._join_wanted.set()
+            elif message.state == "online" and self.pending_uploads:
+                self._upload_again()  # the same run's coordinator came back (resumed): it may lack our update
         elif isinstance(message, JoinAccepted):
             self._on_accepted(message)
         elif isinstance(message, JoinRefused):
@@ -189,9 +234,26 @@ class EdgeAgent:
                      time.monotonic() - started)
         bundle_dir = self.store.path(ref.sha256)
         manifest = self.store.manifest(ref.sha256)
+        self._ensure_parts(ref.sha256, manifest)
         self.learner = self._make_learner(bundle_dir, manifest)
         self.bundle_sha = ref.sha256
         return self.learner
+
+    def _ensure_parts(self, bundle_sha: str, manifest: BundleManifest) -> None:
+        """Fetch the bundle parts this device's backend needs (the torch backbone; nothing for ORT).
+
+        The coordinator publishes a part only once some agent asks for it, so a resend request for chunk 0
+        goes out first; an ORT-only fleet never puts the part on the broker.
+        """
+        for name, part in manifest.parts_for(resolve_backend(self.config.backend)).items():
+            if self.store.has_part(bundle_sha, part):
+                continue
+            started = time.monotonic()
+            request = ResendRequest(blob=part.sha256, indices=[0])
+            self.endpoint.publish(topics.agent_request(self.config.agent_id), encode_message(request))
+            data = self._fetch(BlobRefModel(sha256=part.sha256, size=part.size, chunks=part.chunks))
+            self.store.install_part(bundle_sha, part, data)
+            log.info("bundle part %s fetched: %.1f MB in %.1f s", name, part.size / 1e6, time.monotonic() - started)
 
     def _make_learner(self, bundle_dir: Path, manifest: BundleManifest) -> LocalLearner:
         labels = manifest.task.labels
@@ -200,12 +262,20 @@ class EdgeAgent:
         trainer = make_trainer(self.config.backend, bundle_dir, self.config.threads)
         return LocalLearner(self.config.agent_id, bundle_dir, manifest, trainer, examples, global_test)
 
-    def _fetch(self, ref: BlobRefModel) -> bytes:
+    def _fetch(self, ref: BlobRefModel, timeout: float = 300.0) -> bytes:
         def ask(indices: list[int]) -> None:
             request = ResendRequest(blob=ref.sha256, indices=indices)
             self.endpoint.publish(topics.agent_request(self.config.agent_id), encode_message(request))
 
-        data = fetch_blob(self.endpoint, ref.to_ref(), request_resend=ask, timeout=300.0)
+        shown = [0]
+
+        def progress(received: int, total: int) -> None:
+            tenth = received * 10 // max(total, 1)
+            if total > 4 * 1024 * 1024 and tenth > shown[0]:  # large blobs (bundles) only
+                shown[0] = tenth
+                log.info("fetching %s: %.1f of %.1f MB", ref.sha256[:12], received / 1e6, total / 1e6)
+
+        data = fetch_blob(self.endpoint, ref.to_ref(), request_resend=ask, timeout=timeout, on_progress=progress)
         self.bytes_down += len(data)
         return data
 
@@ -218,16 +288,32 @@ class EdgeAgent:
         if time.time() > a.deadline_unix:
             log.warning("round %d arrived after its deadline; skipping it", a.round)
             return
+        self.pending_uploads = {}  # a new assignment supersedes anything not yet acknowledged
         learner = self._ensure_bundle(a.bundle)
-        received = decode_tensors(self._fetch(a.weights))
+        try:
+            received = decode_tensors(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())))
+        except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
+            log.warning("round %d skipped: %s", a.round, exc)
+            return
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names))
-        outcome = learner.run_round(plan, received)
+        learner.guard = DeviceLimits(self.config.max_memory_mb if self.config.enforce_memory else None,
+                                     self.config.slowdown)
+        try:
+            outcome = learner.run_round(plan, received)
+        except MemoryCapExceeded as exc:
+            # Nothing is uploaded: the coordinator closes the round without us (min_fraction permitting) and
+            # assigns the next one as usual; the next round reloads the model from scratch.
+            log.error("round %d aborted: %s", a.round, exc)
+            declined = RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
+                                     reason=str(exc))
+            self.endpoint.publish(topics.agent_report(self.config.agent_id), encode_message(declined))
+            self._status("idle")
+            return
         self._status("uploading")
         blob = encode_tensors(outcome.upload)
         ref = publish_blob(self.endpoint, blob, retain=False,
                            topic=topics.agent_update_chunk(self.config.agent_id, a.round))
-        self.pending_uploads = {a.round: blob}
         metrics = RoundMetrics(
             personal_accuracy=outcome.personal.accuracy,
             global_accuracy=outcome.global_.accuracy if outcome.global_ else None,
@@ -238,15 +324,27 @@ class EdgeAgent:
         )
         report = UpdateReport(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
                               update=BlobRefModel.from_ref(ref), n_train=outcome.n_train, metrics=metrics)
-        self.endpoint.publish(topics.agent_report(self.config.agent_id), encode_message(report))
+        report_bytes = encode_message(report)
+        self.pending_uploads = {a.round: (blob, report_bytes)}
+        self._last_upload = time.monotonic()
+        self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         self._status("idle")
         log.info("round %d: personal %.3f, global %s, loss %.3f, %.1f s train", a.round,
                  outcome.personal.accuracy, f"{outcome.global_.accuracy:.3f}" if outcome.global_ else "-",
                  outcome.train_loss, outcome.train_seconds)
 
+    def _upload_again(self) -> None:
+        """Send every unacknowledged update again, chunks then report; the coordinator dedupes both."""
+        self._last_upload = time.monotonic()
+        for round_id, (blob, report) in self.pending_uploads.items():
+            log.info("round %d: no acknowledgement yet; uploading again", round_id)
+            publish_blob(self.endpoint, blob, retain=False,
+                         topic=topics.agent_update_chunk(self.config.agent_id, round_id))
+            self.endpoint.publish(topics.agent_report(self.config.agent_id), report)
+
     def _resend_update(self, request: ResendRequest) -> None:
-        for round_id, blob in self.pending_uploads.items():
+        for round_id, (blob, _report) in self.pending_uploads.items():
             try:
                 publish_blob(self.endpoint, blob, retain=False, indices=request.indices,
                              topic=topics.agent_update_chunk(self.config.agent_id, round_id))

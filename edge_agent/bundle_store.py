@@ -1,4 +1,8 @@
-"""The device's bundle cache, keyed by content sha256, so a rejoin or restart never downloads twice."""
+"""The device's bundle cache, keyed by content sha256, so a rejoin or restart never downloads twice.
+
+A bundle is its tar plus optional parts (blobs only some trainer backends need, e.g. the torch backbone); a
+part is stored inside its bundle's directory once its hash checks out, so its presence means it is verified.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, PartEntry
 
 _FILES_CHECKED = ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 
@@ -59,4 +63,23 @@ class BundleStore:
         final = self.path(sha256)
         shutil.rmtree(final, ignore_errors=True)
         work.rename(final)
+        return final
+
+    def has_part(self, sha256: str, part: PartEntry) -> bool:
+        """Whether a bundle's part was fetched and verified (it is written under its name only after that)."""
+        path = self.path(sha256) / part.file
+        return path.exists() and path.stat().st_size == part.size
+
+    def install_part(self, sha256: str, part: PartEntry, data: bytes) -> Path:
+        """Verify a fetched part against the bundle manifest's hash and store it beside the bundle's files."""
+        if not self.has(sha256):
+            raise BundleError(f"bundle {sha256[:12]} is not installed; install it before its parts")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != part.sha256 or len(data) != part.size:
+            raise BundleError(f"bundle part '{part.file}' hashes to {actual[:12]} ({len(data)} bytes), the manifest "
+                              f"says {part.sha256[:12]} ({part.size} bytes); fetch it again")
+        final = self.path(sha256) / part.file
+        work = final.with_name(f".{part.file}.partial")
+        work.write_bytes(data)
+        work.replace(final)
         return final

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -33,11 +33,21 @@ def join(
     max_memory: Annotated[float | None, typer.Option(help="memory cap in MB")] = None,
     max_round_seconds: Annotated[float | None, typer.Option(help="longest round this device accepts")] = None,
     threads: Annotated[int, typer.Option(help="compute threads (0 = runtime default)")] = 0,
-    backend: Annotated[str, typer.Option(help="trainer backend: auto, ort")] = "auto",
+    backend: Annotated[Literal["auto", "ort", "torch"], typer.Option(
+        help="trainer backend: ort (ONNX Runtime Training), torch (PyTorch; Linux aarch64 devices such as "
+             "Raspberry Pi and Jetson, where no ORT training wheel exists), auto (ort where it loads, else torch)"),
+    ] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="bundle cache")] = None,
     max_idle: Annotated[float, typer.Option(help="give up after this many seconds without messages")] = 900.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (defaults to none)")] = None,
     password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA certificate of a TLS broker (from `coordinator provision`)",
+                                                exists=True, dir_okay=False)] = None,
+    enforce_memory: Annotated[bool, typer.Option(
+        help="abort a round (no upload, the agent carries on) once this process's RSS crosses --max-memory")] = True,
+    slowdown: Annotated[float, typer.Option(
+        min=1.0, help="emulate a device this many times slower than this machine: sleep after every step and "
+                      "report GFLOP/s divided by it (emulated fleets)")] = 1.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a coordinator and train every round it assigns until the run ends."""
@@ -55,7 +65,8 @@ def join(
     config = AgentConfig(agent_id=agent_id, host=host, port=port, data=data, global_test=global_test,
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
-                         username=username, password=password)
+                         username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,
+                         slowdown=slowdown)
     try:
         code = EdgeAgent(config).run()
     except BrokerUnavailable as exc:

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -32,6 +33,24 @@ class RoundPlan:
     upload_names: tuple[str, ...]
 
 
+class RoundGuard(Protocol):
+    """Watches a round from inside (``edge_agent.limits.DeviceLimits``): told when the round begins and after
+    every unit of work ("load", each "train" step, each "eval" batch) with the seconds it took. It may raise
+    to abort the round (memory cap) or sleep (emulated slower device)."""
+
+    def begin(self) -> None: ...
+
+    def after(self, kind: str, seconds: float) -> None: ...
+
+
+class _Unguarded:
+    def begin(self) -> None:
+        pass
+
+    def after(self, kind: str, seconds: float) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     upload: dict[str, np.ndarray]
@@ -46,6 +65,11 @@ class RoundOutcome:
 
 class LocalLearner:
     """A device's private data, its bundle, its trainer and the tensors it never shares."""
+
+    # Set by the join loop before a round (an attribute, not a run_round argument, so subclasses that wrap
+    # run_round keep working); None = no checks, no slowdown.
+    guard: RoundGuard | None = None
+    _UNGUARDED: ClassVar[RoundGuard] = _Unguarded()
 
     def __init__(self, agent_id: str, bundle_dir: Path, manifest: BundleManifest, trainer: TrainerBackend,
                  examples: Sequence[Example], global_test: Sequence[Example] = (), *, split_seed: int = 0,
@@ -63,27 +87,43 @@ class LocalLearner:
             initial = load_file(str(bundle_dir / manifest.initial_tensors))
         # Tensors kept across rounds: whatever the coordinator does not send back (e.g. the local head).
         self.kept: dict[str, np.ndarray] = {k: np.array(v, copy=True) for k, v in initial.items()}
+        # The kept tensors as they were before the latest round, so a round the coordinator runs again (it was
+        # abandoned, or the coordinator crashed and resumed) starts from the same state and gives the same result.
+        self._before: tuple[int, dict[str, np.ndarray]] | None = None
 
     def run_round(self, plan: RoundPlan, received: Mapping[str, np.ndarray]) -> RoundOutcome:
         """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out."""
         unknown = sorted(set(received) - set(self.kept))
         if unknown:
             raise ValueError(f"received tensors this bundle does not have: {unknown[:3]}")
+        if self._before is not None and self._before[0] == plan.round_id:
+            self.kept = self._before[1]  # a repeated round: undo what its earlier attempt did locally
+        self._before = (plan.round_id, self.kept)
+        guard = self.guard or self._UNGUARDED
+        guard.begin()
         start_tensors = {**self.kept, **received}
+        load_start = time.perf_counter()
         self.trainer.start_round(start_tensors, plan.learning_rate)
+        guard.after("load", time.perf_counter() - load_start)
 
         eval_start = time.perf_counter()
-        global_result = self.trainer.evaluate(self._batches(self.global_test)) if self.global_test else None
+        global_result = (self.trainer.evaluate(self._batches(self.global_test, guard)) if self.global_test
+                         else None)
         eval_seconds = time.perf_counter() - eval_start
 
         rng = np.random.default_rng([plan.seed, plan.round_id, zlib.crc32(self.agent_id.encode())])
         stream = batches(self.train, plan.batch_size, rng)
         train_start = time.perf_counter()
-        losses = [self.trainer.train_step(self._encode(next(stream))) for _ in range(plan.local_steps)]
+        losses = []
+        for _ in range(plan.local_steps):
+            batch = self._encode(next(stream))
+            step_start = time.perf_counter()
+            losses.append(self.trainer.train_step(batch))
+            guard.after("train", time.perf_counter() - step_start)
         train_seconds = time.perf_counter() - train_start
 
         eval_start = time.perf_counter()
-        personal = self.trainer.evaluate(self._batches(self.test))
+        personal = self.trainer.evaluate(self._batches(self.test, guard))
         eval_seconds += time.perf_counter() - eval_start
 
         after = self.trainer.read_tensors(self.kept)
@@ -98,7 +138,11 @@ class LocalLearner:
         ids, mask = self.encoder.encode([e.text for e in examples])
         return Batch(ids, mask, np.array([e.label for e in examples], dtype=np.int64))
 
-    def _batches(self, examples: Sequence[Example]) -> Iterator[Batch]:
+    def _batches(self, examples: Sequence[Example], guard: RoundGuard) -> Iterator[Batch]:
         # Evaluate at the training batch size: the cost card (and the memory check) are measured there.
         size = self.manifest.task.batch_size
-        return (self._encode(chunk) for chunk in eval_batches(examples, size))
+        for chunk in eval_batches(examples, size):
+            batch = self._encode(chunk)
+            start = time.perf_counter()
+            yield batch  # the trainer evaluates it before asking for the next one
+            guard.after("eval", time.perf_counter() - start)

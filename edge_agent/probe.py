@@ -1,68 +1,114 @@
 """Measure what training a bundle costs on this machine: step time, eval time per sample, peak RSS.
 
 Run as its own process (`python -m edge_agent.probe BUNDLE_DIR`) so its peak RSS is the training's and not
-the builder's; the builder records the result in the bundle's cost card.
+the builder's; the builder records the result in the bundle's cost card, and the coordinator compares that
+number with 0.8 x a device's budget. So the probe must reach the peak a real agent reaches, not just the
+trainer's: version 1 measured a bare ORT trainer on random ids and read 20 % low (261 vs 317-321 MB for
+MiniLM-L3) because an agent process also holds
+
+* its software stack: pydantic message models, paho-mqtt, typer/rich, the tokenizers library (~25 MB);
+* tokenised text and evaluation at the training batch size, and
+* a second round: every round reloads the base checkpoint and builds new sessions (`OrtTrainer.start_round`),
+  and the allocator does not give all of the first round's memory back.
+
+So the probe imports the agent's modules, builds a `LocalLearner` (the join loop's own round code) on
+full-length text tokenised with the bundle's tokenizer.json, and runs ``rounds`` (default 2) real rounds:
+reload, evaluation, local steps, evaluation. ``bench/memory_prediction.py`` checks the result against real
+agent processes (docs/cost-model.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edge_agent.trainers.base import Batch
+from edge_agent.limits import peak_rss_mb
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, TaskEntry
+
+__all__ = ["PROBE_VERSION", "measure", "peak_rss_mb", "synthetic_texts"]
+
+# Part of what a cost card means; bump it when the measurement changes so bundles can be re-measured.
+PROBE_VERSION = 2
 
 
-def synthetic_batch(rng: np.random.Generator, batch_size: int, seq_len: int, num_classes: int) -> Batch:
-    """Full-length random tokens: the worst case for the configured batch and sequence length."""
-    ids = rng.integers(1000, 29000, size=(batch_size, seq_len), dtype=np.int64)
-    ids[:, 0] = 101  # [CLS]
-    return Batch(ids, np.ones_like(ids), rng.integers(0, num_classes, size=batch_size, dtype=np.int64))
+class _Stopwatch:
+    """A RoundGuard that only records how long each unit of work took, per round."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, list[float]]] = []
+
+    def begin(self) -> None:
+        self.rounds.append({"load": [], "train": [], "eval": []})
+
+    def after(self, kind: str, seconds: float) -> None:
+        self.rounds[-1].setdefault(kind, []).append(seconds)
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB.
+def synthetic_texts(tokenizer_json: Path, count: int, seq_len: int, seed: int = 0) -> list[str]:
+    """Texts of whole vocabulary words, each long enough to be truncated at ``seq_len`` tokens.
 
-    On Linux this reads VmHWM, which starts afresh at exec; ru_maxrss does not, so a probe spawned by a
-    builder holding torch and a model would report the builder's peak instead of its own.
+    Full length is the worst case for memory and time at a given batch size (a real batch is padded to its
+    longest text, and a long tweet fills it).
     """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab()
+    words = sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) > 2)
+    if not words:
+        raise ValueError(f"{tokenizer_json}: no plain words in the vocabulary to build probe texts from")
+    rng = np.random.default_rng(seed)
+    return [" ".join(words[int(i)] for i in rng.integers(0, len(words), size=seq_len)) for _ in range(count)]
+
+
+def _manifest(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int) -> BundleManifest:
+    """The bundle's manifest if it has one yet; at export it does not, so describe the task from the args."""
+    path = bundle_dir / MANIFEST_NAME
+    if path.exists():
+        manifest = BundleManifest.model_validate_json(path.read_text())
+        task = manifest.task.model_copy(update={"max_length": seq_len, "batch_size": batch_size})
+        return manifest.model_copy(update={"task": task})
+    labels = tuple(f"class-{i}" for i in range(num_classes))
+    return BundleManifest(backbone=bundle_dir.name, hidden=1, layers=1, slot_blocks=(), dema={},
+                          task=TaskEntry(name="probe", labels=labels, max_length=seq_len, batch_size=batch_size),
+                          tensors=(), backbone_params=0, files={})
 
 
 def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int, steps: int = 6,
-            warmup: int = 2, threads: int = 0) -> dict[str, float]:
+            rounds: int = 2, threads: int = 0) -> dict[str, float]:
+    """Run ``rounds`` agent rounds of ``steps`` local steps; times come from the last round (warm)."""
+    if steps < 1 or rounds < 1:
+        raise ValueError(f"steps and rounds must be at least 1, got steps={steps}, rounds={rounds}")
+    # The agent's stack, as `edge-agent join` has it loaded while it trains (imported for its memory).
+    import edge_agent.agent
+    import edge_agent.cli  # noqa: F401
+    from edge_agent.data import Example
+    from edge_agent.local_round import LocalLearner, RoundPlan
+    from edge_agent.profile import measure_gflops
     from edge_agent.trainers.ort import OrtTrainer
 
-    rng = np.random.default_rng(0)
-    trainer = OrtTrainer(bundle_dir, threads=threads)
-    trainer.start_round({}, learning_rate=1e-4)
-    times = []
-    for i in range(warmup + steps):
-        batch = synthetic_batch(rng, batch_size, seq_len, num_classes)
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    eval_batch = synthetic_batch(rng, batch_size, seq_len, num_classes)
-    start = time.perf_counter()
-    trainer.evaluate([eval_batch] * 2)
-    eval_per_sample = (time.perf_counter() - start) / (2 * batch_size)
-    from edge_agent.profile import measure_gflops
-
-    return {"step_seconds": statistics.median(times), "eval_seconds_per_sample": eval_per_sample,
-            "peak_train_rss_mb": peak_rss_mb(), "gflops": measure_gflops()}
+    gflops = measure_gflops()  # first, as the agent profiles itself before it joins
+    manifest = _manifest(bundle_dir, batch_size=batch_size, seq_len=seq_len, num_classes=num_classes)
+    # 4 training batches + 2 personal-test batches (the learner keeps 25 % for test) and 2 global-test batches.
+    n_local = 8 * batch_size
+    texts = synthetic_texts(bundle_dir / manifest.tokenizer, n_local + 2 * batch_size, seq_len)
+    examples = [Example(text, i % num_classes) for i, text in enumerate(texts)]
+    stopwatch = _Stopwatch()
+    learner = LocalLearner("probe", bundle_dir, manifest, OrtTrainer(bundle_dir, threads=threads),
+                           examples[:n_local], examples[n_local:])
+    learner.guard = stopwatch
+    for round_id in range(1, rounds + 1):
+        plan = RoundPlan(round_id, steps, batch_size, 1e-4, 0, ())
+        learner.run_round(plan, {})
+    last = stopwatch.rounds[-1]
+    eval_samples = len(learner.test) + len(learner.global_test)
+    return {"step_seconds": statistics.median(last["train"]),
+            "eval_seconds_per_sample": sum(last["eval"]) / eval_samples,
+            "peak_train_rss_mb": peak_rss_mb(), "gflops": gflops, "probe_version": PROBE_VERSION}
 
 
 def main() -> None:
@@ -71,11 +117,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--num-classes", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="local steps per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (each reloads the checkpoint)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     result = measure(args.bundle_dir, batch_size=args.batch_size, seq_len=args.seq_len,
-                     num_classes=args.num_classes, steps=args.steps, threads=args.threads)
+                     num_classes=args.num_classes, steps=args.steps, rounds=args.rounds, threads=args.threads)
     json.dump(result, sys.stdout)
 
 

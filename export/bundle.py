@@ -16,16 +16,28 @@ import sys
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from export.assets import heterotune_home
 from export.catalog import BackboneSpec, get_backbone
 from export.dema import AdapterClassifier, DemaConfig
-from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, CostCardEntry, TaskEntry, TensorEntry
+from protocols.bundle_manifest import (
+    MANIFEST_NAME,
+    TORCH_PART,
+    BundleManifest,
+    CostCardEntry,
+    PartEntry,
+    TaskEntry,
+    TensorEntry,
+)
+from protocols.chunks import BlobRef
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the torch-backbone part beside the tar
 ARCHIVE_NAME = "bundle.tar"
+TORCH_BACKBONE_FILE = "backbone.safetensors"
+TORCH_BACKBONE_FORMAT = "heterotune-bert-v1"
 BYTES_PER_FLOAT = 4
 
 
@@ -63,9 +75,11 @@ class BundleRecipe:
 
 
 def _export_code_digest() -> str:
-    """The exporter's own source is part of the recipe: a fix to it must not reuse stale bundles."""
+    """The exporter's own source, and the probe that measures cost cards, are part of the recipe: a fix to
+    either must not reuse stale bundles or cards."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
+    probe = Path(__file__).parent.parent / "edge_agent" / "probe.py"
+    for path in [*sorted(Path(__file__).parent.rglob("*.py")), probe]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -85,6 +99,13 @@ class Bundle:
 
     def archive_bytes(self) -> bytes:
         return self.archive.read_bytes()
+
+    def part_path(self, name: str) -> Path:
+        """Where a part (e.g. the torch backbone) lives on the builder's disk, beside the tar."""
+        return self.directory / self.manifest.parts[name].file
+
+    def part_bytes(self, name: str) -> bytes:
+        return self.part_path(name).read_bytes()
 
     def initial_tensors(self) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
@@ -134,6 +155,7 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
     shutil.copy(spec.tokenizer_json(), work / "tokenizer.json")
     specs = model.tensor_specs()
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
+    torch_part = _write_torch_backbone(model, work / TORCH_BACKBONE_FILE)
     files = sorted([*ARTIFACT_FILES, "tokenizer.json", "initial.safetensors"])
     manifest = BundleManifest(
         backbone=spec.name, hidden=spec.hidden, layers=spec.layers, slot_blocks=tuple(model.slot_blocks),
@@ -143,11 +165,37 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
         tensors=tuple(TensorEntry(**s.to_dict()) for s in specs),
         backbone_params=backbone_params,
         files={name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in files},
+        parts={TORCH_PART: torch_part},
     )
     if measure_cost:
         manifest = manifest.model_copy(update={"cost_card": _cost_card(work, manifest)})
     (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
+
+
+def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:
+    """The frozen encoder as safetensors with Hugging Face parameter names, for the PyTorch backend.
+
+    The ORT checkpoint is a flatbuffer only ORT reads, so a device without an onnxruntime-training wheel (Linux
+    aarch64) needs the same weights in a plain format. The encoder's shape (heads, FFN width, LayerNorm eps,
+    activation) goes in the safetensors metadata, so the file alone says how to run it.
+    """
+    from safetensors.torch import save_file
+
+    config: Any = getattr(model.backbone, "config")  # noqa: B009 - a transformers BertConfig, untyped here
+    shape = {
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size, "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps, "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+    }
+    weights = {name: p.detach().contiguous() for name, p in model.backbone.named_parameters()}
+    save_file(weights, str(path), metadata={"format": TORCH_BACKBONE_FORMAT, "config": json.dumps(shape)})
+    data = path.read_bytes()
+    ref = BlobRef.from_blob(data)
+    return PartEntry(file=path.name, sha256=ref.sha256, size=ref.size, chunks=ref.chunks, backends=("torch",),
+                     description="frozen encoder weights (Hugging Face names) for the PyTorch trainer backend")
 
 
 def _cost_card(work: Path, manifest: BundleManifest) -> CostCardEntry:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocols.topics import SHA256_PATTERN
+
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = 1
+TORCH_PART = "torch-backbone"
 
 
 class _Frozen(BaseModel):
@@ -43,6 +46,22 @@ class CostCardEntry(_Frozen):
     builder_gflops: float
 
 
+class PartEntry(_Frozen):
+    """A content-addressed blob that travels beside the bundle tar, fetched only by the backends named.
+
+    Why a separate blob: the PyTorch backend needs the frozen backbone in a form torch reads without ORT,
+    which would double an ORT-only device's download if it were in the tar. The tar's manifest carries the
+    part's address (hash, size, chunk count), so a device that needs it can ask for it and verify it.
+    """
+
+    file: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # its name in the bundle directory
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    backends: tuple[str, ...] = Field(min_length=1)
+    description: str = ""
+
+
 class BundleManifest(_Frozen):
     format: int = BUNDLE_FORMAT
     backbone: str
@@ -58,6 +77,11 @@ class BundleManifest(_Frozen):
     backbone_params: int
     files: dict[str, str]  # file name -> sha256
     cost_card: CostCardEntry | None = None
+    parts: dict[str, PartEntry] = Field(default_factory=dict)  # part name -> blob beside the tar
+
+    def parts_for(self, backend: str) -> dict[str, PartEntry]:
+        """The parts a trainer backend needs on top of the tar (none for ORT)."""
+        return {name: part for name, part in self.parts.items() if backend in part.backends}
 
     def tensor(self, name: str) -> TensorEntry:
         for t in self.tensors:

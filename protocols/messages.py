@@ -156,6 +156,18 @@ class UpdateReport(_Message):
     metrics: RoundMetrics
 
 
+class RoundDeclined(_Message):
+    """An assigned device that cannot finish the round (e.g. it hit its memory cap) says so, so the coordinator
+    stops waiting for it instead of running into the deadline."""
+
+    type: Literal["declined"] = "declined"
+    run_id: Token
+    agent_id: AgentId
+    round: Annotated[int, Field(ge=1)]
+    nonce: Token
+    reason: Text
+
+
 class UpdateAck(_Message):
     type: Literal["update_ack"] = "update_ack"
     round: NonNegInt
@@ -194,6 +206,7 @@ Message = Annotated[
     | JoinRefused
     | Assignment
     | UpdateReport
+    | RoundDeclined
     | UpdateAck
     | ResendRequest
     | Finish
@@ -208,6 +221,7 @@ MESSAGE_TYPES: tuple[type[_Message], ...] = (
     JoinRefused,
     Assignment,
     UpdateReport,
+    RoundDeclined,
     UpdateAck,
     ResendRequest,
     Finish,

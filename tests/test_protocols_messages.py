@@ -24,6 +24,7 @@ from protocols.messages import (
     JoinRefused,
     JoinRequest,
     ResendRequest,
+    RoundDeclined,
     RoundMetrics,
     UpdateAck,
     UpdateReport,
@@ -84,6 +85,7 @@ SAMPLES = [
     UpdateReport(
         run_id="run-1", agent_id="a1", round=3, nonce="r3-a1", update=WEIGHTS, n_train=500, metrics=METRICS
     ),
+    RoundDeclined(run_id="run-1", agent_id="a1", round=3, nonce="r3-a1", reason="memory cap exceeded"),
     UpdateAck(round=3, nonce="r3-a1", accepted=False, reason="norm 12.3 above bound 10"),
     ResendRequest(blob=SHA_B, indices=[0, 2]),
     Finish(run_id="run-1", reason="10 rounds done"),

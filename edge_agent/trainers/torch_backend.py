@@ -1,0 +1,159 @@
+"""PyTorch trainer backend: the same bundle, loss and optimizer as the ORT graphs, for devices without ORT.
+
+No onnxruntime-training wheel exists for Linux aarch64 (Raspberry Pi, Jetson), so there the agent trains with
+torch. The coordinator must not be able to tell the backends apart, so this backend reproduces ORT's training
+graph exactly: the bundle's frozen weights (its torch part), the manifest's DeMA tensors, mean cross-entropy,
+and ORT's `AdamWOptimizer` in adam_mode 1 (Hugging Face AdamW: bias correction folded into the learning rate,
+eps added to sqrt(v), no weight decay), restarted with fresh moments each round (reference/ort-training.md §4-5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.trainers.base import Batch, EvalResult, accumulate
+from edge_agent.trainers.torch_model import AdapterEncoderClassifier, load_encoder, load_torch
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
+
+# ORT's AdamW block defaults (onnxruntime.training.onnxblock.optim.AdamW), as float32 like its kernel.
+BETA1 = np.float32(0.9)
+BETA2 = np.float32(0.999)
+EPS = np.float32(1e-6)
+
+
+class TorchTrainer:
+    name = "torch"
+
+    def __init__(self, bundle_dir: Path, *, threads: int = 0) -> None:
+        self.torch = load_torch()
+        if threads > 0:
+            self.torch.set_num_threads(threads)
+        manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_text())
+        parts = manifest.parts_for(self.name)
+        if not parts:
+            raise ValueError(f"bundle for {manifest.backbone} has no part for the torch backend; rebuild it with "
+                             "the current exporter, or use --backend ort")
+        (part,) = parts.values()
+        weights_path = bundle_dir / part.file
+        if not weights_path.exists():
+            raise FileNotFoundError(f"{weights_path} is missing: the torch part of the bundle was not fetched")
+        shape, weights = load_encoder(weights_path)
+        if (shape.hidden_size, shape.num_hidden_layers) != (manifest.hidden, manifest.layers):
+            raise ValueError(f"torch part is a {shape.hidden_size}x{shape.num_hidden_layers} encoder, the manifest "
+                             f"says {manifest.hidden}x{manifest.layers}")
+        self.names = [t.name for t in manifest.tensors]
+        self.shapes = {t.name: tuple(t.shape) for t in manifest.tensors}
+        self.model = AdapterEncoderClassifier(shape, weights, manifest.slot_blocks,
+                                              AdapterEncoderClassifier.count_experts(self.names))
+        from safetensors.numpy import load_file
+
+        # The checkpoint's trainable values: what a tensor not sent by the coordinator starts from, as in ORT.
+        self.base = load_file(str(bundle_dir / manifest.initial_tensors))
+        self.params: dict[str, Any] = {}
+        self.moment1: dict[str, Any] = {}
+        self.moment2: dict[str, Any] = {}
+        self.step = 0
+        self.learning_rate = np.float32(0.0)
+
+    # --- TrainerBackend --------------------------------------------------------------------------------
+
+    def start_round(self, tensors: Mapping[str, np.ndarray], learning_rate: float) -> None:
+        unknown = sorted(set(tensors) - set(self.shapes))
+        if unknown:
+            raise ValueError(f"tensors {unknown[:3]} are not trainable tensors of this bundle")
+        params = {}
+        for name in self.names:
+            value = tensors[name] if name in tensors else self.base[name]
+            if tuple(value.shape) != self.shapes[name]:
+                raise ValueError(f"tensor '{name}' has shape {value.shape}, the bundle expects {self.shapes[name]}; "
+                                 "the update does not belong to this bundle")
+            array = np.array(value, dtype=np.float32, copy=True)
+            params[name] = self.torch.from_numpy(array).requires_grad_(True)
+        self.params = params
+        self.moment1 = {n: self.torch.zeros_like(p) for n, p in params.items()}
+        self.moment2 = {n: self.torch.zeros_like(p) for n, p in params.items()}
+        self.step = 0
+        self.learning_rate = np.float32(learning_rate)
+
+    def train_step(self, batch: Batch) -> float:
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        self._require_round()
+        torch = self.torch
+
+        def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
+            for b in batches:
+                with torch.no_grad():
+                    logits = self._logits(b)
+                    loss = torch.nn.functional.cross_entropy(logits, self._labels(b))
+                yield float(loss), logits.numpy(), b.labels
+
+        return accumulate(outputs())
+
+    def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        self._require_round()
+        return {n: self.params[n].detach().numpy().copy() for n in names}
+
+    # --- finer steps, mirroring OrtTrainer (agreement tests) ------------------------------------------
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Loss with fresh gradients (the previous ones are dropped, as ORT's lazy_reset_grad does)."""
+        self._require_round()
+        for p in self.params.values():
+            p.grad = None
+        loss = self.torch.nn.functional.cross_entropy(self._logits(batch), self._labels(batch))
+        loss.backward()
+        return float(loss.detach())
+
+    def read_gradients(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for n in names:
+            grad = self.params[n].grad
+            out[n] = np.zeros(self.shapes[n], np.float32) if grad is None else grad.numpy().copy()
+        return out
+
+    def optimizer_step(self) -> None:
+        """ORT's AdamWOptimizer kernel, adam_mode 1, in its float32 order of operations.
+
+        lr_t = lr · sqrt(1 - b2^t) / (1 - b1^t);  m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g·g;
+        w = w - lr_t · m / (sqrt(v) + eps).  torch.optim.AdamW adds eps after bias-correcting v instead, which
+        differs by up to 2e-3 relative on a first step with small gradients (reference/ort-training.md §4).
+        """
+        self._require_round()
+        self.step += 1
+        # std::pow(float, int64) is computed in double, then cast back to float, as in the kernel.
+        bias1 = np.float32(1.0) - np.float32(math.pow(float(BETA1), self.step))
+        bias2 = np.float32(1.0) - np.float32(math.pow(float(BETA2), self.step))
+        lr_t = float(self.learning_rate * (np.sqrt(bias2) / bias1))
+        keep1, keep2 = float(BETA1), float(BETA2)
+        new1, new2 = float(np.float32(1.0) - BETA1), float(np.float32(1.0) - BETA2)
+        with self.torch.no_grad():
+            for name, param in self.params.items():
+                grad = param.grad if param.grad is not None else self.torch.zeros_like(param)
+                m, v = self.moment1[name], self.moment2[name]
+                m.copy_(keep1 * m + new1 * grad)
+                v.copy_(keep2 * v + new2 * grad * grad)
+                param.sub_(lr_t * m / (v.sqrt() + float(EPS)))
+                param.grad = None
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _logits(self, batch: Batch) -> Any:
+        ids = self.torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64))
+        mask = self.torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64))
+        return self.model.logits(self.params, ids, mask)
+
+    def _labels(self, batch: Batch) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(batch.labels, dtype=np.int64))
+
+    def _require_round(self) -> None:
+        if not self.params:
+            raise RuntimeError("start_round() must be called before training or evaluating")

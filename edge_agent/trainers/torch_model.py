@@ -1,0 +1,195 @@
+"""The exported classifier rebuilt as plain PyTorch functions: BERT encoder, DeMA adapters, pooling, head.
+
+Why not transformers: a device installs only torch (PyPI has CPU wheels for x86_64 and aarch64), and the
+computation is small enough to write out. It mirrors, operation for operation, what export/ traces into the
+ONNX graphs (transformers' eager BERT path, export/dema/layer.py, export/dema/model.py), so an update computed
+here equals ORT's to float rounding.
+
+torch is reached through `load_torch()` at run time only: this module is imported solely by the torch backend,
+and the agent's import guard (tests/test_agent_imports.py) forbids torch import statements in edge_agent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Tensor = Any  # torch.Tensor: not importable for annotations here, see the module docstring
+
+WEIGHTS_FORMAT = "heterotune-bert-v1"
+ADAPTER_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which the DeMA adapter's LayerNorm uses
+_EXPERT_NAME = re.compile(r"^adapters\.(\d+)\.experts\.(\d+)\.a\.weight$")
+
+
+def load_torch() -> Any:
+    """The torch module, or ImportError with the install command."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError("the torch trainer backend needs PyTorch: pip install torch (PyPI has CPU wheels for "
+                          "Linux x86_64 and aarch64; on aarch64 torch==2.9.1 is known to work)") from exc
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the frozen encoder looks like; read from the torch part's safetensors metadata."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    max_position_embeddings: int
+    type_vocab_size: int
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], source: Path) -> EncoderShape:
+        if metadata.get("format") != WEIGHTS_FORMAT or "config" not in metadata:
+            raise ValueError(f"{source} is not a '{WEIGHTS_FORMAT}' backbone file (metadata {dict(metadata)}); "
+                             "the bundle was built by an incompatible exporter")
+        shape = cls(**json.loads(metadata["config"]))
+        if shape.hidden_act != "gelu":
+            raise ValueError(f"{source}: activation '{shape.hidden_act}' is not supported (only exact 'gelu')")
+        if shape.hidden_size % shape.num_attention_heads:
+            raise ValueError(f"{source}: hidden size {shape.hidden_size} is not a multiple of "
+                             f"{shape.num_attention_heads} heads")
+        return shape
+
+    def expected_weights(self) -> dict[str, tuple[int, ...]]:
+        """Every Hugging Face parameter name of a BertModel without pooler, with its shape."""
+        d, f = self.hidden_size, self.intermediate_size
+        out: dict[str, tuple[int, ...]] = {
+            "embeddings.word_embeddings.weight": (self.vocab_size, d),
+            "embeddings.position_embeddings.weight": (self.max_position_embeddings, d),
+            "embeddings.token_type_embeddings.weight": (self.type_vocab_size, d),
+            "embeddings.LayerNorm.weight": (d,),
+            "embeddings.LayerNorm.bias": (d,),
+        }
+        for i in range(self.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            for proj in ("attention.self.query", "attention.self.key", "attention.self.value",
+                         "attention.output.dense"):
+                out[f"{p}{proj}.weight"], out[f"{p}{proj}.bias"] = (d, d), (d,)
+            for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+                out[f"{p}{norm}.weight"], out[f"{p}{norm}.bias"] = (d,), (d,)
+            out[f"{p}intermediate.dense.weight"], out[f"{p}intermediate.dense.bias"] = (f, d), (f,)
+            out[f"{p}output.dense.weight"], out[f"{p}output.dense.bias"] = (d, f), (d,)
+        return out
+
+
+def load_encoder(path: Path) -> tuple[EncoderShape, dict[str, Tensor]]:
+    """Frozen encoder weights (no gradients) and their shape, checked name by name."""
+    from safetensors import safe_open
+
+    load_torch()
+    with safe_open(str(path), framework="pt") as handle:
+        shape = EncoderShape.from_metadata(handle.metadata() or {}, path)
+        weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    expected = shape.expected_weights()
+    missing = sorted(set(expected) - set(weights))
+    wrong = sorted(n for n in expected if n in weights and tuple(weights[n].shape) != expected[n])
+    if missing or wrong:
+        raise ValueError(f"{path}: backbone weights do not match the encoder shape (missing {missing[:3]}, "
+                         f"wrong shape {wrong[:3]})")
+    return shape, {n: weights[n].float().requires_grad_(False) for n in expected}
+
+
+class AdapterEncoderClassifier:
+    """Frozen encoder -> DeMA adapters after the manifest's slot blocks -> masked mean pool -> linear head.
+
+    The frozen weights are held here; the trainable tensors are passed to `logits` by name (the manifest's
+    names), so the trainer owns them and their optimizer state.
+    """
+
+    def __init__(self, shape: EncoderShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
+                 experts: int) -> None:
+        if any(not 0 <= b < shape.num_hidden_layers for b in slot_blocks):
+            raise ValueError(f"slot blocks {list(slot_blocks)} do not fit {shape.num_hidden_layers} blocks")
+        self.torch = load_torch()
+        self.shape = shape
+        self.weights = dict(weights)
+        self.experts = experts
+        self.head_dim = shape.hidden_size // shape.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        # Several slots may follow one block (shallow backbones); they run in slot order, as the export's hooks do.
+        self.slots_after: dict[int, list[int]] = {}
+        for slot, block in enumerate(slot_blocks):
+            self.slots_after.setdefault(block, []).append(slot)
+
+    @staticmethod
+    def count_experts(names: Sequence[str]) -> int:
+        found = {int(m.group(2)) for n in names if (m := _EXPERT_NAME.match(n))}
+        if not found or found != set(range(len(found))):
+            raise ValueError(f"cannot read the DeMA expert count from the trainable names (found {sorted(found)})")
+        return len(found)
+
+    def logits(self, params: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        torch = self.torch
+        functional = torch.nn.functional
+        w, shape = self.weights, self.shape
+        d = shape.hidden_size
+        seq = input_ids.shape[1]
+        # Embeddings: word + token type (all zeros, as the graphs are traced without token_type_ids) + position.
+        hidden = functional.embedding(input_ids, w["embeddings.word_embeddings.weight"])
+        hidden = hidden + w["embeddings.token_type_embeddings.weight"][0]
+        hidden = hidden + w["embeddings.position_embeddings.weight"][:seq]
+        hidden = functional.layer_norm(hidden, (d,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"],
+                                       shape.layer_norm_eps)
+        mask = attention_mask.to(hidden.dtype)
+        # transformers' eager path: 0 where attended, the dtype's minimum where padded, added to the scores.
+        additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        for block in range(shape.num_hidden_layers):
+            hidden = self._block(block, hidden, additive)
+            for slot in self.slots_after.get(block, ()):
+                hidden = self._adapter(slot, params, hidden)
+        weights = mask.unsqueeze(-1)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return functional.linear(pooled, params["head.weight"], params["head.bias"])
+
+    def _block(self, index: int, hidden: Tensor, additive: Tensor) -> Tensor:
+        torch = self.torch
+        functional = torch.nn.functional
+        w, shape = self.weights, self.shape
+        p = f"encoder.layer.{index}."
+        batch, seq, d = hidden.shape
+        heads = shape.num_attention_heads
+
+        def project(name: str) -> Tensor:
+            out = functional.linear(hidden, w[f"{p}attention.self.{name}.weight"], w[f"{p}attention.self.{name}.bias"])
+            return out.view(batch, seq, heads, self.head_dim).transpose(1, 2)
+
+        query, key, value = project("query"), project("key"), project("value")
+        scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling + additive
+        context = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).reshape(batch, seq, d)
+        attended = functional.layer_norm(
+            functional.linear(context, w[f"{p}attention.output.dense.weight"], w[f"{p}attention.output.dense.bias"])
+            + hidden, (d,), w[f"{p}attention.output.LayerNorm.weight"], w[f"{p}attention.output.LayerNorm.bias"],
+            shape.layer_norm_eps)
+        inner = functional.gelu(functional.linear(attended, w[f"{p}intermediate.dense.weight"],
+                                                  w[f"{p}intermediate.dense.bias"]))
+        return functional.layer_norm(
+            functional.linear(inner, w[f"{p}output.dense.weight"], w[f"{p}output.dense.bias"]) + attended,
+            (d,), w[f"{p}output.LayerNorm.weight"], w[f"{p}output.LayerNorm.bias"], shape.layer_norm_eps)
+
+    def _adapter(self, slot: int, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+        """export/dema/layer.py: h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z), z = GELU(W_in LN(h))."""
+        torch = self.torch
+        functional = torch.nn.functional
+        p = f"adapters.{slot}."
+        normed = functional.layer_norm(hidden, (self.shape.hidden_size,), params[f"{p}ln.weight"],
+                                       params[f"{p}ln.bias"], ADAPTER_LN_EPS)
+        z = functional.gelu(functional.linear(normed, params[f"{p}w_in.weight"], params[f"{p}w_in.bias"]))
+        gate = torch.softmax(functional.linear(z, params[f"{p}w_g.weight"]), dim=-1)
+        mixed: Tensor = 0
+        for e in range(self.experts):
+            expert = functional.linear(functional.gelu(functional.linear(z, params[f"{p}experts.{e}.a.weight"])),
+                                       params[f"{p}experts.{e}.b.weight"])
+            mixed = mixed + gate[..., e : e + 1] * expert
+        return hidden + functional.linear(mixed, params[f"{p}w_out.weight"], params[f"{p}w_out.bias"])
