@@ -281,10 +281,12 @@ class Coordinator:
             return
         bundle_ref = self._serve_bundle(decision.backbone)
         pending = self.pending.get(request.agent_id)
-        if pending is not None and pending.backbone != decision.backbone and not pending.done:
-            pending.done = True  # it was assigned the old backbone's round; that upload can no longer be used
-            log.warning("%s rejoined as %s mid-round; its %s round is dropped", request.agent_id,
-                        decision.backbone, pending.backbone)
+        if pending is not None and not pending.done and pending.report is None:
+            # A device that joins again mid-round restarted (or changed backbone): the round it was assigned is
+            # gone with its old process, so stop waiting for it; it is invited again from the next round.
+            pending.done = True
+            log.warning("%s rejoined mid-round; its round-%d assignment is dropped", request.agent_id,
+                        self.current_round)
         self.agents[request.agent_id] = AgentRecord(request.agent_id, decision.backbone, request.n_train,
                                                     profile.model_dump())
         self.store.upsert_agent(request.agent_id, decision.backbone, "joined", profile.model_dump(),
