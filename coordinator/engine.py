@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.aggregation import ClientUpdate, FederatedState, make_strategy
+from coordinator import federation_state
+from coordinator.aggregation import ClientUpdate, make_strategy
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_card_of
 from coordinator.config import RunConfig
 from coordinator.methods import scopes_for
@@ -102,7 +103,7 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
-        self.state = self._initial_state()
+        self.state = federation_state.initial_state(bundles, self.scopes)
         self.cards = [cost_card_of(b.manifest) for b in bundles.values()]
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -115,26 +116,8 @@ class Coordinator:
 
     # --- state -------------------------------------------------------------------------------------
 
-    def _names(self, backbone: str, scope: str) -> list[str]:
-        manifest = self.bundles[backbone].manifest
-        return [t.name for t in manifest.tensors if self.scopes[t.family] == scope]
-
-    def _initial_state(self) -> FederatedState:
-        """Global tensors must start identical on every backbone (seeded by name at export); check it."""
-        global_tensors: dict[str, np.ndarray] = {}
-        groups: dict[str, dict[str, np.ndarray]] = {}
-        for backbone, bundle in self.bundles.items():
-            initial = bundle.initial_tensors()
-            groups[backbone] = {n: initial[n].copy() for n in self._names(backbone, "group")}
-            for name in self._names(backbone, "global"):
-                if name in global_tensors and not np.array_equal(global_tensors[name], initial[name]):
-                    raise ValueError(f"global tensor '{name}' differs between backbones at export; "
-                                     "rebuild the bundles with one DeMA config and seed")
-                global_tensors.setdefault(name, initial[name].copy())
-        return FederatedState(global_tensors=global_tensors, group_tensors=groups)
-
     def upload_names(self, backbone: str) -> list[str]:
-        return sorted(self._names(backbone, "global") + self._names(backbone, "group"))
+        return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes)
 
     # --- run ---------------------------------------------------------------------------------------
 
@@ -390,8 +373,7 @@ class Coordinator:
     def _publish_weights(self, backbones: set[str]) -> dict[str, BlobRef]:
         refs = {}
         for backbone in sorted(backbones):
-            tensors = {**self.state.global_tensors, **self.state.group_tensors.get(backbone, {})}
-            refs[backbone] = self._serve(encode_tensors(tensors))
+            refs[backbone] = self._serve(encode_tensors(federation_state.weights_for(self.state, backbone)))
         return refs
 
     def _on_chunk(self, agent_id: str, round_text: str | None, payload: bytes) -> None:

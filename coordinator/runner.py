@@ -14,6 +14,7 @@ from rich.console import Console
 from coordinator.broker import MosquittoBroker, parse_broker_address
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
+from coordinator.federation_state import payload_bytes
 from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.store import RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
@@ -90,8 +91,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},
-            "payload_bytes_per_round": {name: 4 * sum(int(_prod(bundles[name].manifest.tensor(n).shape))
-                                                      for n in coordinator.upload_names(name))
+            "payload_bytes_per_round": {name: payload_bytes(bundles[name].manifest, coordinator.upload_names(name))
                                         for name in bundles},
             "wall_seconds": time.time() - started,
             "per_round": rounds_overview(rows),
@@ -100,10 +100,3 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
         return summary
     finally:
         store.close()
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out

@@ -1,0 +1,167 @@
+"""The method benchmark (issue 3): every method on the same fleet, data and seeds; writes docs/results.md.
+
+    .venv/bin/python -m bench.methods --quick      # MiniLM-L3 + MiniLM-L6, tweets, 6 agents, 2 seeds (~10 min)
+    .venv/bin/python -m bench.methods --smoke      # tiny random backbones: checks the runner, not learning
+
+Federations run in process (bench/methods_federation.py: the agent's trainer, the export's bundles and the
+coordinator's aggregation, without the broker), two at a time on two cores with one ORT thread each. Each
+seed's fleet data is written once and shared by every method, so the comparison is paired. Raw results go
+to runs/bench/methods-MODE/results.json (one file per finished federation under jobs/, reused with --reuse),
+the page to docs/results.md (--results to put it elsewhere, e.g. for the smoke mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_OUT, REPO, git_commit, log, machine_facts, read_json, write_json
+from bench.methods_plan import BASELINES, MODES, BenchSettings
+from bench.methods_report import render
+from bench.methods_worker import run_job
+
+
+def prepare_fleets(settings: BenchSettings, out: Path) -> dict[int, dict[str, Any]]:
+    """Write each seed's fleet (agent files + balanced held-out set) once; every method reads the same files."""
+    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+
+    regime = settings.regime
+    fleets: dict[int, dict[str, Any]] = {}
+    for seed in settings.seeds:
+        dataset = load_tweet_sentiment(max_samples=regime.dataset_samples, seed=seed)
+        data = write_fleet_data(dataset, list(settings.agents()), out / "data" / f"seed-{seed}", alpha=regime.alpha,
+                                seed=seed, global_per_class=regime.global_per_class,
+                                max_per_client=regime.per_agent_file, min_per_client=regime.per_agent_file)
+        summary = read_json(out / "data" / f"seed-{seed}" / "fleet.json")
+        fleets[seed] = {"client_files": {a: str(p) for a, p in data.client_files.items()},
+                        "global_test_file": str(data.global_test_file), "summary": summary}
+    return fleets
+
+
+def prepare_bundles(settings: BenchSettings) -> dict[str, Any]:
+    """Build (or reuse) one bundle per backbone exactly as the MQTT runner does (coordinator.runner)."""
+    from coordinator.config import RunConfig, TaskConfig
+    from coordinator.runner import build_bundles
+
+    task = TaskConfig(max_length=settings.max_length, batch_size=settings.batch_size)
+    return build_bundles(RunConfig(backbones=settings.backbones, task=task, dema=settings.dema or {}))
+
+
+def job_cost(settings: BenchSettings, method: str) -> float:
+    """Relative cost, to start the longest federations first (smallest-common runs only the small backbone)."""
+    return 0.5 if method == "smallest-common" else 1.0
+
+
+def settings_key(settings: BenchSettings) -> str:
+    return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: bool) -> list[dict[str, Any]]:
+    """Run the federations in a spawned pool; each finished one is saved at once (a crash keeps the rest)."""
+    results: list[dict[str, Any]] = []
+    todo = []
+    for job in jobs:
+        path = job_dir / f"{job['method']}-s{job['seed']}-{job['key']}.json"
+        if reuse and path.exists():
+            log(f"reusing {path.name}")
+            results.append(read_json(path))
+        else:
+            todo.append((job, path))
+    if not todo:
+        return results
+    context = multiprocessing.get_context("spawn")  # ORT sessions and fork do not mix
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job): (job, path) for job, path in todo}
+        for future in as_completed(futures):
+            job, path = futures[future]
+            result = future.result()
+            write_json(path, result)
+            results.append(result)
+            log(f"done {job['method']} seed {job['seed']} in {result['wall_seconds']:.0f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="real MiniLM-L3/L6, tweets, 6 agents, 2 seeds, 3 rounds (about 10 minutes on 2 cores)")
+    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
+                      help="tiny random backbones: checks the runner end to end in about a minute")
+    parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
+    parser.add_argument("--out", type=Path, help="raw results directory (default runs/bench/methods-MODE)")
+    parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished federations with identical settings")
+    parser.add_argument("--render-from", type=Path, metavar="RESULTS_JSON",
+                        help="only re-render the page from a stored results.json (no training)")
+    args = parser.parse_args(argv)
+    if args.render_from:
+        target = args.results or REPO / "docs" / "results.md"
+        note = (f"Re-rendered from the stored results of that run (`{args.render_from}`) "
+                f"by `python -m bench.methods --render-from` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
+                f"(commit `{git_commit()}`); no number was recomputed by hand.")
+        target.write_text(render(read_json(args.render_from), note))
+        log(f"re-rendered {target} from {args.render_from}")
+        return 0
+
+    # Children (the spawned pool) inherit this: one BLAS/OpenMP thread per federation, offline model loading.
+    os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    if args.mode is None:
+        parser.error("choose --quick or --smoke (the full benchmark of issue 3 is not defined yet)")
+    settings = MODES[args.mode]
+    out = args.out or DEFAULT_OUT / f"methods-{settings.mode}"
+    results_md = args.results or REPO / "docs" / "results.md"
+    started = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    log(f"mode {settings.mode}: {len(settings.methods)} methods x {len(settings.seeds)} seeds -> {out}")
+    bundles = prepare_bundles(settings)
+    fleets = prepare_fleets(settings, out)
+    key = settings_key(settings)
+    settings_dict = settings.to_dict()
+    jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key,
+             "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
+             "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
+            for m in settings.methods for s in settings.seeds]
+    jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
+    results = run_jobs(jobs, args.workers, out / "jobs", args.reuse)
+    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
+    results.sort(key=lambda r: order[(r["method"], r["seed"])])
+    regime = dataclasses.asdict(settings.regime) | {
+        "per_agent_test": settings.regime.per_agent_file - settings.regime.train_per_agent}
+    raw = {
+        "command": "python -m bench.methods " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                 else sys.argv[1:])),
+        "commit": git_commit(),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "wall_seconds": time.time() - started,
+        "workers": args.workers,
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_facts(),
+        "settings": settings_dict | {"regime": regime, "smallest": settings.smallest()},
+        "baselines": list(BASELINES),
+        "cost_cards": {b: (bundle.manifest.cost_card.model_dump() if bundle.manifest.cost_card else {})
+                       for b, bundle in bundles.items()},
+        "fleets": {str(s): f["summary"] for s, f in fleets.items()},
+        "jobs": results,
+    }
+    write_json(out / "results.json", raw)
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    results_md.write_text(render(raw))
+    log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

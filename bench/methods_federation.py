@@ -1,0 +1,171 @@
+"""One federation in one process: the MQTT path's trainer, bundles and aggregation, without the broker.
+
+Why: a method benchmark needs dozens of federations (methods x seeds x regimes); starting a broker and one
+agent process per device for each would spend the budget on plumbing. This runner keeps everything that
+decides the tensors identical to the MQTT path and drops only the transport:
+
+- each agent is an ``edge_agent.local_round.LocalLearner`` with an ``OrtTrainer`` on the bundle built by
+  ``export.bundle.build_bundle`` (the join loop creates exactly these), fed from the same JSONL files through
+  ``edge_agent.data.load_examples``;
+- the coordinator side is ``coordinator.federation_state`` (initial state, upload names, per-backbone weights)
+  plus ``make_strategy`` and ``scopes_for`` from the run's ``RunConfig``, as the engine uses them;
+- every agent runs every round (the engine invites all live agents when ``agents_per_round`` is unset) with
+  the plan the engine would send: ``RoundPlan(round, local_steps, batch_size, learning_rate, seed, names)``.
+
+Weights go through ``protocols.tensors`` encode/decode as on the wire, so the bytes counted are the blobs
+MQTT would carry and any float32 round-trip effect is the same. tests/test_inprocess_equivalence.py checks
+that one round gives the same tensors as the MQTT path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregation import ClientUpdate, FederatedState, make_strategy
+from coordinator.config import RunConfig
+from coordinator.federation_state import initial_state, upload_names, weights_for
+from coordinator.methods import scopes_for
+from edge_agent.data import Example, eval_batches, load_examples
+from edge_agent.local_round import LocalLearner, RoundPlan
+from edge_agent.trainers.base import Batch, EvalResult
+from edge_agent.trainers.ort import OrtTrainer
+from export.bundle import Bundle
+from protocols.tensors import decode_tensors, encode_tensors
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One emulated device: its id (it seeds its batch order, as on a real agent), backbone and data file."""
+
+    agent_id: str
+    backbone: str
+    data_file: Path
+
+
+@dataclass(frozen=True)
+class AgentRound:
+    """One agent's round, in the units the MQTT path reports (engine MetricRow) plus what a benchmark needs."""
+
+    round: int
+    agent_id: str
+    backbone: str
+    n_train: int
+    personal_correct: int
+    personal_total: int
+    global_correct: int | None
+    global_total: int
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    train_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class FederationRun:
+    """Everything one in-process federation produced."""
+
+    rounds: list[AgentRound] = field(default_factory=list)
+    # Global view of the state after the last aggregation (the MQTT path would measure it in round R+1).
+    final_global: dict[str, EvalResult] = field(default_factory=dict)
+    states: dict[int, FederatedState] = field(default_factory=dict)  # round -> state after it (0 = initial)
+    updates: dict[int, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)  # round -> agent -> upload
+    diagnostics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def make_learners(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],
+                  global_test_file: Path | None, *, threads: int = 1) -> dict[str, LocalLearner]:
+    """One LocalLearner per agent, built the way ``EdgeAgent._make_learner`` builds it (ORT backend)."""
+    learners: dict[str, LocalLearner] = {}
+    for spec in agents:
+        bundle = bundles[spec.backbone]
+        labels = bundle.manifest.task.labels
+        if tuple(labels) != tuple(config.task.labels):
+            raise ValueError(f"bundle for {spec.backbone} has labels {labels}, the run {config.task.labels}")
+        examples = load_examples(spec.data_file, labels)
+        global_test = load_examples(global_test_file, labels) if global_test_file else []
+        trainer = OrtTrainer(bundle.directory, threads=threads)
+        learners[spec.agent_id] = LocalLearner(spec.agent_id, bundle.directory, bundle.manifest, trainer,
+                                               examples, global_test)
+    return learners
+
+
+def evaluate_received(learner: LocalLearner, tensors: Mapping[str, np.ndarray],
+                      examples: Sequence[Example], learning_rate: float) -> EvalResult:
+    """Evaluate what an agent would start the next round with (its kept tensors + ``tensors``), no training.
+
+    Uses the learner's own trainer and encoder, batched as ``LocalLearner`` batches its evaluation.
+    """
+    learner.trainer.start_round({**learner.kept, **tensors}, learning_rate)
+    encoded = (_encode(learner, chunk) for chunk in eval_batches(examples, learner.manifest.task.batch_size))
+    return learner.trainer.evaluate(encoded)
+
+
+def _encode(learner: LocalLearner, chunk: Sequence[Example]) -> Batch:
+    ids, mask = learner.encoder.encode([e.text for e in chunk])
+    return Batch(ids, mask, np.array([e.label for e in chunk], dtype=np.int64))
+
+
+def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],
+                  global_test_file: Path | None, *, threads: int = 1, final_eval: bool = True,
+                  keep_tensors: bool = False,
+                  on_round: Callable[[int, list[AgentRound]], None] | None = None) -> FederationRun:
+    """Run ``config.rounds`` rounds of ``config.method`` over ``agents``; every agent trains every round.
+
+    ``keep_tensors`` keeps every round's state and every upload (for the equivalence test; a benchmark keeps
+    only the metrics). ``final_eval`` adds the global view of the last aggregate, which the MQTT path never
+    measures because no round follows it.
+    """
+    started = time.perf_counter()
+    scopes = scopes_for(config.method, config.scopes)
+    strategy = make_strategy(config.method, **config.method_options)
+    used = {a.backbone for a in agents}
+    state = initial_state({b: bundles[b] for b in sorted(used)}, scopes)
+    names = {b: tuple(upload_names(bundles[b].manifest, scopes)) for b in used}
+    learners = make_learners(config, bundles, agents, global_test_file, threads=threads)
+    run = FederationRun()
+    if keep_tensors:
+        run.states[0] = state
+    for round_id in range(1, config.rounds + 1):
+        blobs = {b: encode_tensors(weights_for(state, b)) for b in sorted(used)}
+        updates: list[ClientUpdate] = []
+        rows: list[AgentRound] = []
+        for spec in sorted(agents, key=lambda a: a.agent_id):
+            received = decode_tensors(blobs[spec.backbone])
+            plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
+                             config.seed, names[spec.backbone])
+            outcome = learners[spec.agent_id].run_round(plan, received)
+            up_blob = encode_tensors(outcome.upload)
+            updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,
+                                        dict(decode_tensors(up_blob))))
+            g = outcome.global_
+            rows.append(AgentRound(
+                round=round_id, agent_id=spec.agent_id, backbone=spec.backbone, n_train=outcome.n_train,
+                personal_correct=outcome.personal.correct, personal_total=outcome.personal.total,
+                global_correct=g.correct if g else None, global_total=g.total if g else 0,
+                train_loss=outcome.train_loss, bytes_up=len(up_blob), bytes_down=len(blobs[spec.backbone]),
+                train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds))
+        result = strategy.aggregate(state, updates, round_id)
+        state = result.state
+        run.rounds.extend(rows)
+        run.diagnostics[round_id] = result.diagnostics
+        if keep_tensors:
+            run.states[round_id] = state
+            run.updates[round_id] = {u.agent_id: u.tensors for u in updates}
+        if on_round is not None:
+            on_round(round_id, rows)
+    if final_eval and global_test_file is not None:
+        for spec in sorted(agents, key=lambda a: a.agent_id):
+            learner = learners[spec.agent_id]
+            received = decode_tensors(encode_tensors(weights_for(state, spec.backbone)))
+            run.final_global[spec.agent_id] = evaluate_received(learner, received, learner.global_test,
+                                                                config.learning_rate)
+    run.seconds = time.perf_counter() - started
+    return run

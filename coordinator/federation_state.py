@@ -1,0 +1,82 @@
+"""What a federation shares, derived from the bundles and a method's scopes: one pure helper for every path.
+
+Why a module of its own: the MQTT round engine and the in-process benchmark runner (bench/methods.py) must
+start from the same tensors, ask agents for the same uploads and send each backbone group the same weights, or
+a benchmark would measure a different federation from the one the product runs. Both derive these three
+things here from (bundle manifests + initial tensors, family -> scope map); nothing in this module does I/O
+beyond reading a bundle's initial tensors through the object it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from coordinator.aggregation.base import FederatedState, TensorDict
+from protocols.bundle_manifest import BundleManifest
+
+SHARED_SCOPES = ("global", "group")
+BYTES_PER_FLOAT32 = 4
+
+
+class BundleLike(Protocol):
+    """What this module needs of an ``export.bundle.Bundle`` (so tests can pass lighter objects)."""
+
+    @property
+    def manifest(self) -> BundleManifest: ...
+
+    def initial_tensors(self) -> dict[str, np.ndarray]: ...
+
+
+def names_in_scope(manifest: BundleManifest, scopes: Mapping[str, str], scope: str) -> list[str]:
+    """Trainable tensor names of one backbone whose family has ``scope`` under the run's scope map.
+
+    The run's map decides (not the scope recorded at export): a method such as group-fedavg turns the
+    exported global families into group ones without rebuilding bundles.
+    """
+    return [t.name for t in manifest.tensors if scopes[t.family] == scope]
+
+
+def upload_names(manifest: BundleManifest, scopes: Mapping[str, str]) -> list[str]:
+    """What an agent on this backbone uploads each round: every global and group tensor, sorted."""
+    return sorted(names_in_scope(manifest, scopes, "global") + names_in_scope(manifest, scopes, "group"))
+
+
+def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str]) -> FederatedState:
+    """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
+
+    Global tensors must start identical on every backbone (export seeds them by name); a mismatch means the
+    bundles were built with different DeMA configs or seeds, and averaging them would be meaningless, so it is
+    an error here rather than a silent pick of one backbone's values.
+    """
+    global_tensors: TensorDict = {}
+    groups: dict[str, TensorDict] = {}
+    for backbone, bundle in bundles.items():
+        initial = bundle.initial_tensors()
+        manifest = bundle.manifest
+        groups[backbone] = {n: np.array(initial[n], copy=True) for n in names_in_scope(manifest, scopes, "group")}
+        for name in names_in_scope(manifest, scopes, "global"):
+            if name in global_tensors and not np.array_equal(global_tensors[name], initial[name]):
+                raise ValueError(f"global tensor '{name}' differs between backbones at export; "
+                                 "rebuild the bundles with one DeMA config and seed")
+            global_tensors.setdefault(name, np.array(initial[name], copy=True))
+    return FederatedState(global_tensors=global_tensors, group_tensors=groups)
+
+
+def weights_for(state: FederatedState, backbone: str) -> TensorDict:
+    """The tensors a backbone group receives at the start of a round: the global ones plus its group's."""
+    return {**state.global_tensors, **state.group_tensors.get(backbone, {})}
+
+
+def payload_bytes(manifest: BundleManifest, names: list[str]) -> int:
+    """Raw float32 bytes of the named tensors (without any container or transport framing)."""
+    return BYTES_PER_FLOAT32 * sum(int(np.prod(manifest.tensor(n).shape)) for n in names)
+
+
+def full_model_bytes(manifest: BundleManifest) -> int:
+    """Raw float32 bytes of the whole model (frozen backbone + every trainable tensor): what full-model FedAvg
+    would move per agent per direction per round, the reference for the communication fraction."""
+    trainable = sum(int(np.prod(t.shape)) for t in manifest.tensors)
+    return BYTES_PER_FLOAT32 * (manifest.backbone_params + trainable)
