@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +89,9 @@ def main() -> int:
                              "cortex-a57 the Jetson Nano's ('max' also enables SVE/SME, under which qemu 7.2 "
                              "raised spurious floating-point warnings in numpy's matmul)")
     args = parser.parse_args()
+    # `timeout` (run-round.sh) stops us with SIGTERM: exit through the finally blocks, so the agent and the
+    # private mosquitto are stopped too instead of being left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     run_dir: Path = args.run_dir
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
