@@ -12,6 +12,7 @@ level) run on the largest backbone, and one profiled run gives the share of time
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,27 +99,34 @@ def _summarise_pair(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def investigate(backbone: str, *, repetitions: int = 2, steps: int = 6, warmup: int = 2,
                 time_limit_s: float = 600.0) -> dict[str, Any]:
-    """ORT session variants and thread counts against PyTorch on one backbone, alternated, plus a profile."""
+    """ORT session variants and thread counts against PyTorch on one backbone, alternated, plus a profile.
+
+    The default ORT configuration is measured twice under two names: their difference is this run's noise
+    floor. Each configuration is summarised by its fastest run (other load on a shared machine only ever
+    slows a run down).
+    """
     from bench.device_worker import ORT_VARIANTS
 
     bundle = bundles_for([backbone])[backbone]
-    configs: list[tuple[str, str, int]] = [("torch", "default", 1), ("ort", "default", 1)]
-    configs += [("ort", v, 1) for v in ORT_VARIANTS if v != "default"]
-    configs += [("torch", "default", 2), ("ort", "default", 2)]
+    configs: list[tuple[str, str, str, int]] = [("torch/default/1", "torch", "default", 1),
+                                                ("ort/default/1", "ort", "default", 1),
+                                                ("ort/default-again/1", "ort", "default", 1)]
+    configs += [(f"ort/{v}/1", "ort", v, 1) for v in ORT_VARIANTS if v != "default"]
+    configs += [("torch/default/2", "torch", "default", 2), ("ort/default/2", "ort", "default", 2)]
     deadline = time.monotonic() + time_limit_s
     results: dict[str, list[dict[str, Any]]] = {}
     for rep in range(repetitions):
         ordered = configs if rep % 2 == 0 else list(reversed(configs))
-        for framework, variant, threads in ordered:
+        for key, framework, variant, threads in ordered:
             if time.monotonic() > deadline:
                 break
-            key = f"{framework}/{variant}/{threads}"
             results.setdefault(key, []).append(_worker(framework, bundle, threads=threads, steps=steps,
                                                        warmup=warmup, variant=variant))
-    summary = {key: _summarise(runs) for key, runs in results.items()}
+    summary = {key: {**_summarise(runs), "fastest_step_s": min(r["median_step_s"] for r in runs)}
+               for key, runs in results.items()}
     profile = profile_ort(bundle) if time.monotonic() < deadline else {}
     return {"backbone": backbone, "steps": steps, "repetitions": repetitions, "configs": summary,
-            "profile": profile, "graph": graph_check(bundle)}
+            "profile": profile, "graph": graph_check(bundle), "load_average": list(os.getloadavg())}
 
 
 def graph_check(bundle: Path) -> dict[str, Any]:
