@@ -50,6 +50,8 @@ from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, 
 log = logging.getLogger("coordinator")
 
 RESEND_GRACE_S = 3.0
+LOST_GRACE_S = 5.0
+RETRY_PAUSE_S = 3.0  # between an abandoned round and its retry: lets reconnecting agents report back in
 
 
 @dataclass
@@ -59,6 +61,14 @@ class AgentRecord:
     n_train: int
     profile: dict[str, Any]
     status: str = "online"
+    lost_since: float | None = None  # monotonic time of the "lost" will, until the agent is heard again
+
+    def gone(self, now: float) -> bool:
+        """Left, or lost for longer than LOST_GRACE_S: a broker that shuts down sends every will at once, and
+        agents that reconnect within seconds must not lose their round for it."""
+        if self.status == "left":
+            return True
+        return self.status == "lost" and self.lost_since is not None and now - self.lost_since >= LOST_GRACE_S
 
 
 @dataclass
@@ -151,6 +161,7 @@ class Coordinator:
             result = self._run_round(round_id, attempt)
             if result is not None:
                 return result
+            self._pump_until(time.monotonic() + RETRY_PAUSE_S)
         raise RuntimeError(f"round {round_id} missed its minimum in {self.config.max_round_attempts} attempts; the "
                            f"run stops with rounds 1-{round_id - 1} committed (continue with --resume)")
 
@@ -205,19 +216,23 @@ class Coordinator:
         while time.monotonic() < until:
             self._pump(max(0.0, until - time.monotonic()))
 
-    def _pump(self, timeout: float) -> None:
+    def _pump(self, timeout: float) -> str | None:
+        """Handle at most one inbound message; returns the agent it concerned, if any."""
         if self._reconnected.is_set():
             self._reconnected.clear()
             self._republish()
         item = self.endpoint.get(timeout=timeout)
-        if item is not None:
-            self._dispatch(item)
+        return self._dispatch(item) if item is not None else None
 
-    def _dispatch(self, item: Inbound) -> None:
+    def _dispatch(self, item: Inbound) -> str | None:
         try:
             agent_id, kind, extra = topics.parse_agent_topic(item.topic)
         except TopicError:
-            return
+            return None
+        self._handle(agent_id, kind, extra, item)
+        return agent_id
+
+    def _handle(self, agent_id: str, kind: str, extra: str | None, item: Inbound) -> None:
         if not item.payload:
             return
         if kind == "update":
@@ -240,7 +255,9 @@ class Coordinator:
         elif isinstance(message, RoundDeclined):
             self._on_declined(message)
         elif isinstance(message, AgentStatus) and agent_id in self.agents:
-            self.agents[agent_id].status = message.state
+            record = self.agents[agent_id]
+            record.status = message.state
+            record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
 
     # --- joining -----------------------------------------------------------------------------------
 
@@ -341,16 +358,27 @@ class Coordinator:
         accepted: list[ClientUpdate] = []
         rows: list[MetricRow] = []
         self.declined_rows = []
-        while time.time() < deadline and len(accepted) < target and not all(p.done for p in self.pending.values()):
-            self._pump(0.2)
-            for upload in self.pending.values():
-                if not upload.done and self.agents[upload.agent_id].status in ("lost", "left"):
+        open_uploads, next_scan = len(self.pending), 0.0
+        while time.time() < deadline and len(accepted) < target and open_uploads:
+            touched = self._pump(0.2)
+            # Look only at the upload a message touched, plus every upload once a second (resend grace, lost
+            # agents): scanning all after every message was quadratic in the fleet (docs/performance.md).
+            if time.monotonic() >= next_scan:
+                candidates = list(self.pending.values())
+                open_uploads = sum(not p.done for p in candidates)
+                next_scan = time.monotonic() + 1.0
+            else:
+                candidates = [self.pending[touched]] if touched in self.pending else []
+            for upload in candidates:
+                if not upload.done and self.agents[upload.agent_id].gone(time.monotonic()):
                     upload.done = True  # its last will arrived: stop waiting for it
+                    open_uploads -= 1
                     log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
                     rows.append(row)
+                    open_uploads -= 1
                     if update is not None:
                         accepted.append(update)
         for blob_ref in weights.values():

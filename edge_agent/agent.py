@@ -330,6 +330,7 @@ class EdgeAgent:
         self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         self._status("idle")
+        learner.trainer.prepare()  # load the next round's session now, while there is nothing else to do
         log.info("round %d: personal %.3f, global %s, loss %.3f, %.1f s train", a.round,
                  outcome.personal.accuracy, f"{outcome.global_.accuracy:.3f}" if outcome.global_ else "-",
                  outcome.train_loss, outcome.train_seconds)

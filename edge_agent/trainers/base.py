@@ -32,6 +32,9 @@ class EvalResult:
 class TrainerBackend(Protocol):
     name: str
 
+    def prepare(self) -> None:
+        """Optional head start for the next start_round (e.g. loading sessions while the device waits)."""
+
     def start_round(self, tensors: Mapping[str, np.ndarray], learning_rate: float) -> None:
         """Frozen base weights, the given trainable values written over them, fresh optimizer moments."""
 

@@ -62,6 +62,9 @@ class TorchTrainer:
 
     # --- TrainerBackend --------------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Nothing to preload: the frozen model stays built across rounds and start_round resets the rest."""
+
     def start_round(self, tensors: Mapping[str, np.ndarray], learning_rate: float) -> None:
         unknown = sorted(set(tensors) - set(self.shapes))
         if unknown:
