@@ -20,6 +20,7 @@ import numpy as np
 
 from coordinator import federation_state
 from coordinator.aggregation import ClientUpdate, make_strategy
+from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_card_of
 from coordinator.config import RunConfig
 from coordinator.methods import scopes_for
@@ -355,7 +356,7 @@ class Coordinator:
                 deadline_unix=deadline, seed=self.config.seed)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
-        accepted: list[ClientUpdate] = []
+        accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
         rows: list[MetricRow] = []
         self.declined_rows = []
         open_uploads, next_scan = len(self.pending), 0.0
@@ -380,7 +381,7 @@ class Coordinator:
                     rows.append(row)
                     open_uploads -= 1
                     if update is not None:
-                        accepted.append(update)
+                        accepted.add(update)
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
@@ -392,7 +393,7 @@ class Coordinator:
             self.pending = {}
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
-        result = self.strategy.aggregate(self.state, accepted, round_id)
+        result = self.strategy.aggregate(self.state, accepted.as_updates(), round_id)
         self.state = result.state
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
                                 diagnostics=result.diagnostics)
@@ -406,8 +407,8 @@ class Coordinator:
 
     def _on_chunk(self, agent_id: str, round_text: str | None, payload: bytes) -> None:
         upload = self.pending.get(agent_id)
-        if upload is None or round_text != str(self.current_round):
-            return  # late or replayed chunk of an earlier round
+        if upload is None or upload.done or round_text != str(self.current_round):
+            return  # late or replayed chunk of an earlier round, or a duplicate after the upload was handled
         try:
             chunk = decode_chunk(payload)
             if upload.assembler is None:
@@ -456,6 +457,7 @@ class Coordinator:
                 self.endpoint.publish(topics.agent_inbox(upload.agent_id), encode_message(request))
             return None
         upload.done = True
+        upload.assembler = None  # the chunks are freed as soon as the update is decoded (streaming aggregation)
         backbone = upload.backbone
         try:
             tensors = decode_tensors(assembler.assemble())
