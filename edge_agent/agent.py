@@ -327,10 +327,13 @@ class EdgeAgent:
         report_bytes = encode_message(report)
         self.pending_uploads = {a.round: (blob, report_bytes)}
         self._last_upload = time.monotonic()
-        self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
+        report_mid = self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         self._status("idle")
-        learner.trainer.prepare()  # load the next round's session now, while there is nothing else to do
+        # Load the next round's session now, while there is nothing else to do, but only once the broker has the
+        # report: loading holds the GIL, and paho's network thread would otherwise sit on the upload meanwhile.
+        self.endpoint.wait_published(report_mid, timeout=10.0)
+        learner.trainer.prepare()
         log.info("round %d: personal %.3f, global %s, loss %.3f, %.1f s train", a.round,
                  outcome.personal.accuracy, f"{outcome.global_.accuracy:.3f}" if outcome.global_ else "-",
                  outcome.train_loss, outcome.train_seconds)
