@@ -6,6 +6,7 @@ hours into a run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,10 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {summarise_validation(exc)}") from None
+
+
+def summarise_validation(exc: ValidationError, message: Callable[[Any], str] = lambda err: str(err["msg"])) -> str:
+    """Every problem of a pydantic validation on one line, each with its field path, for file-level errors."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {message(err)}"
+                     for err in exc.errors())

@@ -37,7 +37,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coordinator.assignment import CostCard, Decision, DeviceBudget, assign_backbone
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, summarise_validation
 
 MAX_AGENTS = 32  # every emulated agent is a process holding a few hundred MB: keep local fleets sane
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")  # + "-NN" stays a valid 64-char agent id
@@ -123,10 +123,7 @@ def parse_fleet(raw: Mapping[str, Any], source: str = "fleet") -> Fleet:
     try:
         return Fleet.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {_message(err)}" for err in exc.errors()
-        )
-        raise FleetError(f"{source}: {problems}") from None
+        raise FleetError(f"{source}: {summarise_validation(exc, _message)}") from None
 
 
 def _message(err: Mapping[str, Any]) -> str:
