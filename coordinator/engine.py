@@ -236,6 +236,9 @@ class Coordinator:
     def _handle(self, agent_id: str, kind: str, extra: str | None, item: Inbound) -> None:
         if not item.payload:
             return
+        record = self.agents.get(agent_id)
+        if record is not None and record.status == "lost" and kind in ("update", "report", "request"):
+            record.status, record.lost_since = "online", None  # it is talking to us: its will was premature
         if kind == "update":
             self._on_chunk(agent_id, extra, item.payload)
             return

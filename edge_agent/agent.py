@@ -121,7 +121,6 @@ class EdgeAgent:
         self.bytes_down = 0
         self._join_wanted = threading.Event()
         self._join_sent_for: str | None = None
-        self._connected = threading.Event()
         self._profile: DeviceProfile | None = None
         self.endpoint = MqttEndpoint(
             config.agent_id, config.host, config.port,
@@ -131,7 +130,7 @@ class EdgeAgent:
             will=Will(topics.agent_status(config.agent_id),
                       encode_message(AgentStatus(agent_id=config.agent_id, state="lost")),
                       retain=True, delay_seconds=10),
-            on_connect=lambda _session_present: self._connected.set(),
+            on_connect=lambda _session_present: self._announce_online(),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -151,9 +150,6 @@ class EdgeAgent:
     def _loop(self) -> int:
         last_activity = time.monotonic()
         while True:
-            if self._connected.is_set():
-                self._connected.clear()
-                self._status("online")  # after a long drop the broker published our will ("lost")
             if self._join_wanted.is_set():
                 self._join_wanted.clear()
                 self._send_join()
@@ -354,6 +350,11 @@ class EdgeAgent:
                              topic=topics.agent_update_chunk(self.config.agent_id, round_id))
             except ProtocolError as exc:
                 log.warning("could not resend update chunks: %s", exc)
+
+    def _announce_online(self) -> None:
+        """On every (re)connect, from paho's thread (publish only queues): after a drop the broker may have
+        published our will ("lost"), and the main thread can be busy training for a while."""
+        self._status("online")
 
     def _status(self, state: str) -> None:
         status = AgentStatus(agent_id=self.config.agent_id, state=state)
