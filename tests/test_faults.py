@@ -291,7 +291,7 @@ def _federation_in_processes(tmp: Path, pins: dict[str, str], *, crash_in_round:
     data = fleet_data(tmp, list(pins))
     config_file = tmp / "run.toml"
     config_file.write_text(
-        'run_name = "crash"\nbackbones = ["tiny-3", "tiny-6"]\nrounds = 3\nlocal_steps = 30\n'
+        'run_name = "crash"\nbackbones = ["tiny-3", "tiny-6"]\nrounds = 3\nlocal_steps = 150\n'
         f"min_agents = {len(pins)}\nround_timeout_s = 60\nlearning_rate = 0.005\n"
         '[task]\nmax_length = 32\nbatch_size = 8\n[pinned]\n' + "".join(f'{a} = "{b}"\n' for a, b in pins.items()))
     run_dir = tmp / "run"
@@ -303,7 +303,7 @@ def _federation_in_processes(tmp: Path, pins: dict[str, str], *, crash_in_round:
             agents.start(broker.host, broker.port)
             if crash_in_round is not None:
                 wait_for(lambda: committed_rounds(run_dir) >= crash_in_round - 1, 180, "the round before the crash")
-                time.sleep(0.5)
+                time.sleep(0.3)  # round 2 (150 local steps, several seconds) is under way
                 os.kill(coordinator.pid, signal.SIGKILL)
                 coordinator.wait(10)
                 assert committed_rounds(run_dir) == crash_in_round - 1, "the crash did not land mid-round"
