@@ -35,7 +35,7 @@ def _batch(seed: int, batch_size: int, seq_len: int, num_classes: int) -> Any:
     ids = rng.integers(1000, 29000, size=(batch_size, seq_len), dtype=np.int64)
     ids[:, 0] = 101  # [CLS]
     labels = rng.integers(0, num_classes, size=batch_size, dtype=np.int64)
-    return Batch(ids, np.ones_like(ids), labels)
+    return Batch((ids, np.ones_like(ids)), labels)
 
 
 def _session_options(threads: int, variant: str) -> Any:

@@ -31,9 +31,9 @@ from coordinator.aggregation import ClientUpdate, FederatedState, make_strategy
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
 from coordinator.methods import scopes_for
-from edge_agent.data import Example, eval_batches, load_examples
+from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.local_round import LocalLearner, RoundPlan
-from edge_agent.trainers.base import Batch, EvalResult
+from edge_agent.trainers.base import EvalResult
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
 from protocols.tensors import decode_tensors, encode_tensors
@@ -98,19 +98,14 @@ def make_learners(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
 
 
 def evaluate_received(learner: LocalLearner, tensors: Mapping[str, np.ndarray],
-                      examples: Sequence[Example], learning_rate: float) -> EvalResult:
+                      examples: Sequence[Sample], learning_rate: float) -> EvalResult:
     """Evaluate what an agent would start the next round with (its kept tensors + ``tensors``), no training.
 
     Uses the learner's own trainer and encoder, batched as ``LocalLearner`` batches its evaluation.
     """
     learner.trainer.start_round({**learner.kept, **tensors}, learning_rate)
-    encoded = (_encode(learner, chunk) for chunk in eval_batches(examples, learner.manifest.task.batch_size))
+    encoded = (learner.encoder.encode(chunk) for chunk in eval_batches(examples, learner.manifest.task.batch_size))
     return learner.trainer.evaluate(encoded)
-
-
-def _encode(learner: LocalLearner, chunk: Sequence[Example]) -> Batch:
-    ids, mask = learner.encoder.encode([e.text for e in chunk])
-    return Batch(ids, mask, np.array([e.label for e in chunk], dtype=np.int64))
 
 
 def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],

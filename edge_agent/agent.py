@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.bundle_store import BundleStore
-from edge_agent.data import Example, load_examples
+from edge_agent.data import Sample, load_examples
 from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.profile import profile_device
@@ -253,7 +253,7 @@ class EdgeAgent:
 
     def _make_learner(self, bundle_dir: Path, manifest: BundleManifest) -> LocalLearner:
         labels = manifest.task.labels
-        examples: list[Example] = load_examples(self.config.data, labels)
+        examples: list[Sample] = load_examples(self.config.data, labels)
         global_test = load_examples(self.config.global_test, labels) if self.config.global_test else []
         trainer = make_trainer(self.config.backend, bundle_dir, self.config.threads)
         return LocalLearner(self.config.agent_id, bundle_dir, manifest, trainer, examples, global_test)

@@ -1,23 +1,27 @@
 """The device's private data: reading it, splitting it 75/25, tokenising it and batching it.
 
-Runs on the device, so it uses only numpy and the Rust ``tokenizers`` package (no torch, no
-transformers). Input errors name the file, the line and the fix, because the person reading them is
-whoever put the data file on the device.
+Two modalities: labelled texts (JSONL/CSV, tokenised by ``TextEncoder``) and labelled images (``.npz``,
+preprocessed by ``edge_agent.image.ImageEncoder``). Runs on the device, so it uses only numpy and the Rust
+``tokenizers`` package (no torch, no transformers, no PIL). Input errors name the file, the line (or the
+array) and the fix, because the person reading them is whoever put the data file on the device.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
 CSV_SUFFIXES = (".csv",)
+NPZ_SUFFIXES = (".npz",)
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,31 @@ class Example:
     label: int
 
 
-@dataclass(frozen=True)
-class LocalSplit:
-    """The agent's own train and (personalised) test examples."""
+@dataclass(frozen=True, eq=False)
+class ImageExample:
+    """One labelled image: uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (RGB); ``label`` indexes the labels.
 
-    train: list[Example]
-    test: list[Example]
+    ``eq=False`` because comparing arrays element-wise has no single truth value; examples compare (and
+    hash) by identity, which is what the split and batching code needs. Images read by ``load_examples``
+    are read-only views, so a frozen example really cannot change.
+    """
+
+    image: np.ndarray
+    label: int
+
+
+Sample = Example | ImageExample
+"""Anything an agent trains on; the local round dispatches on the concrete type."""
+
+S = TypeVar("S", bound=Sample)
+
+
+@dataclass(frozen=True)
+class LocalSplit(Generic[S]):
+    """The agent's own train and (personalised) test examples, of whichever kind it was given."""
+
+    train: list[S]
+    test: list[S]
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -119,10 +142,84 @@ def _read_csv(path: Path, labels: Sequence[str], index: Mapping[str, int]) -> li
     return examples
 
 
-def load_examples(path: Path, labels: Sequence[str]) -> list[Example]:
-    """Read a JSONL (``.jsonl``/``.json-lines``/``.ndjson``) or CSV (``.csv``) file of {text, label}.
+def _npz_labels(raw: np.ndarray, labels: Sequence[str], index: Mapping[str, int], path: Path) -> np.ndarray:
+    """The ``labels`` array as int64 indices; it may hold integer indices or label names (str or bytes).
 
-    The label may be a name from ``labels`` or an integer index into it.
+    Names go through the same rules (and messages) as a text file's labels; integer indices are checked
+    at once, since an image file can hold tens of thousands of them.
+    """
+    if raw.dtype.kind in "US":
+        names = raw.astype(str) if raw.dtype.kind == "U" else np.char.decode(raw, "utf-8")
+        return np.array(
+            [_label_index(name, labels, index, f"{path}, labels[{i}]") for i, name in enumerate(names.tolist())],
+            dtype=np.int64,
+        )
+    if raw.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: the labels array has dtype {raw.dtype}; store integer indices "
+            "(e.g. labels.astype(np.int64)) or label names (strings)"
+        )
+    bad = np.flatnonzero((raw < 0) | (raw >= len(labels)))
+    if bad.size:
+        first = int(bad[0])
+        expected = f"expected one of {', '.join(repr(x) for x in labels)} or an index 0..{len(labels) - 1}"
+        raise ValueError(
+            f"{path}, labels[{first}]: label index {int(raw[first])} is out of range ({expected}); "
+            f"{bad.size} label(s) out of range in all"
+        )
+    return raw.astype(np.int64)
+
+
+def _read_npz(path: Path, labels: Sequence[str], index: Mapping[str, int]) -> list[ImageExample]:
+    """Arrays ``images`` (uint8 ``[N, H, W]`` or ``[N, H, W, 3]``) and ``labels`` (``[N]``, indices or names).
+
+    ``allow_pickle=False``: a data file must never be able to run code on the device.
+    """
+    fix = "save it with np.savez(path, images=<uint8 [N,H,W] or [N,H,W,3]>, labels=<[N] indices or names>)"
+    unreadable = (ValueError, zipfile.BadZipFile, EOFError, OSError)  # what numpy raises for a broken file
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except unreadable as e:
+        raise ValueError(f"{path}: not a valid .npz file ({e}); {fix}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array (.npy format), not an .npz archive; {fix}")
+    with archive:
+        missing = [name for name in ("images", "labels") if name not in archive.files]
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {missing} (found {sorted(archive.files)}); {fix}")
+        try:
+            images = archive["images"]
+            raw_labels = archive["labels"]
+        except unreadable as e:
+            raise ValueError(f"{path}: not a valid .npz file ({e}); {fix}") from None
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"{path}: images have dtype {images.dtype}, expected uint8 pixels 0..255; "
+            "convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1]"
+        )
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+        raise ValueError(
+            f"{path}: images have shape {images.shape}, expected [N, H, W] (grayscale) or [N, H, W, 3] (RGB)"
+        )
+    if raw_labels.ndim != 1:
+        raise ValueError(f"{path}: labels have shape {raw_labels.shape}, expected one label per image: [N]")
+    if len(raw_labels) != len(images):
+        raise ValueError(
+            f"{path}: {len(images)} images but {len(raw_labels)} labels; give exactly one label per image"
+        )
+    if len(images) and min(images.shape[1:3]) < 1:
+        raise ValueError(f"{path}: images have shape {images.shape}; each image needs at least 1x1 pixels")
+    label_ids = _npz_labels(raw_labels, labels, index, path)
+    images.setflags(write=False)  # the examples are views into this array: keep them immutable
+    return [ImageExample(images[i], int(label_ids[i])) for i in range(len(images))]
+
+
+def load_examples(path: Path, labels: Sequence[str]) -> list[Sample]:
+    """Read a data file: JSONL (``.jsonl``/``.json-lines``/``.ndjson``) or CSV (``.csv``) of {text, label}
+    gives ``Example``s; ``.npz`` with arrays ``images`` and ``labels`` gives ``ImageExample``s.
+
+    A label may be a name from ``labels`` or an integer index into it. One file holds one modality, so the
+    list is all ``Example`` or all ``ImageExample``.
     """
     path = Path(path)
     if not labels or len(set(labels)) != len(labels):
@@ -131,13 +228,16 @@ def load_examples(path: Path, labels: Sequence[str]) -> list[Example]:
         raise FileNotFoundError(f"data file {path} does not exist; check the --data path")
     index = {name: i for i, name in enumerate(labels)}
     suffix = path.suffix.lower()
+    examples: list[Sample]  # list() below: a list[Example] is not a list[Sample] to mypy (lists are invariant)
     try:
         if suffix in JSONL_SUFFIXES:
-            examples = _read_jsonl(path, labels, index)
+            examples = list(_read_jsonl(path, labels, index))
         elif suffix in CSV_SUFFIXES:
-            examples = _read_csv(path, labels, index)
+            examples = list(_read_csv(path, labels, index))
+        elif suffix in NPZ_SUFFIXES:
+            examples = list(_read_npz(path, labels, index))
         else:
-            supported = ", ".join(JSONL_SUFFIXES + CSV_SUFFIXES)
+            supported = ", ".join(JSONL_SUFFIXES + CSV_SUFFIXES + NPZ_SUFFIXES)
             raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {supported}")
     except UnicodeDecodeError as e:
         raise ValueError(
@@ -151,7 +251,7 @@ def load_examples(path: Path, labels: Sequence[str]) -> list[Example]:
 # ---------------------------------------------------------------------------------------------- split
 
 
-def split_local(examples: Sequence[Example], test_fraction: float = 0.25, seed: int = 0) -> LocalSplit:
+def split_local(examples: Sequence[S], test_fraction: float = 0.25, seed: int = 0) -> LocalSplit[S]:
     """Seeded random train/test split of the agent's own data (75/25 by default).
 
     Both sides keep the file order (only membership is random), and each side gets at least one
@@ -225,9 +325,7 @@ class TextEncoder:
 # -------------------------------------------------------------------------------------------- batching
 
 
-def batches(
-    examples: Sequence[Example], batch_size: int, rng: np.random.Generator
-) -> Iterator[list[Example]]:
+def batches(examples: Sequence[S], batch_size: int, rng: np.random.Generator) -> Iterator[list[S]]:
     """Endless shuffled batches for k local steps: a fresh permutation each epoch.
 
     Every example is seen once per epoch and never twice in one batch; the last batch of an epoch may be
@@ -244,7 +342,7 @@ def batches(
             yield [examples[int(i)] for i in perm[start : start + batch_size]]
 
 
-def eval_batches(examples: Sequence[Example], batch_size: int) -> Iterator[list[Example]]:
+def eval_batches(examples: Sequence[S], batch_size: int) -> Iterator[list[S]]:
     """Batches in order (evaluation must not depend on an rng); the last one may be short."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

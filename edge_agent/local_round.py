@@ -15,7 +15,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from edge_agent.data import Example, TextEncoder, batches, eval_batches, split_local
+from edge_agent.data import Sample, batches, eval_batches, split_local
+from edge_agent.inputs import BatchEncoder
 from edge_agent.probe import peak_rss_mb
 from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
 from protocols.bundle_manifest import BundleManifest
@@ -72,12 +73,14 @@ class LocalLearner:
     _UNGUARDED: ClassVar[RoundGuard] = _Unguarded()
 
     def __init__(self, agent_id: str, bundle_dir: Path, manifest: BundleManifest, trainer: TrainerBackend,
-                 examples: Sequence[Example], global_test: Sequence[Example] = (), *, split_seed: int = 0,
+                 examples: Sequence[Sample], global_test: Sequence[Sample] = (), *, split_seed: int = 0,
                  initial: Mapping[str, np.ndarray] | None = None) -> None:
         self.agent_id = agent_id
         self.manifest = manifest
         self.trainer = trainer
-        self.encoder = TextEncoder(bundle_dir / manifest.tokenizer, manifest.task.max_length)
+        self.encoder = BatchEncoder(bundle_dir, manifest)
+        self.encoder.check(examples, f"agent {agent_id}'s data")
+        self.encoder.check(global_test, f"agent {agent_id}'s global test data")
         split = split_local(examples, test_fraction=0.25, seed=split_seed)
         self.train, self.test = split.train, split.test
         self.global_test = list(global_test)
@@ -134,11 +137,10 @@ class LocalLearner:
                             train_seconds=train_seconds, eval_seconds=eval_seconds,
                             peak_rss_mb=peak_rss_mb(), n_train=len(self.train))
 
-    def _encode(self, examples: Sequence[Example]) -> Batch:
-        ids, mask = self.encoder.encode([e.text for e in examples])
-        return Batch(ids, mask, np.array([e.label for e in examples], dtype=np.int64))
+    def _encode(self, examples: Sequence[Sample]) -> Batch:
+        return self.encoder.encode(examples)
 
-    def _batches(self, examples: Sequence[Example], guard: RoundGuard) -> Iterator[Batch]:
+    def _batches(self, examples: Sequence[Sample], guard: RoundGuard) -> Iterator[Batch]:
         # Evaluate at the training batch size: the cost card (and the memory check) are measured there.
         size = self.manifest.task.batch_size
         for chunk in eval_batches(examples, size):

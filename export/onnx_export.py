@@ -28,21 +28,31 @@ class ExportError(RuntimeError):
     """The exported graph broke an invariant the ORT training path relies on."""
 
 
-def export_onnx(model: AdapterClassifier, path: Path, *, batch_size: int, seq_len: int) -> onnx.ModelProto:
-    """Trace the classifier to an ONNX graph whose trainable names equal PyTorch's parameter names."""
-    model.eval()
+def graph_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
+                 ) -> tuple[tuple[torch.Tensor, ...], dict[str, dict[int, str]]]:
+    """Example inputs to trace with, and their dynamic axes, in the graph's input order."""
+    if model.spec.modality == "image":
+        size = model.spec.image_size
+        pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        return (pixels,), {"pixel_values": {0: "batch"}}
     ids = torch.ones(batch_size, seq_len, dtype=torch.long)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long)
     # A padded example is essential: with an all-ones mask transformers skips masking altogether, and the
     # trace would bake that shortcut in (padded tokens would then be attended to on the device).
     mask[-1, seq_len // 2 :] = 0
+    return (ids, mask), {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+
+
+def export_onnx(model: AdapterClassifier, path: Path, *, batch_size: int, seq_len: int) -> onnx.ModelProto:
+    """Trace the classifier to an ONNX graph whose trainable names equal PyTorch's parameter names."""
+    model.eval()
+    inputs, dynamic_axes = graph_inputs(model, batch_size=batch_size, seq_len=seq_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers' mask utils are harmless here
         torch.onnx.export(
-            model, (ids, mask), str(path),
-            input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                          "logits": {0: "batch"}},
+            model, inputs, str(path),
+            input_names=list(dynamic_axes), output_names=["logits"],
+            dynamic_axes={**dynamic_axes, "logits": {0: "batch"}},
             opset_version=OPSET, do_constant_folding=False,
             training=torch.onnx.TrainingMode.TRAINING, dynamo=False,
         )

@@ -6,6 +6,8 @@ after fetching a bundle, the coordinator uses its tensor list to check updates.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.topics import SHA256_PATTERN
@@ -30,8 +32,9 @@ class TensorEntry(_Frozen):
 class TaskEntry(_Frozen):
     name: str
     labels: tuple[str, ...] = Field(min_length=2)
-    max_length: int = Field(ge=8)
+    max_length: int = Field(ge=8)  # text: tokens per example after truncation
     batch_size: int = Field(ge=1)
+    image_size: int = Field(0, ge=0)  # image: the square input size the graphs take (0 for text)
 
 
 class CostCardEntry(_Frozen):
@@ -70,8 +73,8 @@ class BundleManifest(_Frozen):
     slot_blocks: tuple[int, ...]
     dema: dict[str, int]
     task: TaskEntry
-    modality: str = "text"
-    tokenizer: str = "tokenizer.json"
+    modality: Literal["text", "image"] = "text"
+    tokenizer: str = "tokenizer.json"  # text bundles only ("" for images, which the agent preprocesses in numpy)
     initial_tensors: str = "initial.safetensors"
     tensors: tuple[TensorEntry, ...]
     backbone_params: int

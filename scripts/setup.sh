@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "[setup] installing mosquitto (Debian package)"
+# System packages: the broker, and Fashion-MNIST (Debian ships it; no PyPI package carries the data).
+apt_missing=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_missing+=(mosquitto)
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || apt_missing+=(dataset-fashion-mnist)
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+    echo "[setup] installing Debian packages: ${apt_missing[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mosquitto >/dev/null
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
 
 PYTHON_BIN="${PYTHON:-}"

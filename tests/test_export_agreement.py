@@ -80,7 +80,7 @@ def test_ort_matches_pytorch_on_one_step(exported: tuple[AdapterClassifier, Path
 
     trainer = OrtTrainer(out)
     trainer.start_round(start, learning_rate=LR)
-    ort_loss = trainer.forward_backward(Batch(ids, mask, labels))
+    ort_loss = trainer.forward_backward(Batch((ids, mask), labels))
     ort_grads = trainer.read_gradients(names)
     trainer.optimizer_step()
     ort_after = trainer.read_tensors(names)

@@ -55,7 +55,7 @@ def make_batches(count: int, seed: int, batch_size: int = 8, seq_len: int = 32) 
         for row, keep in zip(range(1, batch_size, 2), rng.integers(3, seq_len, size=batch_size), strict=False):
             mask[row, keep:] = 0
             ids[row, keep:] = 0
-        out.append(Batch(ids, mask, rng.integers(0, 3, size=batch_size, dtype=np.int64)))
+        out.append(Batch((ids, mask), rng.integers(0, 3, size=batch_size, dtype=np.int64)))
     return out
 
 

@@ -11,10 +11,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Batch:
-    """int64 token ids and mask [B, S] and int64 labels [B], as the exported graphs take them."""
+    """The exported graph's inputs in its input order, and int64 labels [B].
 
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
+    Text: (input_ids, attention_mask), int64 [B, S]. Images: (pixel_values,), float32 [B, 3, H, W].
+    """
+
+    inputs: tuple[np.ndarray, ...]
     labels: np.ndarray
 
 

@@ -75,7 +75,7 @@ class OrtTrainer:
     def train_step(self, batch: Batch) -> float:
         module = self._require_module()
         module.train()
-        loss, _logits = module(batch.input_ids, batch.attention_mask, batch.labels)
+        loss, _logits = module(*batch.inputs, batch.labels)
         self._optimizer.step()
         module.lazy_reset_grad()
         return float(loss)
@@ -86,7 +86,7 @@ class OrtTrainer:
 
         def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
             for b in batches:
-                loss, logits = module(b.input_ids, b.attention_mask, b.labels)
+                loss, logits = module(*b.inputs, b.labels)
                 yield float(loss), np.asarray(logits), b.labels
 
         return accumulate(outputs())
@@ -105,7 +105,7 @@ class OrtTrainer:
         """Loss with gradients accumulated but no optimizer step (for the agreement test)."""
         module = self._require_module()
         module.train()
-        loss, _ = module(batch.input_ids, batch.attention_mask, batch.labels)
+        loss, _ = module(*batch.inputs, batch.labels)
         return float(loss)
 
     def optimizer_step(self) -> None:

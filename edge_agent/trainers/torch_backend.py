@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from edge_agent.trainers.base import Batch, EvalResult, accumulate
-from edge_agent.trainers.torch_model import AdapterEncoderClassifier, load_encoder, load_torch
+from edge_agent.trainers.torch_model import (
+    AdapterEncoderClassifier,
+    count_experts,
+    load_encoder,
+    load_torch,
+)
+from edge_agent.trainers.torch_vit import VIT_FORMAT, AdapterVitClassifier, load_vit
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 
 # ORT's AdamW block defaults (onnxruntime.training.onnxblock.optim.AdamW), as float32 like its kernel.
@@ -29,8 +35,14 @@ EPS = np.float32(1e-6)
 class TorchTrainer:
     name = "torch"
 
-    def __init__(self, bundle_dir: Path, *, threads: int = 0) -> None:
+    def __init__(self, bundle_dir: Path, *, threads: int = 0, precision: str = "float32") -> None:
+        """``precision="float64"`` runs the same computation in double precision: not for devices, but as the
+        exact reference that shows how far float32 rounding alone moves an update (tests/test_image_backbone.py).
+        """
+        if precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
         self.torch = load_torch()
+        self.dtype = getattr(self.torch, precision)
         if threads > 0:
             self.torch.set_num_threads(threads)
         manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_text())
@@ -42,14 +54,10 @@ class TorchTrainer:
         weights_path = bundle_dir / part.file
         if not weights_path.exists():
             raise FileNotFoundError(f"{weights_path} is missing: the torch part of the bundle was not fetched")
-        shape, weights = load_encoder(weights_path)
-        if (shape.hidden_size, shape.num_hidden_layers) != (manifest.hidden, manifest.layers):
-            raise ValueError(f"torch part is a {shape.hidden_size}x{shape.num_hidden_layers} encoder, the manifest "
-                             f"says {manifest.hidden}x{manifest.layers}")
         self.names = [t.name for t in manifest.tensors]
         self.shapes = {t.name: tuple(t.shape) for t in manifest.tensors}
-        self.model = AdapterEncoderClassifier(shape, weights, manifest.slot_blocks,
-                                              AdapterEncoderClassifier.count_experts(self.names))
+        self.model = _build_model(weights_path, manifest, count_experts(self.names))
+        self.model.weights = {n: w.to(self.dtype) for n, w in self.model.weights.items()}
         from safetensors.numpy import load_file
 
         # The checkpoint's trainable values: what a tensor not sent by the coordinator starts from, as in ORT.
@@ -76,7 +84,7 @@ class TorchTrainer:
                 raise ValueError(f"tensor '{name}' has shape {value.shape}, the bundle expects {self.shapes[name]}; "
                                  "the update does not belong to this bundle")
             array = np.array(value, dtype=np.float32, copy=True)
-            params[name] = self.torch.from_numpy(array).requires_grad_(True)
+            params[name] = self.torch.from_numpy(array).to(self.dtype).requires_grad_(True)
         self.params = params
         self.moment1 = {n: self.torch.zeros_like(p) for n, p in params.items()}
         self.moment2 = {n: self.torch.zeros_like(p) for n, p in params.items()}
@@ -103,7 +111,7 @@ class TorchTrainer:
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_round()
-        return {n: self.params[n].detach().numpy().copy() for n in names}
+        return {n: self.params[n].detach().numpy().astype(np.float32) for n in names}
 
     # --- finer steps, mirroring OrtTrainer (agreement tests) ------------------------------------------
 
@@ -150,13 +158,33 @@ class TorchTrainer:
     # --- helpers ---------------------------------------------------------------------------------------
 
     def _logits(self, batch: Batch) -> Any:
-        ids = self.torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64))
-        mask = self.torch.from_numpy(np.ascontiguousarray(batch.attention_mask, dtype=np.int64))
-        return self.model.logits(self.params, ids, mask)
+        inputs = (self.torch.from_numpy(np.ascontiguousarray(x)) for x in batch.inputs)
+        return self.model.logits(self.params, *(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
 
     def _labels(self, batch: Batch) -> Any:
-        return self.torch.from_numpy(np.ascontiguousarray(batch.labels, dtype=np.int64))
+        return self.torch.tensor(np.asarray(batch.labels), dtype=self.torch.int64)  # a copy: labels may be read-only
 
     def _require_round(self) -> None:
         if not self.params:
             raise RuntimeError("start_round() must be called before training or evaluating")
+
+
+def _build_model(weights_path: Path, manifest: BundleManifest, experts: int) -> Any:
+    """The plain-PyTorch classifier for the torch part's format: BERT text encoder or DINOv2 ViT."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as handle:
+        file_format = (handle.metadata() or {}).get("format")
+    model: AdapterEncoderClassifier | AdapterVitClassifier
+    if file_format == VIT_FORMAT:
+        vit_shape, weights = load_vit(weights_path)
+        size = (vit_shape.hidden_size, vit_shape.num_hidden_layers)
+        model = AdapterVitClassifier(vit_shape, weights, manifest.slot_blocks, experts)
+    else:
+        text_shape, weights = load_encoder(weights_path)  # names the expected format if it is neither
+        size = (text_shape.hidden_size, text_shape.num_hidden_layers)
+        model = AdapterEncoderClassifier(text_shape, weights, manifest.slot_blocks, experts)
+    if size != (manifest.hidden, manifest.layers):
+        raise ValueError(f"torch part is a {size[0]}x{size[1]} encoder, the manifest says "
+                         f"{manifest.hidden}x{manifest.layers}")
+    return model

@@ -86,19 +86,17 @@ class EncoderShape:
 
 def load_encoder(path: Path) -> tuple[EncoderShape, dict[str, Tensor]]:
     """Frozen encoder weights (no gradients) and their shape, checked name by name."""
-    from safetensors import safe_open
+    metadata, weights = read_backbone_file(path)
+    shape = EncoderShape.from_metadata(metadata, path)
+    return shape, check_weights(path, weights, shape.expected_weights())
 
-    load_torch()
-    with safe_open(str(path), framework="pt") as handle:
-        shape = EncoderShape.from_metadata(handle.metadata() or {}, path)
-        weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
-    expected = shape.expected_weights()
-    missing = sorted(set(expected) - set(weights))
-    wrong = sorted(n for n in expected if n in weights and tuple(weights[n].shape) != expected[n])
-    if missing or wrong:
-        raise ValueError(f"{path}: backbone weights do not match the encoder shape (missing {missing[:3]}, "
-                         f"wrong shape {wrong[:3]})")
-    return shape, {n: weights[n].float().requires_grad_(False) for n in expected}
+
+def count_experts(names: Sequence[str]) -> int:
+    """The DeMA expert count, read from the manifest's trainable names."""
+    found = {int(m.group(2)) for n in names if (m := _EXPERT_NAME.match(n))}
+    if not found or found != set(range(len(found))):
+        raise ValueError(f"cannot read the DeMA expert count from the trainable names (found {sorted(found)})")
+    return len(found)
 
 
 class AdapterEncoderClassifier:
@@ -110,25 +108,13 @@ class AdapterEncoderClassifier:
 
     def __init__(self, shape: EncoderShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
                  experts: int) -> None:
-        if any(not 0 <= b < shape.num_hidden_layers for b in slot_blocks):
-            raise ValueError(f"slot blocks {list(slot_blocks)} do not fit {shape.num_hidden_layers} blocks")
+        self.slots_after = slots_after_blocks(slot_blocks, shape.num_hidden_layers)
         self.torch = load_torch()
         self.shape = shape
         self.weights = dict(weights)
         self.experts = experts
         self.head_dim = shape.hidden_size // shape.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        # Several slots may follow one block (shallow backbones); they run in slot order, as the export's hooks do.
-        self.slots_after: dict[int, list[int]] = {}
-        for slot, block in enumerate(slot_blocks):
-            self.slots_after.setdefault(block, []).append(slot)
-
-    @staticmethod
-    def count_experts(names: Sequence[str]) -> int:
-        found = {int(m.group(2)) for n in names if (m := _EXPERT_NAME.match(n))}
-        if not found or found != set(range(len(found))):
-            raise ValueError(f"cannot read the DeMA expert count from the trainable names (found {sorted(found)})")
-        return len(found)
 
     def logits(self, params: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         torch = self.torch
@@ -179,17 +165,52 @@ class AdapterEncoderClassifier:
             (d,), w[f"{p}output.LayerNorm.weight"], w[f"{p}output.LayerNorm.bias"], shape.layer_norm_eps)
 
     def _adapter(self, slot: int, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
-        """export/dema/layer.py: h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z), z = GELU(W_in LN(h))."""
-        torch = self.torch
-        functional = torch.nn.functional
-        p = f"adapters.{slot}."
-        normed = functional.layer_norm(hidden, (self.shape.hidden_size,), params[f"{p}ln.weight"],
-                                       params[f"{p}ln.bias"], ADAPTER_LN_EPS)
-        z = functional.gelu(functional.linear(normed, params[f"{p}w_in.weight"], params[f"{p}w_in.bias"]))
-        gate = torch.softmax(functional.linear(z, params[f"{p}w_g.weight"]), dim=-1)
-        mixed: Tensor = 0
-        for e in range(self.experts):
-            expert = functional.linear(functional.gelu(functional.linear(z, params[f"{p}experts.{e}.a.weight"])),
-                                       params[f"{p}experts.{e}.b.weight"])
-            mixed = mixed + gate[..., e : e + 1] * expert
-        return hidden + functional.linear(mixed, params[f"{p}w_out.weight"], params[f"{p}w_out.bias"])
+        return dema_adapter(self.torch, slot, params, hidden, self.experts)
+
+
+def dema_adapter(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Tensor, experts: int) -> Tensor:
+    """export/dema/layer.py: h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z), z = GELU(W_in LN(h))."""
+    functional = torch.nn.functional
+    p = f"adapters.{slot}."
+    normed = functional.layer_norm(hidden, (hidden.shape[-1],), params[f"{p}ln.weight"], params[f"{p}ln.bias"],
+                                   ADAPTER_LN_EPS)
+    z = functional.gelu(functional.linear(normed, params[f"{p}w_in.weight"], params[f"{p}w_in.bias"]))
+    gate = torch.softmax(functional.linear(z, params[f"{p}w_g.weight"]), dim=-1)
+    mixed: Tensor = 0
+    for e in range(experts):
+        expert = functional.linear(functional.gelu(functional.linear(z, params[f"{p}experts.{e}.a.weight"])),
+                                   params[f"{p}experts.{e}.b.weight"])
+        mixed = mixed + gate[..., e : e + 1] * expert
+    return hidden + functional.linear(mixed, params[f"{p}w_out.weight"], params[f"{p}w_out.bias"])
+
+
+def slots_after_blocks(slot_blocks: Sequence[int], layers: int) -> dict[int, list[int]]:
+    """Block index -> the adapter slots that follow it, in slot order (as the export's hooks run them)."""
+    if any(not 0 <= b < layers for b in slot_blocks):
+        raise ValueError(f"slot blocks {list(slot_blocks)} do not fit {layers} blocks")
+    after: dict[int, list[int]] = {}
+    for slot, block in enumerate(slot_blocks):
+        after.setdefault(block, []).append(slot)
+    return after
+
+
+def read_backbone_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The torch part's metadata and tensors (no gradients)."""
+    from safetensors import safe_open
+
+    load_torch()
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+    return metadata, weights
+
+
+def check_weights(path: Path, weights: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]
+                  ) -> dict[str, Tensor]:
+    """The expected tensors as float32 without gradients, or a ValueError naming what is missing or misshapen."""
+    missing = sorted(set(expected) - set(weights))
+    wrong = sorted(n for n in expected if n in weights and tuple(weights[n].shape) != expected[n])
+    if missing or wrong:
+        raise ValueError(f"{path}: backbone weights do not match the encoder shape (missing {missing[:3]}, "
+                         f"wrong shape {wrong[:3]})")
+    return {n: weights[n].float().requires_grad_(False) for n in expected}

@@ -36,7 +36,11 @@ class TensorSpec:
 
 
 class AdapterClassifier(nn.Module):
-    """Backbone (frozen) -> DeMA after blocks round(s*L/S) -> masked mean pool -> linear head."""
+    """Backbone (frozen) -> DeMA after blocks round(s*L/S) -> mean pool -> linear head.
+
+    Text pools over the attended tokens (masked mean); images over every token, CLS included, of the backbone's
+    final LayerNorm output.
+    """
 
     def __init__(self, spec: BackboneSpec, config: DemaConfig, num_classes: int,
                  backbone: nn.Module | None = None) -> None:
@@ -62,7 +66,13 @@ class AdapterClassifier(nn.Module):
 
         return hook
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """(input_ids, attention_mask) for a text backbone, (pixel_values,) for an image backbone."""
+        if self.spec.modality == "image":
+            (pixel_values,) = inputs
+            hidden: torch.Tensor = self.backbone(pixel_values)
+            return self.head(hidden.mean(dim=1))
+        input_ids, attention_mask = inputs
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
