@@ -21,24 +21,33 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_OUT, REPO, git_commit, log, machine_facts, read_json, write_json
-from bench.methods_plan import BASELINES, MODES, BenchSettings
+from bench.methods_plan import BASELINES, CANDIDATES, METHODS, MODES, BenchSettings
 from bench.methods_report import render
 from bench.methods_worker import run_job
 
 
 def prepare_fleets(settings: BenchSettings, out: Path) -> dict[int, dict[str, Any]]:
     """Write each seed's fleet (agent files + balanced held-out set) once; every method reads the same files."""
-    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+    from coordinator.datasets import (
+        LabeledDataset,
+        load_bbc_news,
+        load_fashion_mnist,
+        load_tweet_sentiment,
+        write_fleet_data,
+    )
 
+    loaders: dict[str, Callable[..., LabeledDataset]] = {
+        "tweet-sentiment": load_tweet_sentiment, "bbc-news": load_bbc_news, "fashion-mnist": load_fashion_mnist}
     regime = settings.regime
     fleets: dict[int, dict[str, Any]] = {}
     for seed in settings.seeds:
-        dataset = load_tweet_sentiment(max_samples=regime.dataset_samples, seed=seed)
+        dataset = loaders[settings.dataset](max_samples=regime.dataset_samples, seed=seed)
         data = write_fleet_data(dataset, list(settings.agents()), out / "data" / f"seed-{seed}", alpha=regime.alpha,
                                 seed=seed, global_per_class=regime.global_per_class,
                                 max_per_client=regime.per_agent_file, min_per_client=regime.per_agent_file)
@@ -50,11 +59,10 @@ def prepare_fleets(settings: BenchSettings, out: Path) -> dict[int, dict[str, An
 
 def prepare_bundles(settings: BenchSettings) -> dict[str, Any]:
     """Build (or reuse) one bundle per backbone exactly as the MQTT runner does (coordinator.runner)."""
-    from coordinator.config import RunConfig, TaskConfig
+    from coordinator.config import RunConfig
     from coordinator.runner import build_bundles
 
-    task = TaskConfig(max_length=settings.max_length, batch_size=settings.batch_size)
-    return build_bundles(RunConfig(backbones=settings.backbones, task=task, dema=settings.dema or {}))
+    return build_bundles(RunConfig(backbones=settings.backbones, task=settings.task(), dema=settings.dema or {}))
 
 
 def job_cost(settings: BenchSettings, method: str) -> float:
@@ -91,6 +99,11 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: boo
     return results
 
 
+def plot_path(results_md: Path) -> Path:
+    """The curves PNG lives beside its page: docs/results.md -> docs/results-curves.png."""
+    return results_md.with_name(results_md.stem + "-curves.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -98,6 +111,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="real MiniLM-L3/L6, tweets, 6 agents, 2 seeds, 3 rounds (about 10 minutes on 2 cores)")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
                       help="tiny random backbones: checks the runner end to end in about a minute")
+    mode.add_argument("--quick-vision", action="store_const", dest="mode", const="quick-vision",
+                      help="real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds")
+    mode.add_argument("--quick-bbc", action="store_const", dest="mode", const="quick-bbc",
+                      help="real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds")
+    parser.add_argument("--methods", help=f"comma-separated methods instead of the mode's (known: "
+                        f"{', '.join((*METHODS, *CANDIDATES))})")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of the mode's (e.g. 100,101 as a validation "
+                        "split for choosing a design: test seeds are 0..4)")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
     parser.add_argument("--out", type=Path, help="raw results directory (default runs/bench/methods-MODE)")
     parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
@@ -110,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         note = (f"Re-rendered from the stored results of that run (`{args.render_from}`) "
                 f"by `python -m bench.methods --render-from` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
                 f"(commit `{git_commit()}`); no number was recomputed by hand.")
-        target.write_text(render(read_json(args.render_from), note))
+        target.write_text(render(read_json(args.render_from), note, plot=plot_path(target)))
         log(f"re-rendered {target} from {args.render_from}")
         return 0
 
@@ -120,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is None:
         parser.error("choose --quick or --smoke (the full benchmark of issue 3 is not defined yet)")
     settings = MODES[args.mode]
+    if args.methods:
+        unknown = sorted(set(args.methods.split(",")) - {*METHODS, *CANDIDATES})
+        if unknown:
+            parser.error(f"unknown methods {unknown}; known: {', '.join((*METHODS, *CANDIDATES))}")
+        settings = dataclasses.replace(settings, methods=tuple(args.methods.split(",")))
+    if args.seeds:
+        settings = dataclasses.replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",")))
     out = args.out or DEFAULT_OUT / f"methods-{settings.mode}"
     results_md = args.results or REPO / "docs" / "results.md"
     started = time.time()
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_json(out / "results.json", raw)
     results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(render(raw))
+    results_md.write_text(render(raw, plot=plot_path(results_md)))
     log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")
     return 0
 

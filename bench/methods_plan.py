@@ -12,9 +12,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import BBC_LABELS, FASHION_MNIST_LABELS, TWEET_LABELS
 from export.catalog import get_backbone
 
+# Dataset name -> its labels (coordinator.datasets loads each; see bench/methods.py prepare_fleets).
+DATASETS: dict[str, tuple[str, ...]] = {"tweet-sentiment": TWEET_LABELS, "bbc-news": BBC_LABELS,
+                                        "fashion-mnist": FASHION_MNIST_LABELS}
+
 METHODS: tuple[str, ...] = ("heterotune", "heterotune-noalign", "group-fedavg", "local", "smallest-common")
+# Design candidates of issue 3: heterotune with some families' scopes changed (engine method, scope overrides).
+# They run from the very same bundles; only what travels, and how far, differs.
+CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {
+    # The head averaged within a backbone group (personal heads lose label priors; global view should gain).
+    "heterotune-grouphead": ("heterotune", {"head": "group"}),
+    # One head for the whole fleet (possible here: every backbone in a mode has the same width).
+    "heterotune-globalhead": ("heterotune", {"head": "global"}),
+    # Only the global tensors travel: W_in/W_out/LN stay on the device (about 7x fewer bytes).
+    "heterotune-globalonly": ("heterotune", {"ln": "local", "w_in": "local", "w_out": "local"}),
+}
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
 
@@ -26,7 +41,7 @@ class Regime:
     alpha: float  # Dirichlet concentration over labels (lower = more skew)
     train_per_agent: int  # the agent keeps 75 % of its file for training, 25 % as its local test split
     global_per_class: int  # balanced held-out test set, no agent trains on it
-    dataset_samples: int = 6000  # tweets drawn (seeded) from the 38k corpus before splitting
+    dataset_samples: int = 6000  # samples drawn (seeded) from the dataset before splitting
 
     @property
     def per_agent_file(self) -> int:
@@ -48,6 +63,12 @@ class BenchSettings:
     max_length: int = 64  # the demo's bundles (keeps the bundle cache shared with ./run demo)
     batch_size: int = 16
     dema: dict[str, int] = field(default_factory=dict)  # DemaSettings overrides (none: the defaults)
+    dataset: str = "tweet-sentiment"  # one of DATASETS
+
+    def task(self) -> TaskConfig:
+        """The run's task: the dataset's name and labels at the settings' batch (and text length)."""
+        return TaskConfig(name=self.dataset, labels=DATASETS[self.dataset], max_length=self.max_length,
+                          batch_size=self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +92,21 @@ SMOKE = BenchSettings(mode="smoke", backbones=("tiny-3", "tiny-6"), agents_per_b
                       regime=Regime("smoke", alpha=1.0, train_per_agent=60, global_per_class=10,
                                     dataset_samples=1500))
 
-MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, SMOKE)}
+# Vision: the first 4, 8 and 12 blocks of DINOv2-S/14 on Fashion-MNIST, 3 agents per depth. lr 1e-3: images
+# diverged at the text rate (loss 2.7 -> 10 in 5 steps at 5e-3; tests/test_image_backbone.py sweeps 3e-4..4e-3).
+QUICK_VISION = BenchSettings(mode="quick-vision", backbones=("dinov2-s4", "dinov2-s8", "dinov2-s12"),
+                             agents_per_backbone=3, rounds=3, local_steps=8, learning_rate=1e-3, seeds=(0, 1),
+                             dataset="fashion-mnist",
+                             regime=Regime("dirichlet-1.0, 100 train images/agent", alpha=1.0, train_per_agent=100,
+                                           global_per_class=20, dataset_samples=6000))
+
+# BBC News articles are long (~2 KB): the first 64 tokens (title and lead) carry the topic; same bundles as tweets.
+QUICK_BBC = BenchSettings(mode="quick-bbc", backbones=("minilm-l3", "minilm-l6"), agents_per_backbone=3, rounds=3,
+                          local_steps=8, learning_rate=2e-3, seeds=(0, 1), dataset="bbc-news",
+                          regime=Regime("dirichlet-1.0, 100 train articles/agent", alpha=1.0, train_per_agent=100,
+                                        global_per_class=20, dataset_samples=2225))
+
+MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, SMOKE, QUICK_VISION, QUICK_BBC)}
 
 
 def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunConfig, dict[str, str]]:
@@ -80,7 +115,7 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
         raise ValueError(f"unknown benchmark method {method!r}; known: {', '.join(settings.methods)}")
     agents = settings.agents()
     backbones = settings.backbones
-    engine_method = method
+    engine_method, scopes = CANDIDATES.get(method, (method, {}))
     if method == "smallest-common":
         smallest = settings.smallest()
         agents = dict.fromkeys(agents, smallest)
@@ -89,6 +124,6 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
     config = RunConfig(run_name=f"bench-{method}-s{seed}", method=engine_method, backbones=backbones,
                        rounds=settings.rounds, local_steps=settings.local_steps,
                        learning_rate=settings.learning_rate, min_agents=len(agents), seed=seed,
-                       task=TaskConfig(max_length=settings.max_length, batch_size=settings.batch_size),
-                       dema=settings.dema or {}, pinned=agents)
+                       task=settings.task(),
+                       dema=settings.dema or {}, pinned=agents, scopes=scopes)
     return config, agents

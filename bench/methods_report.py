@@ -10,10 +10,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, table
+from bench.methods_plots import plot_views
 from bench.methods_stats import OVERALL, cosine_summary, headline, mean_sd, paired, view_table
+from export.catalog import get_backbone
+
+# Dataset -> (how the page names it, its unit in the plural).
+DATASET_WORDS: dict[str, tuple[str, str]] = {"tweet-sentiment": ("tweet sentiment", "tweets"),
+                                             "bbc-news": ("BBC News topics", "articles"),
+                                             "fashion-mnist": ("Fashion-MNIST", "images")}
+
+
+def dataset_words(settings: Mapping[str, Any]) -> tuple[str, str]:
+    """Results stored before datasets were configurable are tweet runs."""
+    return DATASET_WORDS[settings.get("dataset", "tweet-sentiment")]
+
 
 VIEWS = (("personal", "personalised (own test split, after local training)"),
          ("global", "global (balanced held-out set, received model)"))
@@ -75,12 +89,15 @@ def _statement(name: str, base: str, d: Mapping[str, Any], view: str, n_seeds: i
             f"{direction}; {verdict}.")
 
 
-def render(raw: Mapping[str, Any], note: str | None = None) -> str:
+def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None = None) -> str:
+    """The page; with ``plot``, also draws both views versus round into that PNG (beside the page) and links it."""
     s = summarise(raw)
     settings, facts = raw["settings"], raw["machine"]
     groups, last, seeds = s["groups"], settings["rounds"], list(settings["seeds"])
     regime = settings["regime"]
     methods = [m for m in settings["methods"] if m in s["tables"]]
+    dataset_title, unit = dataset_words(settings)
+    n_classes = len(raw["fleets"][next(iter(raw["fleets"]))]["labels"])
     lines = [
         "# Method benchmark: results",
         "",
@@ -94,9 +111,9 @@ def render(raw: Mapping[str, Any], note: str | None = None) -> str:
         f"{raw['load_before']} before and {raw['load_after']} after (the machine is shared, so wall times are "
         "upper bounds)",
         f"- mode `{settings['mode']}`: backbones {', '.join(groups)}, {settings['agents_per_backbone']} agents per "
-        f"backbone ({len(groups) * settings['agents_per_backbone']} agents), tweet sentiment (3 classes), "
-        f"{regime['name']}: Dirichlet α = {regime['alpha']}, {regime['train_per_agent']} training tweets and "
-        f"{regime['per_agent_test']} local test tweets per agent, balanced held-out set of "
+        f"backbone ({len(groups) * settings['agents_per_backbone']} agents), {dataset_title} ({n_classes} classes), "
+        f"{regime['name']}: Dirichlet α = {regime['alpha']}, {regime['train_per_agent']} training {unit} and "
+        f"{regime['per_agent_test']} local test {unit} per agent, balanced held-out set of "
         f"{regime['global_per_class']} per class; {settings['rounds']} rounds × {settings['local_steps']} local "
         f"steps (batch {settings['batch_size']}, max length {settings['max_length']}, lr {settings['learning_rate']}, "
         f"AdamW with fresh moments each round, as on the device); seeds {', '.join(map(str, seeds))}; DeMA defaults "
@@ -140,6 +157,10 @@ def render(raw: Mapping[str, Any], note: str | None = None) -> str:
             rows.append([f"`{method}` − `{base}`", *cells])
         lines += [table(["comparison", *[f"{g}" for g in [OVERALL, *groups]]], rows), ""]
     lines += _curves(s, methods, last)
+    if plot is not None:
+        plot_views(s["tables"], methods, last, f"{dataset_title}, {regime['name']} ({settings['mode']}, "
+                   f"{len(seeds)} seeds, overall)", plot)
+        lines += [f"![Both views versus round, overall, mean over seeds]({plot.name})", ""]
     lines += _bytes(raw, methods)
     lines += _costs(raw)
     lines += _cmga(raw)
@@ -169,6 +190,8 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
     personals = {m: mean_sd([h["personal"][OVERALL] for h in s["headline"][m].values()])[0] for m in methods}
     n_classes = len(raw["fleets"][next(iter(raw["fleets"]))]["labels"])
     within = "within" if raw["wall_seconds"] <= 600 else "**not** within"
+    widths = {get_backbone(b).hidden for b in settings["backbones"]}
+    others = [d for d in DATASET_WORDS if d != settings.get("dataset", "tweet-sentiment")]
     out += [
         "",
         f"- Range over methods (mean over seeds): personalised {min(personals.values()):.1f}–"
@@ -177,18 +200,22 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
         "to each device's skewed labels; the pilot found that this makes the balanced-set view largely a measure "
         "of label-prior mismatch.",
         f"- This run took {raw['wall_seconds']:.0f} s"
-        + (f", {within} the 10-minute budget of `--quick`" if settings["mode"] == "quick" else "")
+        + (f", {within} the 10-minute budget of `--{settings['mode']}`" if settings["mode"].startswith("quick")
+           else "")
         + f" on {raw['machine']['cores']} shared cores (1-minute load average {raw['load_before'][0]} at the start, "
         f"{raw['load_after'][0]} at the end; federations took {_job_range(raw)}; see the last table).",
         *_resolution(raw),
         *_cmga_statement(raw),
         "",
         "What it does **not** show: anything statistically significant (with "
-        f"{n_seeds} seeds the sign-flip test cannot go below p = {2 / 2 ** n_seeds:.2f}), other datasets (BBC News, "
-        "Fashion-MNIST), other regimes (Dirichlet 0.3, more data per agent), longer training (only "
-        f"{settings['rounds']} rounds × {settings['local_steps']} local steps), more agents, a genuinely different "
-        f"backbone pair ({' and '.join(settings['backbones'])} have the same width), fedproto, or any design change "
-        "meant to make cross-model sharing pay off. It is the first slice of the benchmark of issue 3; the pilot "
+        f"{n_seeds} seeds the sign-flip test cannot go below p = {2 / 2 ** n_seeds:.2f}), other datasets "
+        f"({', '.join(DATASET_WORDS[d][0] for d in others)}; see their own pages), other regimes (Dirichlet 0.3, "
+        f"more data per agent), longer training (only {settings['rounds']} rounds × {settings['local_steps']} local "
+        "steps), more agents, "
+        + (f"backbones of different widths ({', '.join(settings['backbones'])} are all {widths.pop()} wide), "
+           if len(widths) == 1 else "")
+        + "fedproto, or any design change meant to make cross-model sharing pay off. It is a slice of the "
+        "benchmark of issue 3; the pilot "
         "measured a paired noise floor of about ±2–3 pp with 3–5 seeds, so differences of that size here are "
         "not evidence either way.",
     ]
@@ -308,7 +335,8 @@ def _cmga_statement(raw: Mapping[str, Any]) -> list[str]:
              for r in range(1, raw["settings"]["rounds"] + 1)}
     same = all(_predictions(a) == _predictions(b) for a, b in pairs)
     per_round = ", ".join(f"round {r}: {n}" for r, n in fired.items())
-    outcome = ("heterotune and heterotune-noalign classified every local and held-out test tweet identically in "
+    unit = dataset_words(raw["settings"])[1][:-1]
+    outcome = (f"heterotune and heterotune-noalign classified every local and held-out test {unit} identically in "
                "every round and seed" if same else "heterotune and heterotune-noalign differ in some predictions "
                "(see the tables)")
     return [f"- CMGA projections fired ({per_round}; summed over seeds); {outcome}."]
@@ -321,12 +349,13 @@ def _predictions(job: Mapping[str, Any]) -> tuple[list[tuple[Any, ...]], dict[st
 
 
 def _resolution(raw: Mapping[str, Any]) -> list[str]:
-    """How much one test tweet moves a group's number: the smallest step any difference above can take."""
+    """How much one test sample moves a group's number: the smallest step any difference above can take."""
     settings, regime = raw["settings"], raw["settings"]["regime"]
+    unit = dataset_words(settings)[1]
     per_group = settings["agents_per_backbone"]
     personal_n = per_group * regime["per_agent_test"]
     global_n = per_group * regime["global_per_class"] * len(raw["fleets"][next(iter(raw["fleets"]))]["labels"])
-    return [f"- Resolution: one tweet is {100 / personal_n:.2f} pp of a group's personalised number "
-            f"({personal_n} local test tweets per group) and {100 / global_n:.2f} pp of its global number "
-            f"({per_group} agents × the same {global_n // per_group} held-out tweets); overall numbers pool both "
+    return [f"- Resolution: one {unit[:-1]} is {100 / personal_n:.2f} pp of a group's personalised number "
+            f"({personal_n} local test {unit} per group) and {100 / global_n:.2f} pp of its global number "
+            f"({per_group} agents × the same {global_n // per_group} held-out {unit}); overall numbers pool all "
             "groups."]

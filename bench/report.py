@@ -287,8 +287,8 @@ def investigation_text(inv: dict[str, Any], d: dict[str, Any]) -> str:
     }
     configs = inv["configs"]
     base_torch = _fastest(configs.get("torch/default/1"))
-    rows = [[labels.get(k, k), fmt(_fastest(c) * 1000, 0),
-             fmt(_fastest(c) / base_torch, 2) if base_torch else "–",
+    rows = [[labels.get(k, k), fmt(float(c.get("fastest_step_s", c["step_s"])) * 1000, 0),
+             fmt(float(c.get("fastest_step_s", c["step_s"])) / base_torch, 2) if base_torch else "–",
              ", ".join(fmt(x * 1000, 0) for x in c["step_s_runs"]), _mb(c["peak_rss_mb"])]
             for k, c in configs.items()]
     load = inv.get("load_average")

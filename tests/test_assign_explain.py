@@ -192,7 +192,7 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     finally:
         store.close()
     return {"summary": summary, "rows": rows, "min_agents": config.min_agents, "out": tmp / "out",
-            "explained": json.loads(explained.output[explained.output.index("["):]),
+            "explained": json.loads(explained.stdout),
             "caps": {a.agent_id: a.memory_mb for a in fleet.agents()},
             "cards": {name: b.manifest.cost_card for name, b in build_bundles(config).items()}}
 

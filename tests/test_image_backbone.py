@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from coordinator.config import RunConfig
 from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist
-from edge_agent.data import ImageExample, eval_batches
+from edge_agent.data import Example, ImageExample, eval_batches
 from edge_agent.image import ImageEncoder
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.base import Batch
@@ -126,3 +127,16 @@ def test_an_agent_round_on_fashion_mnist_learns(bundle: Bundle, images: tuple[np
     after = learner.trainer.evaluate(learner.encoder.encode(chunk) for chunk in eval_batches(held_out, 16))
     # Measured: 0.01 -> 0.54 (chance is 0.10); lr 3e-4..4e-3 all reach 0.43-0.56 in these 40 steps.
     assert after.accuracy >= before + 0.3 and after.accuracy >= 0.45, (before, after.accuracy)
+
+
+def test_a_run_cannot_mix_text_and_image_backbones() -> None:
+    with pytest.raises(ValueError, match=r"mix modalities.*only text or only image"):
+        RunConfig(backbones=("minilm-l3", "dinov2-s4"))
+    assert RunConfig(backbones=("dinov2-s4", "dinov2-s8", "dinov2-s12")).backbones[-1] == "dinov2-s12"
+
+
+def test_text_data_on_an_image_backbone_is_refused_before_training(bundle: Bundle) -> None:
+    texts = [Example("great flight", 0), Example("lost my bag", 1)]
+    with pytest.raises(ValueError, match=r"holds Example samples, but the assigned backbone is an image model; "
+                                         r"give this device images"):
+        LocalLearner("wrong", bundle.directory, bundle.manifest, OrtTrainer(bundle.directory), texts)
