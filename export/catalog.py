@@ -113,6 +113,8 @@ CATALOG: dict[str, BackboneSpec] = {
                      weights_dir=assets.minilm_l6_dir),
         BackboneSpec("tiny-vit-2", 32, 2, False, "random-init ViT 32x2, 56 px (tests only)", tiny_config=_TINY,
                      modality="image", image_size=IMAGE_SIZE),
+        BackboneSpec("tiny-vit-4", 32, 4, False, "random-init ViT 32x4, 56 px (tests only)", tiny_config=_TINY,
+                     modality="image", image_size=IMAGE_SIZE),
         _dinov2(4),
         _dinov2(8),
         _dinov2(12),
