@@ -13,10 +13,12 @@ exact update, torch no worse than ORT.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, load_config
 from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist
 from edge_agent.data import Example, ImageExample, eval_batches
 from edge_agent.image import ImageEncoder
@@ -132,7 +134,9 @@ def test_an_agent_round_on_fashion_mnist_learns(bundle: Bundle, images: tuple[np
 def test_a_run_cannot_mix_text_and_image_backbones() -> None:
     with pytest.raises(ValueError, match=r"mix modalities.*only text or only image"):
         RunConfig(backbones=("minilm-l3", "dinov2-s4"))
-    assert RunConfig(backbones=("dinov2-s4", "dinov2-s8", "dinov2-s12")).backbones[-1] == "dinov2-s12"
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "fashion-mnist.toml")
+    assert shipped.backbones == ("dinov2-s4", "dinov2-s8", "dinov2-s12")
+    assert shipped.task.labels == FASHION_MNIST_LABELS
 
 
 def test_text_data_on_an_image_backbone_is_refused_before_training(bundle: Bundle) -> None:
