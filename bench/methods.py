@@ -6,8 +6,9 @@
 Federations run in process (bench/methods_federation.py: the agent's trainer, the export's bundles and the
 coordinator's aggregation, without the broker), two at a time on two cores with one ORT thread each. Each
 seed's fleet data is written once and shared by every method, so the comparison is paired. Raw results go
-to runs/bench/methods-MODE/results.json (one file per finished federation under jobs/, reused with --reuse),
-the page to docs/results.md (--results to put it elsewhere, e.g. for the smoke mode).
+to runs/bench/methods-MODE/results.json (one file per finished federation under jobs/, reused with --reuse)
+and beside the page (docs/results.json, kept in git so `--render-from` can redraw the page and its PNG), the page
+to docs/results.md (--results to put it elsewhere: docs/results-vision.md, docs/results-bbc.md).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "jobs": results,
     }
     write_json(out / "results.json", raw)
+    write_json(results_md.with_suffix(".json"), raw)  # beside the page, in git: --render-from reproduces it
     results_md.parent.mkdir(parents=True, exist_ok=True)
     results_md.write_text(render(raw, plot=plot_path(results_md)))
     log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")

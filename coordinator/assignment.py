@@ -3,6 +3,11 @@
 Pure function of a device profile and the bundles' cost cards, so ``coordinator assign --explain``
 can print exactly the arithmetic the round engine used.
 
+A bundle has a card per trainer backend (the PyTorch backend peaks ~150-170 MB above ONNX Runtime on the same
+bundle), and a device is judged by the card of the backend it trains with (``DeviceBudget.backend``; none
+given = ORT). A backbone without a card for that backend falls back to its ORT card, as
+``BundleManifest.cost_card_for`` does, and every explanation line names the backend whose card it used.
+
 Rule (DESIGN.md, "Profiles and assignment"):
 
 * memory: ``card.peak_train_rss_mb <= memory_fraction x device.memory_budget_mb`` (default 0.8; the
@@ -26,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocols.bundle_manifest import BundleManifest
+from protocols.bundle_manifest import DEFAULT_COST_BACKEND, BundleManifest
 
 # Relative slack on the limits so that "exactly at the limit" (e.g. 320 MB vs 0.8 x 400 MB) is not
 # lost to float rounding of the product.
@@ -47,6 +52,7 @@ class CostCard:
     builder_gflops: float  # matmul GFLOP/s of the builder machine when measured
     layers: int
     hidden: int
+    backend: str = DEFAULT_COST_BACKEND  # the trainer backend the card was measured with
 
     @property
     def size_proxy(self) -> int:
@@ -62,6 +68,7 @@ class DeviceBudget:
     memory_budget_mb: float  # min(available RAM, user cap)
     gflops: float  # device matmul benchmark
     max_round_seconds: float | None
+    backend: str | None = None  # the trainer backend it trains with; None = ORT (agents from before the field)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,28 @@ def _time_limit(device: DeviceBudget, deadline_seconds: float | None) -> float |
     return min(limits) if limits else None
 
 
+def cards_for_backend(cards: Sequence[CostCard], backend: str | None) -> list[CostCard]:
+    """One card per backbone, the one a device training with ``backend`` is judged by: the backbone's card for
+    that backend, else its ORT card (the rule of ``BundleManifest.cost_card_for``). Backbones keep their order.
+
+    ``cards`` may hold several backends' cards per backbone, at most one of each.
+    """
+    wanted = backend or DEFAULT_COST_BACKEND
+    pairs = [(c.backbone, c.backend) for c in cards]
+    if len(set(pairs)) != len(pairs):
+        names = [f"{name} ({kind})" for name, kind in pairs]
+        raise ValueError(f"assign_backbone: duplicate backbones in cost cards: {names}")
+    chosen: dict[str, CostCard] = {}
+    for c in cards:
+        if c.backend == wanted or (c.backend == DEFAULT_COST_BACKEND and c.backbone not in chosen):
+            chosen[c.backbone] = c
+    missing = sorted({c.backbone for c in cards} - set(chosen))
+    if missing:
+        raise ValueError(f"assign_backbone: no {wanted} or {DEFAULT_COST_BACKEND} cost card for {missing}")
+    order = list(dict.fromkeys(c.backbone for c in cards))
+    return [chosen[name] for name in order]
+
+
 def _validate(
     device: DeviceBudget,
     cards: Sequence[CostCard],
@@ -128,9 +157,6 @@ def _validate(
 ) -> None:
     if not cards:
         raise ValueError("assign_backbone: no cost cards")
-    names = [c.backbone for c in cards]
-    if len(set(names)) != len(names):
-        raise ValueError(f"assign_backbone: duplicate backbones in cost cards: {names}")
     if not (device.memory_budget_mb > 0 and math.isfinite(device.memory_budget_mb)):
         raise ValueError(
             f"device {device.agent_id!r}: memory_budget_mb must be > 0, got {device.memory_budget_mb}"
@@ -170,7 +196,7 @@ def _line(
         f" x {card.builder_gflops:g} / {device.gflops:g} GFLOP/s = {_secs(ev.round_seconds)} s vs {limit}"
         f" -> {'ok' if ev.time_ok else 'too slow'}"
     )
-    return f"{card.backbone} ({card.layers} x {card.hidden}): {memory}; {timing}"
+    return f"{card.backbone} ({card.layers} x {card.hidden}, {card.backend} card): {memory}; {timing}"
 
 
 def _needs(ev: _Evaluation, memory_fraction: float) -> str:
@@ -185,7 +211,7 @@ def _needs(ev: _Evaluation, memory_fraction: float) -> str:
         parts.append(
             f"a predicted {_secs(ev.round_seconds)} s per round (limit {_secs(ev.time_limit_seconds)} s)"
         )
-    return " and ".join(parts)
+    return " and ".join(parts) + f", by its {card.backend} cost card"
 
 
 def assign_backbone(
@@ -197,7 +223,13 @@ def assign_backbone(
     memory_fraction: float = 0.8,
     deadline_seconds: float | None = None,
 ) -> Decision:
-    """Largest backbone that fits ``device``; or a refusal saying what the smallest would need."""
+    """Largest backbone that fits ``device``; or a refusal saying what the smallest would need.
+
+    ``cards`` may hold several backends' cards; each backbone is judged by the one for ``device.backend``.
+    """
+    if not cards:
+        raise ValueError("assign_backbone: no cost cards")
+    cards = cards_for_backend(cards, device.backend)
     _validate(device, cards, local_steps, eval_samples, memory_fraction, deadline_seconds)
     memory_limit = memory_fraction * device.memory_budget_mb
     time_limit = _time_limit(device, deadline_seconds)
@@ -242,13 +274,23 @@ def assign_backbone(
     return Decision(agent_id=device.agent_id, backbone=None, reason=reason, lines=lines)
 
 
-def cost_card_of(manifest: BundleManifest) -> CostCard:
-    """The assignment view of a bundle's cost card (measured at export, see export/bundle.py)."""
-    card = manifest.cost_card
+def cost_card_of(manifest: BundleManifest, backend: str = DEFAULT_COST_BACKEND) -> CostCard:
+    """The assignment view of a bundle's cost card for ``backend`` (its ORT card if it has none for it; the
+    result's ``backend`` says which). Measured at export, see export/bundle.py."""
+    card = manifest.cost_card_for(backend)
     if card is None:
         raise ValueError(f"bundle for {manifest.backbone} has no cost card; rebuild it with costs")
     return CostCard(backbone=manifest.backbone, peak_train_rss_mb=card.peak_train_rss_mb,
                     step_seconds=card.step_seconds, eval_seconds_per_sample=card.eval_seconds_per_sample,
                     flops_per_step=card.flops_per_step, payload_bytes=card.payload_bytes,
                     bundle_bytes=card.bundle_bytes, builder_gflops=card.builder_gflops,
-                    layers=manifest.layers, hidden=manifest.hidden)
+                    layers=manifest.layers, hidden=manifest.hidden, backend=manifest.cost_card_backend(backend))
+
+
+def cost_cards_of(manifest: BundleManifest) -> list[CostCard]:
+    """Every card of a bundle: the ORT card, then one per other backend it was measured with (by name).
+
+    The engine and ``assign --explain`` hold all of them and let ``assign_backbone`` pick by device backend.
+    """
+    others = sorted(b for b in manifest.cost_card_by_backend if b != DEFAULT_COST_BACKEND)
+    return [cost_card_of(manifest), *(cost_card_of(manifest, b) for b in others)]

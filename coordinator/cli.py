@@ -89,14 +89,16 @@ def assign(
 ) -> None:
     """Which backbone each device of a fleet would get, and why, without running anything.
 
-    Uses the cost cards of the run's bundles (built now if they do not exist yet).
+    Uses the cost cards of the run's bundles (built now if they do not exist yet), for each device the card of
+    its trainer backend (the fleet file's ``backend``; ORT when unset).
     """
-    from coordinator.assignment import cost_card_of
+    from coordinator.assignment import cost_cards_of
     from coordinator.fleet import format_plan, plan_as_json, plan_fleet
     from coordinator.runner import build_bundles
 
     agents, run_config, data, source = _fleet_inputs(fleet, config, None, 0)
-    cards = [cost_card_of(b.manifest) for b in build_bundles(run_config).values()]
+    # Every backend's card: each device is judged by the card of the backend it trains with.
+    cards = [card for b in build_bundles(run_config).values() for card in cost_cards_of(b.manifest)]
     plans = plan_fleet(agents, cards, run_config, eval_samples=data.eval_samples(len(run_config.task.labels)))
     if as_json:
         typer.echo(json.dumps(plan_as_json(plans), indent=2))

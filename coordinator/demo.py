@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator.assignment import cost_card_of
+from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
 from coordinator.datasets import load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
@@ -55,14 +55,14 @@ def run_demo(out_dir: Path, *, rounds: int = 5, seed: int = 0, samples: int = 80
 def plan_for(agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit) -> tuple[RunConfig, list[AgentPlan]]:
     """What the coordinator will decide for the fleet (from the built or reused bundles' cost cards), and the
     config with ``min_agents`` set to the number of agents it admits, so round 1 waits for exactly those."""
-    cards = [cost_card_of(b.manifest) for b in build_bundles(config).values()]
+    cards = [card for b in build_bundles(config).values() for card in cost_cards_of(b.manifest)]
     plans = plan_fleet(agents, cards, config, eval_samples=data.eval_samples(len(config.task.labels)))
     return config.model_copy(update={"min_agents": max(1, expected_members(plans))}), plans
 
 
 def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, global_test: Path,
                   cache_dir: Path) -> list[str]:
-    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed and round limit."""
+    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend."""
     command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent.agent_id,
                "--data", str(data_file), "--global-test", str(global_test), "--max-memory", f"{agent.memory_mb:g}",
                "--threads", "1", "--cache-dir", str(cache_dir), "--max-idle", "600"]
@@ -70,6 +70,8 @@ def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, g
         command += ["--slowdown", repr(agent.slowdown)]
     if agent.max_round_seconds is not None:
         command += ["--max-round-seconds", f"{agent.max_round_seconds:g}"]
+    if agent.backend is not None:
+        command += ["--backend", agent.backend]
     return command
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from coordinator import federation_state
 from coordinator.aggregation import ClientUpdate, make_strategy
 from coordinator.aggregation.streaming import GroupAccumulator
-from coordinator.assignment import DeviceBudget, assign_backbone, cost_card_of
+from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
 from coordinator.methods import scopes_for
 from coordinator.store import MetricRow, RunStore, load_state
@@ -115,7 +115,8 @@ class Coordinator:
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
         self.state = federation_state.initial_state(bundles, self.scopes)
-        self.cards = [cost_card_of(b.manifest) for b in bundles.values()]
+        # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
+        self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
 
@@ -268,7 +269,8 @@ class Coordinator:
     def _on_join(self, request: JoinRequest) -> None:
         profile = request.profile
         budget = DeviceBudget(agent_id=request.agent_id, memory_budget_mb=profile.memory_budget_mb,
-                              gflops=max(profile.gflops, 1e-3), max_round_seconds=profile.max_round_seconds)
+                              gflops=max(profile.gflops, 1e-3), max_round_seconds=profile.max_round_seconds,
+                              backend=profile.backend)
         pinned = self.config.pinned.get(request.agent_id)
         cards = [c for c in self.cards if c.backbone == pinned] if pinned else self.cards
         decision = assign_backbone(budget, cards, local_steps=self.config.local_steps,

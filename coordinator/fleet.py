@@ -15,12 +15,15 @@ A fleet file says which devices to emulate on this machine, for `coordinator dem
     memory_mb = 384                     # the agent's memory cap: sent at join and enforced while training
     speed = 0.25                        # compute relative to this machine (1 = as fast); emulated by slowing down
     max_round_seconds = 120             # optional: the longest round the device accepts
+    backend = "torch"                   # optional: the agent's trainer backend, "ort" or "torch" (default: auto,
+                                        # which is ort on this machine); a Pi has no ORT training wheel
     description = "Raspberry Pi 4, 2 GB, agent capped at 384 MB"
 
 Speed is relative to the machine that runs the emulation, which is also the builder that measured the cost
 cards, so an agent at ``speed = s`` reports ``s x`` its measured GFLOP/s and really runs ``1/s`` times slower
 (``edge-agent join --slowdown 1/s``). ``assign --explain`` therefore predicts round times as the builder's
-divided by ``s``.
+divided by ``s``. The same goes for ``backend``: the agent runs with ``edge-agent join --backend``, and the
+assignment uses that backend's cost card (the PyTorch backend needs more memory than ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coordinator.assignment import CostCard, Decision, DeviceBudget, assign_backbone
 from coordinator.config import RunConfig, summarise_validation
+from protocols.bundle_manifest import DEFAULT_COST_BACKEND
 
 MAX_AGENTS = 32  # every emulated agent is a process holding a few hundred MB: keep local fleets sane
 _CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")  # + "-NN" stays a valid 64-char agent id
@@ -58,6 +62,7 @@ class DeviceClass(_Strict):
     memory_mb: float = Field(gt=0, allow_inf_nan=False)
     speed: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     max_round_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    backend: Literal["ort", "torch"] | None = None  # None: the agent's "auto" (ort wherever it loads)
     description: str = ""
 
     @property
@@ -103,7 +108,7 @@ class Fleet(_Strict):
 
     def agents(self) -> list[EmulatedAgent]:
         """Every agent of the fleet, class by class in file order: ``NAME-1`` .. ``NAME-count``."""
-        return [EmulatedAgent(f"{name}-{i}", c.memory_mb, c.slowdown, c.max_round_seconds, name)
+        return [EmulatedAgent(f"{name}-{i}", c.memory_mb, c.slowdown, c.max_round_seconds, name, c.backend)
                 for name, c in self.classes.items() for i in range(1, c.count + 1)]
 
 
@@ -116,6 +121,7 @@ class EmulatedAgent:
     slowdown: float = 1.0
     max_round_seconds: float | None = None
     device_class: str = ""
+    backend: str | None = None  # `edge-agent join --backend`; None leaves it at auto
 
 
 def parse_fleet(raw: Mapping[str, Any], source: str = "fleet") -> Fleet:
@@ -128,8 +134,8 @@ def parse_fleet(raw: Mapping[str, Any], source: str = "fleet") -> Fleet:
 
 def _message(err: Mapping[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown field (known: count, memory_mb, speed, max_round_seconds, description in a class; " \
-               "name, data, classes at the top)"
+        return "unknown field (known: count, memory_mb, speed, max_round_seconds, backend, description in a " \
+               "class; name, data, classes at the top)"
     if err["type"] == "missing":
         return "required field is missing"
     if err["type"] == "less_than_equal" and err["loc"][-1:] == ("speed",):
@@ -167,10 +173,13 @@ class AgentPlan:
 
 
 def reference_gflops(cards: Sequence[CostCard]) -> float:
-    """This machine's matmul throughput as the cost cards recorded it (median over the probes)."""
+    """This machine's matmul throughput as the cost cards recorded it (median over the ORT probes, or over all
+    cards if there is no ORT one: every probe measures the same machine, the ORT cards are the ones there always
+    were)."""
     if not cards:
         raise ValueError("no cost cards")
-    return float(statistics.median(c.builder_gflops for c in cards))
+    ort = [c for c in cards if c.backend == DEFAULT_COST_BACKEND] or list(cards)
+    return float(statistics.median(c.builder_gflops for c in ort))
 
 
 def plan_fleet(agents: Sequence[EmulatedAgent], cards: Sequence[CostCard], config: RunConfig, *,
@@ -179,12 +188,15 @@ def plan_fleet(agents: Sequence[EmulatedAgent], cards: Sequence[CostCard], confi
 
     The real run decides on what each agent measures at join (GFLOP/s divided by its slowdown, and
     ``min(available RAM, cap)``), so a device sitting right at a limit can land on the other side of it.
+    ``cards`` may hold every backend's cards; each agent is judged by its own backend's (ORT when unset, which is
+    what its ``auto`` resolves to on the builder).
     """
     base = reference_gflops(cards) if gflops is None else gflops
     plans = []
     for agent in agents:
         device = DeviceBudget(agent_id=agent.agent_id, memory_budget_mb=agent.memory_mb,
-                              gflops=base / agent.slowdown, max_round_seconds=agent.max_round_seconds)
+                              gflops=base / agent.slowdown, max_round_seconds=agent.max_round_seconds,
+                              backend=agent.backend)
         pinned = config.pinned.get(agent.agent_id)
         candidates = [c for c in cards if c.backbone == pinned] if pinned else list(cards)
         decision = assign_backbone(device, candidates, local_steps=config.local_steps, eval_samples=eval_samples,
@@ -214,8 +226,10 @@ def format_plan(plans: Sequence[AgentPlan], cards: Sequence[CostCard], config: R
             "x builder GFLOP/s / device GFLOP/s",
             "cost cards (measured at export on this builder):",
         ]
-        for c in sorted(cards, key=lambda c: (c.size_proxy, c.backbone)):
-            lines.append(f"  {c.backbone} ({c.layers} x {c.hidden}): peak RSS {_fmt(c.peak_train_rss_mb)} MB, "
+        for c in sorted(cards, key=lambda c: (c.size_proxy, c.backbone, c.backend != DEFAULT_COST_BACKEND,
+                                              c.backend)):
+            lines.append(f"  {c.backbone} ({c.layers} x {c.hidden}) on {c.backend}: peak RSS "
+                         f"{_fmt(c.peak_train_rss_mb)} MB, "
                          f"step {c.step_seconds:.3g} s, eval {c.eval_seconds_per_sample:.3g} s/sample, "
                          f"builder {c.builder_gflops:.1f} GFLOP/s")
         for group in _groups(plans):
@@ -224,12 +238,13 @@ def format_plan(plans: Sequence[AgentPlan], cards: Sequence[CostCard], config: R
             limit = ("no own round limit" if first.device.max_round_seconds is None
                      else f"own round limit {_fmt(first.device.max_round_seconds)} s")
             pin = f", pinned to {first.pinned}" if first.pinned else ""
+            backend = first.agent.backend or f"{DEFAULT_COST_BACKEND} (auto)"
             lines += [
                 "",
                 f"{first.agent.device_class or first.agent.agent_id} x{len(group)} ({ids}): memory budget "
                 f"{_fmt(first.device.memory_budget_mb)} MB, {first.device.gflops:.1f} GFLOP/s "
                 f"(speed {1 / first.agent.slowdown:.3g} x the builder), {limit}, "
-                f"{first.eval_samples} eval samples{pin}",
+                f"{first.eval_samples} eval samples, backend {backend}{pin}",
                 *(f"  {line}" for line in first.decision.lines),
                 f"  => {first.decision.reason}",
             ]
@@ -248,6 +263,7 @@ def _groups(plans: Sequence[AgentPlan]) -> list[list[AgentPlan]]:
         last = groups[-1][0] if groups else None
         if (last is not None and p.agent.device_class and last.agent.device_class == p.agent.device_class
                 and last.device.memory_budget_mb == p.device.memory_budget_mb and last.pinned == p.pinned
+                and last.agent.backend == p.agent.backend
                 and math.isclose(last.device.gflops, p.device.gflops)):
             groups[-1].append(p)
         else:
@@ -260,4 +276,4 @@ def plan_as_json(plans: Sequence[AgentPlan]) -> list[dict[str, Any]]:
              "reason": p.decision.reason, "lines": list(p.decision.lines),
              "memory_budget_mb": p.device.memory_budget_mb, "gflops": p.device.gflops,
              "max_round_seconds": p.device.max_round_seconds, "eval_samples": p.eval_samples,
-             "slowdown": p.agent.slowdown} for p in plans]
+             "slowdown": p.agent.slowdown, "backend": p.agent.backend} for p in plans]

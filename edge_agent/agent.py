@@ -136,8 +136,10 @@ class EdgeAgent:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> int:
+        # The backend goes in the profile: the coordinator assigns with that backend's cost card (torch peaks higher).
         measured = profile_device(max_memory_mb=self.config.max_memory_mb,
-                                  max_round_seconds=self.config.max_round_seconds, disk_path=self.config.cache_dir)
+                                  max_round_seconds=self.config.max_round_seconds, disk_path=self.config.cache_dir,
+                                  backend=resolve_backend(self.config.backend))
         self._profile = DeviceProfile(**slowed_profile(measured, self.config.slowdown))
         self.endpoint.start()
         try:

@@ -83,11 +83,14 @@ def profile(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     max_memory: Annotated[float | None, typer.Option(help="memory cap in MB")] = None,
     max_round_seconds: Annotated[float | None, typer.Option(help="longest round this device accepts")] = None,
+    backend: Annotated[Literal["auto", "ort", "torch"], typer.Option(
+        help="the trainer backend `join --backend` would use (auto: ort where it loads, else torch)")] = "auto",
 ) -> None:
     """Measure this device: RAM, cores, architecture, matmul GFLOP/s, disk, trainer backends."""
     from edge_agent.profile import format_profile_table, profile_device
 
-    measured = profile_device(max_memory_mb=max_memory, max_round_seconds=max_round_seconds)
+    measured = profile_device(max_memory_mb=max_memory, max_round_seconds=max_round_seconds,
+                              backend=None if backend == "auto" else backend)
     typer.echo(json.dumps(measured, indent=2) if as_json else format_profile_table(measured))
 
 

@@ -16,6 +16,10 @@ full-length text tokenised with the bundle's tokenizer.json (or, for an image bu
 agent resizes like Fashion-MNIST), and runs ``rounds`` (default 2) real rounds:
 reload, evaluation, local steps, evaluation. ``bench/memory_prediction.py`` checks the result against real
 agent processes (docs/cost-model.md).
+
+``--backend`` picks the trainer the learner runs with, through the agent's own ``make_trainer``: a device that
+trains with PyTorch (Linux aarch64 has no ORT training wheel) holds torch and the eager model, which peaks
+~150-170 MB above ORT for the same bundle, so the builder measures a card per backend (version 3).
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ import numpy as np
 from edge_agent.limits import peak_rss_mb
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, TaskEntry
 
-__all__ = ["PROBE_VERSION", "measure", "peak_rss_mb", "synthetic_texts"]
+__all__ = ["PROBE_BACKENDS", "PROBE_VERSION", "measure", "peak_rss_mb", "synthetic_texts"]
 
 # Part of what a cost card means; bump it when the measurement changes so bundles can be re-measured.
-PROBE_VERSION = 2
+# 3: the trainer backend is a parameter (a card per backend).
+PROBE_VERSION = 3
+# Backends a card can be measured for: a concrete one, never "auto" (a card must say what it measured).
+PROBE_BACKENDS = ("ort", "torch")
 
 
 class _Stopwatch:
@@ -80,19 +87,29 @@ def _manifest(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: i
 
 
 def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int, steps: int = 6,
-            rounds: int = 2, threads: int = 0) -> dict[str, float]:
-    """Run ``rounds`` agent rounds of ``steps`` local steps; times come from the last round (warm)."""
+            rounds: int = 2, threads: int = 0, backend: str = "ort") -> dict[str, float | str]:
+    """Run ``rounds`` agent rounds of ``steps`` local steps with ``backend``'s trainer; times come from the last
+    round (warm).
+
+    The torch backend needs the bundle's torch part in ``bundle_dir`` (at export it is written there first).
+    """
     if steps < 1 or rounds < 1:
         raise ValueError(f"steps and rounds must be at least 1, got steps={steps}, rounds={rounds}")
-    # The agent's stack, as `edge-agent join` has it loaded while it trains (imported for its memory).
-    import edge_agent.agent
+    if backend not in PROBE_BACKENDS:
+        raise ValueError(f"cannot measure a cost card for backend {backend!r}; choose one of {PROBE_BACKENDS}")
+    # The agent's stack, as `edge-agent join` has it loaded while it trains (imported for its memory). The trainer
+    # comes from the agent's own factory, which imports only the chosen backend's libraries (torch or ORT).
     import edge_agent.cli  # noqa: F401
+    from edge_agent.agent import make_trainer
     from edge_agent.data import Example, ImageExample, Sample
     from edge_agent.local_round import LocalLearner, RoundPlan
-    from edge_agent.profile import measure_gflops
-    from edge_agent.trainers.ort import OrtTrainer
+    from edge_agent.profile import available_backends, measure_gflops
 
-    gflops = measure_gflops()  # first, as the agent profiles itself before it joins
+    # First, as the agent profiles itself before it joins. Backend detection loads ORT's native library where it
+    # is installed (~17 MB), also in an agent that then trains with torch; a device without ORT (a Pi) holds less
+    # than its torch card by that much, an emulated torch agent on the builder exactly that.
+    gflops = measure_gflops()
+    available_backends()
     manifest = _manifest(bundle_dir, batch_size=batch_size, seq_len=seq_len, num_classes=num_classes)
     # 4 training batches + 2 personal-test batches (the learner keeps 25 % for test) and 2 global-test batches.
     n_local = 8 * batch_size
@@ -104,7 +121,7 @@ def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int
         texts = synthetic_texts(bundle_dir / manifest.tokenizer, n_local + 2 * batch_size, seq_len)
         examples = [Example(text, i % num_classes) for i, text in enumerate(texts)]
     stopwatch = _Stopwatch()
-    learner = LocalLearner("probe", bundle_dir, manifest, OrtTrainer(bundle_dir, threads=threads),
+    learner = LocalLearner("probe", bundle_dir, manifest, make_trainer(backend, bundle_dir, threads),
                            examples[:n_local], examples[n_local:])
     learner.guard = stopwatch
     for round_id in range(1, rounds + 1):
@@ -114,7 +131,8 @@ def measure(bundle_dir: Path, *, batch_size: int, seq_len: int, num_classes: int
     eval_samples = len(learner.test) + len(learner.global_test)
     return {"step_seconds": statistics.median(last["train"]),
             "eval_seconds_per_sample": sum(last["eval"]) / eval_samples,
-            "peak_train_rss_mb": peak_rss_mb(), "gflops": gflops, "probe_version": PROBE_VERSION}
+            "peak_train_rss_mb": peak_rss_mb(), "gflops": gflops, "probe_version": PROBE_VERSION,
+            "backend": learner.trainer.name}
 
 
 def main() -> None:
@@ -126,9 +144,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="local steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (each reloads the checkpoint)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--backend", choices=PROBE_BACKENDS, default="ort", help="trainer backend to measure")
     args = parser.parse_args()
     result = measure(args.bundle_dir, batch_size=args.batch_size, seq_len=args.seq_len,
-                     num_classes=args.num_classes, steps=args.steps, rounds=args.rounds, threads=args.threads)
+                     num_classes=args.num_classes, steps=args.steps, rounds=args.rounds, threads=args.threads,
+                     backend=args.backend)
     json.dump(result, sys.stdout)
 
 

@@ -29,6 +29,7 @@ PROFILE_FIELDS = (
     "backends",
     "max_memory_mb",
     "max_round_seconds",
+    "backend",
 )
 _MB = 1024 * 1024
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
@@ -114,14 +115,21 @@ def profile_device(
     max_memory_mb: float | None = None,
     max_round_seconds: float | None = None,
     disk_path: Path = Path("."),
+    backend: str | None = None,
 ) -> dict[str, object]:
     """Measure the device and attach the user's caps; keys are exactly ``PROFILE_FIELDS``.
 
     The caps are passed through unchanged: the coordinator applies them (memory <= 0.8 x budget, round
     time <= deadline) and can then explain a refusal in terms of what the user asked for.
+    ``backend`` is the trainer backend the agent resolved (`edge_agent.agent.resolve_backend`); without one, the
+    backend ``auto`` would pick here (the first available, or None if there is none). The coordinator assigns
+    with that backend's cost card, because the backends' peak memory differs.
     """
     memory = psutil.virtual_memory()
     disk = psutil.disk_usage(str(_existing_ancestor(disk_path)))
+    backends = available_backends()
+    if backend is not None and backend not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown trainer backend {backend!r}; known: {', '.join(KNOWN_BACKENDS)}")
     return {
         "ram_total_mb": memory.total / _MB,
         "ram_available_mb": memory.available / _MB,
@@ -129,9 +137,10 @@ def profile_device(
         "arch": _arch(),
         "gflops": measure_gflops(),
         "disk_free_mb": disk.free / _MB,
-        "backends": available_backends(),
+        "backends": backends,
         "max_memory_mb": _check_cap("max_memory_mb", max_memory_mb),
         "max_round_seconds": _check_cap("max_round_seconds", max_round_seconds),
+        "backend": backend if backend is not None else (backends[0] if backends else None),
     }
 
 
@@ -158,6 +167,7 @@ _LABELS = {
     "backends": "trainer backends",
     "max_memory_mb": "memory cap",
     "max_round_seconds": "round time cap",
+    "backend": "trains with",
 }
 
 

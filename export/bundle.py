@@ -34,7 +34,7 @@ from protocols.bundle_manifest import (
 )
 from protocols.chunks import BlobRef
 
-RECIPE_VERSION = 3  # 2: the torch-backbone part beside the tar; 3: image backbones
+RECIPE_VERSION = 4  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too
 ARCHIVE_NAME = "bundle.tar"
 TORCH_BACKBONE_FILE = "backbone.safetensors"
 TORCH_BACKBONE_FORMATS = {"text": "heterotune-bert-v1", "image": "heterotune-dinov2-v1"}
@@ -172,7 +172,12 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
     )
     (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))  # the probe reads it
     if measure_cost:
-        manifest = manifest.model_copy(update={"cost_card": _cost_card(work, manifest)})
+        # Both probes run on the work dir as it is now: the torch part is already beside the graphs (written
+        # above), which the torch probe's trainer loads just as a device does after fetching it.
+        manifest = manifest.model_copy(update={
+            "cost_card": _cost_card(work, manifest, backend="ort"),
+            "cost_card_by_backend": {"torch": _cost_card(work, manifest, backend="torch")},
+        })
         (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
 
@@ -207,20 +212,30 @@ def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:
                      description="frozen encoder weights (Hugging Face names) for the PyTorch trainer backend")
 
 
-def _cost_card(work: Path, manifest: BundleManifest) -> CostCardEntry:
-    """Run the device-side probe in its own process, so the RSS it reports is training's alone."""
+def _cost_card(work: Path, manifest: BundleManifest, *, backend: str) -> CostCardEntry:
+    """Run the device-side probe with ``backend``'s trainer in its own process, so the RSS it reports is
+    training's alone (and one backend's libraries never inflate the other's card).
+
+    ``bundle_bytes`` is what a device on that backend downloads: the tar's files, plus the parts only that backend
+    fetches (the torch backbone for torch). The upload payload is the same for every backend.
+    """
     task = manifest.task
     proc = subprocess.run(
         [sys.executable, "-m", "edge_agent.probe", str(work), "--batch-size", str(task.batch_size),
-         "--seq-len", str(task.max_length), "--num-classes", str(len(task.labels)), "--threads", "1"],
+         "--seq-len", str(task.max_length), "--num-classes", str(len(task.labels)), "--threads", "1",
+         "--backend", backend],
         capture_output=True, text=True, check=False, env=single_thread_env(),
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"cost probe failed for {manifest.backbone}: {proc.stderr.strip()[-800:]}")
+        raise RuntimeError(f"{backend} cost probe failed for {manifest.backbone}: {proc.stderr.strip()[-800:]}")
     measured = json.loads(proc.stdout)
+    if measured.get("backend") != backend:
+        raise RuntimeError(f"cost probe for {manifest.backbone} measured backend {measured.get('backend')!r}, "
+                           f"not {backend!r}")
     shared = [t for t in manifest.tensors if t.scope in ("global", "group")]
     payload = sum(int(np.prod(t.shape)) for t in shared) * BYTES_PER_FLOAT
     size = sum((work / name).stat().st_size for name in manifest.files)
+    size += sum(part.size for part in manifest.parts_for(backend).values())
     return CostCardEntry(
         peak_train_rss_mb=measured["peak_train_rss_mb"],
         step_seconds=measured["step_seconds"],

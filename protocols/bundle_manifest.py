@@ -15,6 +15,8 @@ from protocols.topics import SHA256_PATTERN
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = 1
 TORCH_PART = "torch-backbone"
+# The backend ``cost_card`` was measured with: the card every coordinator has read since before there were two.
+DEFAULT_COST_BACKEND = "ort"
 
 
 class _Frozen(BaseModel):
@@ -79,8 +81,25 @@ class BundleManifest(_Frozen):
     tensors: tuple[TensorEntry, ...]
     backbone_params: int
     files: dict[str, str]  # file name -> sha256
-    cost_card: CostCardEntry | None = None
+    cost_card: CostCardEntry | None = None  # measured with the ORT trainer (DEFAULT_COST_BACKEND)
+    # Cards measured with other trainer backends (backend name -> card). Separate from ``cost_card`` so manifests
+    # and coordinators from before it keep reading the ORT card where they always did.
+    cost_card_by_backend: dict[str, CostCardEntry] = Field(default_factory=dict)
     parts: dict[str, PartEntry] = Field(default_factory=dict)  # part name -> blob beside the tar
+
+    def cost_card_for(self, backend: str) -> CostCardEntry | None:
+        """The card measured with ``backend``, else the ORT card (None if the bundle was built without costs).
+
+        Falling back keeps bundles measured before per-backend cards assignable; the coordinator says which
+        backend's card it used (`coordinator.assignment.cost_card_of`).
+        """
+        if backend != DEFAULT_COST_BACKEND and backend in self.cost_card_by_backend:
+            return self.cost_card_by_backend[backend]
+        return self.cost_card
+
+    def cost_card_backend(self, backend: str) -> str:
+        """The backend whose card ``cost_card_for(backend)`` returns."""
+        return backend if backend in self.cost_card_by_backend else DEFAULT_COST_BACKEND
 
     def parts_for(self, backend: str) -> dict[str, PartEntry]:
         """The parts a trainer backend needs on top of the tar (none for ORT)."""

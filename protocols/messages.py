@@ -74,6 +74,9 @@ class DeviceProfile(BaseModel):
     backends: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]]
     max_memory_mb: Annotated[float, Field(gt=0)] | None = None
     max_round_seconds: Annotated[float, Field(gt=0)] | None = None
+    # The trainer backend this agent will train with (one of ``backends``): its peak memory differs by backend,
+    # so the coordinator assigns with that backend's cost card. None (agents from before the field) = ORT.
+    backend: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
 
     @property
     def memory_budget_mb(self) -> float:

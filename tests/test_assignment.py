@@ -122,11 +122,11 @@ def test_explain_lines_for_every_candidate() -> None:
     assert [line.split(" ")[0] for line in decision.lines] == ["mpnet-base", "minilm-l6", "minilm-l3"]
     # hand-written arithmetic: 0.8 x 500 = 400; (15 x 0.2 + 50 x 0.02) x 100 / 100 = 4.0 s
     assert decision.lines[1] == (
-        "minilm-l6 (6 x 384): memory 300 MB vs 0.8 x 500 MB = 400 MB -> ok; "
+        "minilm-l6 (6 x 384, ort card): memory 300 MB vs 0.8 x 500 MB = 400 MB -> ok; "
         "round (15 x 0.2 s + 50 x 0.02 s) x 100 / 100 GFLOP/s = 4.0 s vs no limit -> ok <- chosen"
     )
     assert decision.lines[0].startswith(
-        "mpnet-base (12 x 768): memory 900 MB vs 0.8 x 500 MB = 400 MB -> too big"
+        "mpnet-base (12 x 768, ort card): memory 900 MB vs 0.8 x 500 MB = 400 MB -> too big"
     )
     assert not decision.lines[2].endswith("<- chosen")
     # a time failure is spelled out too: 50 GFLOP/s, deadline 30 -> mpnet 40 s

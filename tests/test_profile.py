@@ -43,6 +43,11 @@ def test_profile_fields_and_sanity(tmp_path: Path) -> None:
     assert isinstance(p["disk_free_mb"], float) and p["disk_free_mb"] > 0
     assert p["backends"] == available_backends()
     assert p["max_memory_mb"] is None and p["max_round_seconds"] is None
+    # no backend asked for: what the agent's "auto" resolves to, the first available one
+    assert p["backend"] == (p["backends"][0] if p["backends"] else None)  # type: ignore[index]
+    assert profile_device(disk_path=tmp_path, backend="torch")["backend"] == "torch"
+    with pytest.raises(ValueError, match="unknown trainer backend"):
+        profile_device(disk_path=tmp_path, backend="tensorflow")
 
 
 def test_caps_are_reflected_and_validated(tmp_path: Path) -> None:
@@ -121,6 +126,7 @@ def test_format_profile_table() -> None:
         "backends": ["torch"],
         "max_memory_mb": None,
         "max_round_seconds": 60.0,
+        "backend": "torch",
     }
     table = format_profile_table(profile)
     lines = table.splitlines()
@@ -128,4 +134,5 @@ def test_format_profile_table() -> None:
     assert "RAM total" in lines[0] and "4,096.0 MB" in lines[0]
     assert "12.3 GFLOP/s" in table and "aarch64" in table and "torch" in table
     assert "no cap" in table and "60.0 s" in table
+    assert lines[-1].split() == ["trains", "with", "torch"]
     assert "none" in format_profile_table({"backends": []})
