@@ -72,7 +72,10 @@ def job_cost(settings: BenchSettings, method: str) -> float:
 
 
 def settings_key(settings: BenchSettings) -> str:
-    return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    """What a federation's result depends on. Not the method list or the seeds (each job file is named by its own
+    method and seed), so --reuse keeps finished jobs when methods or seeds are added."""
+    shared = {k: v for k, v in settings.to_dict().items() if k not in ("methods", "seeds", "mode")}
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: bool) -> list[dict[str, Any]]:

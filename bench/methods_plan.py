@@ -27,6 +27,8 @@ CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {
     "heterotune-grouphead": ("heterotune", {"head": "group"}),
     # One head for the whole fleet (possible here: every backbone in a mode has the same width).
     "heterotune-globalhead": ("heterotune", {"head": "global"}),
+    # The gate stays on the device: each device mixes the shared experts its own way.
+    "heterotune-localgate": ("heterotune", {"w_g": "local"}),
     # The fair baseline for a shared head: the same head sharing, but nothing crosses a backbone group.
     "group-fedavg-grouphead": ("group-fedavg", {"head": "group"}),
     # Only the global tensors travel: W_in/W_out/LN stay on the device (about 7x fewer bytes).

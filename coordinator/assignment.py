@@ -3,10 +3,11 @@
 Pure function of a device profile and the bundles' cost cards, so ``coordinator assign --explain``
 can print exactly the arithmetic the round engine used.
 
-A bundle has a card per trainer backend (the PyTorch backend peaks ~150-170 MB above ONNX Runtime on the same
-bundle), and a device is judged by the card of the backend it trains with (``DeviceBudget.backend``; none
-given = ORT). A backbone without a card for that backend falls back to its ORT card, as
-``BundleManifest.cost_card_for`` does, and every explanation line names the backend whose card it used.
+A bundle has a card per trainer backend (on the builder the PyTorch backend peaks ~210-230 MB above ONNX Runtime
+on the same bundle; importing torch alone is ~230 MB resident), and a device is judged by the card of the backend
+it trains with (``DeviceBudget.backend``; none given = ORT). A backbone without a card for that backend falls back
+to its ORT card, as ``BundleManifest.cost_card_for`` does, and every explanation line names the backend whose card
+it used.
 
 Rule (DESIGN.md, "Profiles and assignment"):
 

@@ -19,7 +19,8 @@ agent processes (docs/cost-model.md).
 
 ``--backend`` picks the trainer the learner runs with, through the agent's own ``make_trainer``: a device that
 trains with PyTorch (Linux aarch64 has no ORT training wheel) holds torch and the eager model, which peaks
-~150-170 MB above ORT for the same bundle, so the builder measures a card per backend (version 3).
+~210-230 MB above ORT for the same bundle (tiny-3 and MiniLM-L3 on the builder), so the builder measures a card
+per backend (version 3).
 """
 
 from __future__ import annotations

@@ -1,0 +1,330 @@
+"""A cost card per trainer backend: the PyTorch backend peaks well above ONNX Runtime on the same bundle, so a
+device that trains with torch (a Raspberry Pi: no ORT training wheel for aarch64) must be assigned by the torch
+card, or it gets a backbone it cannot hold.
+
+1. a real tiny-3 bundle carries both cards, measured by real probe processes: the torch card's peak RSS is higher,
+   and its bundle_bytes add the torch part (what a torch device downloads on top of the tar);
+2. the assignment rule on hand-built cards: a budget between a backbone's ORT and torch peaks admits it for an ORT
+   device and downgrades (or refuses) a torch device, and every explanation line names the card it used;
+3. `coordinator assign --explain` on a fleet file with ort, torch and auto devices shows the torch card's number;
+4. a real emulated fleet: each agent sends its resolved backend at join, the engine assigns by that backend's card
+   (a torch device between the two peaks is refused, not admitted to overrun its cap), and the torch card
+   predicts the real torch agent's peak RSS.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+from typer.testing import CliRunner
+
+from coordinator.assignment import (
+    CostCard,
+    DeviceBudget,
+    assign_backbone,
+    cards_for_backend,
+    cost_card_of,
+    cost_cards_of,
+)
+from coordinator.cli import app
+from coordinator.config import RunConfig, TaskConfig
+from coordinator.demo import agent_command
+from coordinator.fleet import FleetError, parse_fleet
+from coordinator.runner import build_bundles
+from coordinator.store import RunStore
+from edge_agent.probe import PROBE_VERSION
+from export.bundle import RECIPE_VERSION, Bundle, BundleRecipe, TaskSpec, build_bundle
+from export.catalog import get_backbone
+from protocols.bundle_manifest import TORCH_PART, CostCardEntry
+from protocols.messages import DeviceProfile
+
+LABELS = ("negative", "neutral", "positive")
+
+
+# ----------------------------------------------------------------------------------- 1. the bundle's cards
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """A real tiny-3 bundle built here with its costs measured (an ORT and a torch probe process)."""
+    return build_bundle(BundleRecipe("tiny-3", TaskSpec("tweet-sentiment", LABELS)),
+                        root=tmp_path_factory.mktemp("bundles"), log=False)
+
+
+def test_versions_say_the_cards_changed() -> None:
+    assert PROBE_VERSION == 3 and RECIPE_VERSION == 4  # bundles measured with one card only must be rebuilt
+
+
+def test_bundle_has_an_ort_and_a_torch_card(tiny_bundle: Bundle) -> None:
+    manifest = tiny_bundle.manifest
+    ort, torch = manifest.cost_card, manifest.cost_card_by_backend.get("torch")
+    assert ort is not None and torch is not None
+    assert set(manifest.cost_card_by_backend) == {"torch"}  # the ORT card stays in `cost_card`, not duplicated
+    print(f"tiny-3: ORT {ort.peak_train_rss_mb:.0f} MB, {ort.step_seconds * 1e3:.1f} ms/step; "
+          f"torch {torch.peak_train_rss_mb:.0f} MB, {torch.step_seconds * 1e3:.1f} ms/step")
+    # torch and the eager model cost far more than ORT's sessions: well over 100 MB more, even for tiny-3
+    assert torch.peak_train_rss_mb > ort.peak_train_rss_mb + 100, (ort, torch)
+    assert torch.step_seconds > 0 and torch.eval_seconds_per_sample > 0 and torch.builder_gflops > 0
+    # bytes: the tar's files for ORT; the same plus the torch part for a torch device
+    tar_files = sum((tiny_bundle.directory / name).stat().st_size for name in manifest.files)
+    part = manifest.parts[TORCH_PART]
+    assert part.size == tiny_bundle.part_path(TORCH_PART).stat().st_size > 1_000_000
+    assert ort.bundle_bytes == tar_files
+    assert torch.bundle_bytes == tar_files + part.size
+    # what a round uploads and computes does not depend on the trainer
+    assert torch.payload_bytes == ort.payload_bytes > 0
+    assert torch.flops_per_step == ort.flops_per_step > 0
+    # the tar carries the same manifest: a coordinator loading the bundle from its tar sees both cards
+    with tarfile.open(fileobj=io.BytesIO(tiny_bundle.archive_bytes())) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        packed = json.loads(member.read())
+    assert packed["cost_card_by_backend"]["torch"]["peak_train_rss_mb"] == torch.peak_train_rss_mb
+
+
+def test_manifest_and_coordinator_pick_the_backends_card(tiny_bundle: Bundle) -> None:
+    manifest = tiny_bundle.manifest
+    ort, torch = manifest.cost_card, manifest.cost_card_by_backend["torch"]
+    assert manifest.cost_card_for("ort") == ort and manifest.cost_card_for("torch") == torch
+    assert manifest.cost_card_for("tflite") == ort  # a backend nobody measured falls back to the ORT card
+    assert cost_card_of(manifest).backend == "ort"
+    assert cost_card_of(manifest).peak_train_rss_mb == ort.peak_train_rss_mb  # type: ignore[union-attr]
+    as_torch = cost_card_of(manifest, "torch")
+    assert (as_torch.backend, as_torch.peak_train_rss_mb, as_torch.bundle_bytes) == (
+        "torch", torch.peak_train_rss_mb, torch.bundle_bytes)
+    assert [c.backend for c in cost_cards_of(manifest)] == ["ort", "torch"]
+    # a bundle from before per-backend cards: torch devices are judged by the ORT card, and told so
+    legacy = manifest.model_copy(update={"cost_card_by_backend": {}})
+    assert legacy.cost_card_for("torch") == ort
+    fallback = cost_card_of(legacy, "torch")
+    assert fallback.backend == "ort" and fallback.peak_train_rss_mb == ort.peak_train_rss_mb  # type: ignore[union-attr]
+    assert [c.backend for c in cost_cards_of(legacy)] == ["ort"]
+
+
+# --------------------------------------------------------------------------------- 2. the assignment rule
+
+
+def card(name: str, layers: int, mb: float, backend: str = "ort") -> CostCard:
+    return CostCard(backbone=name, peak_train_rss_mb=mb, step_seconds=0.1, eval_seconds_per_sample=0.01,
+                    flops_per_step=1e9, payload_bytes=1, bundle_bytes=1, builder_gflops=100.0, layers=layers,
+                    hidden=384, backend=backend)
+
+
+# small: ORT 140 MB, torch 350 MB; large: ORT 300 MB, torch 460 MB (torch 210-230 MB above ORT where measured)
+CARDS = [card("small", 3, 140.0), card("small", 3, 350.0, "torch"), card("large", 6, 300.0),
+         card("large", 6, 460.0, "torch")]
+
+
+def decide(memory_mb: float, backend: str | None, cards: list[CostCard] = CARDS) -> Any:
+    device = DeviceBudget("dev", memory_mb, 100.0, None, backend=backend)
+    return assign_backbone(device, cards, local_steps=15, eval_samples=50, memory_fraction=0.8)
+
+
+def test_a_budget_between_the_peaks_admits_ort_and_downgrades_torch() -> None:
+    # 0.8 x 500 = 400 MB: large's ORT card (300) fits, its torch card (460) does not; small's torch card (350) does
+    ort, torch, legacy = decide(500, "ort"), decide(500, "torch"), decide(500, None)
+    assert ort.backbone == "large" and legacy.backbone == "large"  # no backend in the profile = ORT
+    assert torch.backbone == "small"
+    assert torch.lines[0] == ("large (6 x 384, torch card): memory 460 MB vs 0.8 x 500 MB = 400 MB -> too big; "
+                              "round (15 x 0.1 s + 50 x 0.01 s) x 100 / 100 GFLOP/s = 2.0 s vs no limit -> ok")
+    assert torch.lines[1].startswith("small (3 x 384, torch card): memory 350 MB vs")
+    assert torch.lines[1].endswith("<- chosen")
+    assert ort.lines[0].startswith("large (6 x 384, ort card): memory 300 MB vs")
+    assert torch.reason.endswith("by its torch cost card; larger backbones do not fit: large")
+    assert "by its ort cost card" in ort.reason
+
+
+def test_a_budget_below_every_torch_card_refuses_torch_and_names_its_need() -> None:
+    # 0.8 x 400 = 320 MB: both ORT cards fit (large wins), no torch card does
+    assert decide(400, "ort").backbone == "large"
+    refused = decide(400, "torch")
+    assert refused.backbone is None
+    assert refused.reason.startswith("refused: no backbone fits; the smallest, small, needs 350 MB")
+    assert "by its torch cost card" in refused.reason
+    assert refused.reason.endswith("it would take a memory budget of at least 437.5 MB")  # 350 / 0.8
+
+
+def test_a_backbone_without_a_torch_card_is_judged_by_its_ort_card() -> None:
+    cards = [card("small", 3, 140.0), card("small", 3, 350.0, "torch"), card("large", 6, 300.0)]
+    assert [(c.backbone, c.backend) for c in cards_for_backend(cards, "torch")] == [("small", "torch"),
+                                                                                   ("large", "ort")]
+    decision = decide(500, "torch", cards)
+    assert decision.backbone == "large"
+    assert decision.lines[0].startswith("large (6 x 384, ort card): memory 300 MB")
+    with pytest.raises(ValueError, match="duplicate backbones"):
+        cards_for_backend([*cards, card("large", 6, 310.0)], "ort")
+    with pytest.raises(ValueError, match="no torch or ort cost card for"):
+        cards_for_backend([card("small", 3, 350.0, "torch"), card("odd", 3, 100.0, "tflite")], "torch")
+
+
+def test_fleet_backend_field_reaches_the_agent_command_line() -> None:
+    fleet = parse_fleet({"classes": {"pi": {"memory_mb": 384, "backend": "torch"}, "pc": {"memory_mb": 2048}}})
+    pi, pc = fleet.agents()
+    assert (pi.backend, pc.backend) == ("torch", None)
+    command = agent_command(pi, "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"), Path("cache"))
+    assert command[command.index("--backend") + 1] == "torch"
+    assert "--backend" not in agent_command(pc, "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"), Path("c"))
+    with pytest.raises(FleetError, match=r"classes\.pi\.backend"):
+        parse_fleet({"classes": {"pi": {"memory_mb": 384, "backend": "tflite"}}})
+
+
+def test_device_profile_carries_an_optional_backend() -> None:
+    fields: dict[str, Any] = {"ram_total_mb": 4096, "ram_available_mb": 2048, "cores": 4, "arch": "aarch64",
+                              "gflops": 10, "disk_free_mb": 1e4, "backends": ["torch"]}
+    assert DeviceProfile(**fields).backend is None  # an agent from before the field still validates
+    assert DeviceProfile(**fields, backend="torch").backend == "torch"
+
+
+# --------------------------------------------------------------------------- 3. coordinator assign --explain
+
+CONFIG = RunConfig(run_name="backends", backbones=("tiny-3",), rounds=1, local_steps=2, learning_rate=2e-3,
+                   memory_fraction=0.9, task=TaskConfig(max_length=32, batch_size=8), join_timeout_s=240,
+                   round_timeout_s=240)
+CONFIG_TOML = """
+run_name = "backends"
+backbones = ["tiny-3"]
+rounds = 1
+local_steps = 2
+learning_rate = 0.002
+memory_fraction = 0.9
+join_timeout_s = 240
+round_timeout_s = 240
+[task]
+max_length = 32
+batch_size = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def run_cards() -> tuple[CostCardEntry, CostCardEntry]:
+    """The ORT and torch cards of the run's tiny-3 bundle (the shared bundle cache, as `coordinator` builds it)."""
+    manifest = build_bundles(CONFIG)["tiny-3"].manifest
+    assert manifest.cost_card is not None
+    return manifest.cost_card, manifest.cost_card_by_backend["torch"]
+
+
+def between_mb(cards: tuple[CostCardEntry, CostCardEntry]) -> float:
+    """A memory budget whose 0.9 share lies halfway between the ORT and the torch peak."""
+    ort, torch = cards
+    return round((ort.peak_train_rss_mb + torch.peak_train_rss_mb) / 2 / CONFIG.memory_fraction)
+
+
+def fleet_toml(between: float, roomy: float) -> str:
+    return f"""
+name = "backends"
+[data]
+samples_per_agent = 48
+global_test_per_class = 4
+[classes.ort-mid]
+memory_mb = {between}
+backend = "ort"
+[classes.torch-mid]
+memory_mb = {between}
+backend = "torch"
+[classes.auto-mid]
+memory_mb = {between}
+[classes.torch-roomy]
+memory_mb = {roomy}
+backend = "torch"
+"""
+
+
+def _num(x: float) -> str:
+    text = f"{x:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+def test_assign_explain_uses_each_devices_backend_card(tmp_path: Path,
+                                                      run_cards: tuple[CostCardEntry, CostCardEntry]) -> None:
+    ort, torch = run_cards
+    between, roomy = between_mb(run_cards), round(torch.peak_train_rss_mb * 1.3 / CONFIG.memory_fraction)
+    (tmp_path / "run.toml").write_text(CONFIG_TOML)
+    (tmp_path / "fleet.toml").write_text(fleet_toml(between, roomy))
+    args = ["--fleet", str(tmp_path / "fleet.toml"), "--config", str(tmp_path / "run.toml")]
+    runner = CliRunner()
+    explained = runner.invoke(app, ["assign", "--explain", *args])
+    assert explained.exit_code == 0, explained.output
+    text = explained.output
+    limit = f"0.9 x {_num(between)} MB = {_num(0.9 * between)} MB"
+    spec = get_backbone("tiny-3")
+    shape = f"tiny-3 ({spec.layers} x {spec.hidden}"
+    # the torch devices are judged by the torch card's peak, the ORT and auto ones by the ORT card's
+    assert f"{shape}, torch card): memory {_num(torch.peak_train_rss_mb)} MB vs {limit} -> too big" in text
+    assert f"{shape}, ort card): memory {_num(ort.peak_train_rss_mb)} MB vs {limit} -> ok" in text
+    assert f"{shape}) on torch: peak RSS {_num(torch.peak_train_rss_mb)} MB" in text  # the card list
+    assert "ort-mid x1 (ort-mid-1): " in text and "backend ort" in text and "backend ort (auto)" in text
+    assert f"needs {_num(torch.peak_train_rss_mb)} MB" in text and "by its torch cost card" in text
+    decisions = dict(line.split() for line in text.split("decisions:\n", 1)[1].splitlines())
+    assert decisions == {"ort-mid-1": "tiny-3", "torch-mid-1": "refused", "auto-mid-1": "tiny-3",
+                         "torch-roomy-1": "tiny-3"}
+    as_json = runner.invoke(app, ["assign", "--json", *args])
+    assert as_json.exit_code == 0, as_json.output
+    rows = {r["agent_id"]: r for r in json.loads(as_json.output[as_json.output.index("["):])}
+    assert {a: r["backend"] for a, r in rows.items()} == {"ort-mid-1": "ort", "torch-mid-1": "torch",
+                                                          "auto-mid-1": None, "torch-roomy-1": "torch"}
+    assert "torch card" in rows["torch-roomy-1"]["lines"][0] and "ort card" in rows["auto-mid-1"]["lines"][0]
+
+
+# ------------------------------------------------------------------------------ 4. a real emulated fleet
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory: pytest.TempPathFactory,
+              run_cards: tuple[CostCardEntry, CostCardEntry]) -> dict[str, Any]:
+    from coordinator.demo import plan_for, run_fleet
+
+    tmp = tmp_path_factory.mktemp("backend-fleet")
+    between, roomy = between_mb(run_cards), round(run_cards[1].peak_train_rss_mb * 1.3 / CONFIG.memory_fraction)
+    fleet = parse_fleet(tomllib.loads(fleet_toml(between, roomy)))
+    agents = [a for a in fleet.agents() if a.device_class != "auto-mid"]  # three processes are enough here
+    config, plans = plan_for(agents, CONFIG, fleet.data)
+    summary = run_fleet(tmp / "out", agents, config, fleet.data, seed=3)
+    store = RunStore(tmp / "out")
+    try:
+        rows = store.metrics()
+    finally:
+        store.close()
+    return {"summary": summary, "rows": rows, "plans": {p.agent.agent_id: p.decision.backbone for p in plans},
+            "caps": {a.agent_id: a.memory_mb for a in agents}, "out": tmp / "out"}
+
+
+def test_engine_assigns_each_agent_by_its_own_backends_card(fleet_run: dict[str, Any],
+                                                           run_cards: tuple[CostCardEntry, CostCardEntry]) -> None:
+    summary = fleet_run["summary"]
+    assert summary["agents"] == {"ort-mid-1": "tiny-3", "torch-roomy-1": "tiny-3"}
+    assert fleet_run["plans"] == {"ort-mid-1": "tiny-3", "torch-mid-1": None, "torch-roomy-1": "tiny-3"}
+    reason = summary["refused"]["torch-mid-1"]
+    assert reason.startswith("refused: no backbone fits; the smallest, tiny-3, needs "
+                             f"{_num(run_cards[1].peak_train_rss_mb)} MB")  # the torch card, from the join profile
+    assert "by its torch cost card" in reason
+    log = (fleet_run["out"] / "agents" / "torch-mid-1.log").read_text()
+    assert f"coordinator refused this device: {reason}" in log
+
+
+def test_admitted_agents_train_on_their_backend_within_their_caps(fleet_run: dict[str, Any],
+                                                                  run_cards: tuple[CostCardEntry, CostCardEntry]
+                                                                  ) -> None:
+    rows, caps = fleet_run["rows"], fleet_run["caps"]
+    assert {r.agent_id: r.backend for r in rows} == {"ort-mid-1": "ort", "torch-roomy-1": "torch"}
+    for row in rows:
+        assert row.accepted, row
+        assert 0 < row.peak_rss_mb <= caps[row.agent_id], (row.agent_id, row.peak_rss_mb)
+    ort, torch = run_cards
+    for agent_id, predicted in (("ort-mid-1", ort.peak_train_rss_mb), ("torch-roomy-1", torch.peak_train_rss_mb)):
+        measured = max(r.peak_rss_mb for r in rows if r.agent_id == agent_id)
+        print(f"{agent_id}: card {predicted:.0f} MB, agent peak {measured:.0f} MB, ratio {predicted / measured:.2f}")
+        assert 0.9 <= predicted / measured <= 1.1, (agent_id, predicted, measured)
+    # bundle_bytes is each backend's download: the torch agent fetched the part beside the tar, the ORT agent not
+    down = {r.agent_id: r.bytes_down for r in rows if r.round == 1}
+    assert torch.bundle_bytes <= down["torch-roomy-1"]
+    assert ort.bundle_bytes <= down["ort-mid-1"] < torch.bundle_bytes
+    # the bug this fixes: by the ORT card the torch device between the peaks would have been admitted, yet a real
+    # torch agent's peak is far above what its cap lets it use
+    torch_peak = max(r.peak_rss_mb for r in rows if r.agent_id == "torch-roomy-1")
+    assert ort.peak_train_rss_mb <= CONFIG.memory_fraction * caps["torch-mid-1"] < torch_peak
