@@ -47,21 +47,29 @@ def upload_names(manifest: BundleManifest, scopes: Mapping[str, str]) -> list[st
 def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str]) -> FederatedState:
     """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
 
-    Global tensors must start identical on every backbone (export seeds them by name); a mismatch means the
-    bundles were built with different DeMA configs or seeds, and averaging them would be meaningless, so it is
-    an error here rather than a silent pick of one backbone's values.
+    Tensors exported as global must start identical on every backbone (export seeds them by name); a mismatch
+    means the bundles were built with different DeMA configs or seeds, and averaging them would be meaningless,
+    so it is an error rather than a silent pick. A family the *run* promotes to global (e.g. a shared head) was
+    seeded per backbone at export: the fleet starts from the first backbone's values (by name), which every agent
+    receives before its first step. Its shape must be the same on every backbone.
     """
     global_tensors: TensorDict = {}
     groups: dict[str, TensorDict] = {}
-    for backbone, bundle in bundles.items():
+    for backbone in sorted(bundles):
+        bundle = bundles[backbone]
         initial = bundle.initial_tensors()
         manifest = bundle.manifest
         groups[backbone] = {n: np.array(initial[n], copy=True) for n in names_in_scope(manifest, scopes, "group")}
         for name in names_in_scope(manifest, scopes, "global"):
-            if name in global_tensors and not np.array_equal(global_tensors[name], initial[name]):
+            if name not in global_tensors:
+                global_tensors[name] = np.array(initial[name], copy=True)
+            elif global_tensors[name].shape != initial[name].shape:
+                raise ValueError(f"'{name}' cannot be global: its shape is {global_tensors[name].shape} on one "
+                                 f"backbone and {initial[name].shape} on {backbone}; give its family the group "
+                                 "or local scope")
+            elif manifest.tensor(name).scope == "global" and not np.array_equal(global_tensors[name], initial[name]):
                 raise ValueError(f"global tensor '{name}' differs between backbones at export; "
                                  "rebuild the bundles with one DeMA config and seed")
-            global_tensors.setdefault(name, np.array(initial[name], copy=True))
     return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 
 
