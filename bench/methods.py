@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_OUT, REPO, git_commit, log, machine_facts, read_json, write_json
-from bench.methods_plan import BASELINES, CANDIDATES, METHODS, MODES, BenchSettings
-from bench.methods_report import render
+from bench.methods_plan import BASELINES, CANDIDATES, METHODS, MODES, QUICK, BenchSettings, full_sweep
+from bench.methods_report import render, render_index
 from bench.methods_worker import run_job
 
 
@@ -103,6 +103,63 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: boo
     return results
 
 
+def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, workers: int, reuse: bool,
+                 command: str) -> dict[str, Any]:
+    """Every method x seed of one settings: raw results to ``out`` and beside the page, then the page and its PNG."""
+    started = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    log(f"mode {settings.mode}: {len(settings.methods)} methods x {len(settings.seeds)} seeds -> {out}")
+    bundles = prepare_bundles(settings)
+    fleets = prepare_fleets(settings, out)
+    key = settings_key(settings)
+    settings_dict = settings.to_dict()
+    jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key,
+             "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
+             "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
+            for m in settings.methods for s in settings.seeds]
+    jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
+    results = run_jobs(jobs, workers, out / "jobs", reuse)
+    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
+    results.sort(key=lambda r: order[(r["method"], r["seed"])])
+    regime = dataclasses.asdict(settings.regime) | {
+        "per_agent_test": settings.regime.per_agent_file - settings.regime.train_per_agent}
+    raw = {
+        "command": command,
+        "commit": git_commit(),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "wall_seconds": time.time() - started,
+        "workers": workers,
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine_facts(),
+        "settings": settings_dict | {"regime": regime, "smallest": settings.smallest()},
+        "baselines": list(BASELINES),
+        "cost_cards": {b: (bundle.manifest.cost_card.model_dump() if bundle.manifest.cost_card else {})
+                       for b, bundle in bundles.items()},
+        "fleets": {str(s): f["summary"] for s, f in fleets.items()},
+        "jobs": results,
+    }
+    write_json(out / "results.json", raw)
+    write_json(results_md.with_suffix(".json"), raw)  # beside the page, in git: --render-from reproduces it
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    results_md.write_text(render(raw, plot=plot_path(results_md)))
+    log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")
+    return raw
+
+
+def run_full(settings_list: list[BenchSettings], *, workers: int, reuse: bool, command: str) -> int:
+    """The whole sweep (datasets x regimes), one page per cell under docs/results-full/, then the index page."""
+    raws = []
+    for settings in settings_list:
+        page = REPO / "docs" / "results-full" / f"{settings.mode}.md"
+        raws.append(run_settings(settings, DEFAULT_OUT / "full" / settings.mode, page, workers=workers, reuse=reuse,
+                                 command=command))
+        index = REPO / "docs" / "results-full.md"
+        index.write_text(render_index(raws, len(settings_list)))  # after every cell: a long sweep shows progress
+        log(f"wrote {index} ({len(raws)} of {len(settings_list)} cells)")
+    return 0
+
+
 def plot_path(results_md: Path) -> Path:
     """The curves PNG lives beside its page: docs/results.md -> docs/results-curves.png."""
     return results_md.with_name(results_md.stem + "-curves.png")
@@ -117,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="tiny random backbones: checks the runner end to end in about a minute")
     mode.add_argument("--quick-vision", action="store_const", dest="mode", const="quick-vision",
                       help="real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full",
+                      help="the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds, one page per cell + an index")
     mode.add_argument("--quick-bbc", action="store_const", dest="mode", const="quick-bbc",
                       help="real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds")
     parser.add_argument("--methods", help=f"comma-separated methods instead of the mode's (known: "
@@ -143,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if args.mode is None:
-        parser.error("choose --quick or --smoke (the full benchmark of issue 3 is not defined yet)")
-    settings = MODES[args.mode]
+        parser.error("choose a mode: --quick, --quick-vision, --quick-bbc, --full or --smoke")
+    settings = MODES.get(args.mode, QUICK)
     if args.methods:
         unknown = sorted(set(args.methods.split(",")) - {*METHODS, *CANDIDATES})
         if unknown:
@@ -152,47 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(args.methods.split(",")))
     if args.seeds:
         settings = dataclasses.replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",")))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m bench.methods " + " ".join(shlex.quote(a) for a in given)
+    if args.mode == "full":
+        cells = full_sweep(settings.seeds if args.seeds else None, settings.methods if args.methods else None)
+        return run_full(cells, workers=args.workers, reuse=args.reuse, command=command)
     out = args.out or DEFAULT_OUT / f"methods-{settings.mode}"
     results_md = args.results or REPO / "docs" / "results.md"
-    started = time.time()
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    log(f"mode {settings.mode}: {len(settings.methods)} methods x {len(settings.seeds)} seeds -> {out}")
-    bundles = prepare_bundles(settings)
-    fleets = prepare_fleets(settings, out)
-    key = settings_key(settings)
-    settings_dict = settings.to_dict()
-    jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key,
-             "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
-             "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
-            for m in settings.methods for s in settings.seeds]
-    jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
-    results = run_jobs(jobs, args.workers, out / "jobs", args.reuse)
-    order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
-    results.sort(key=lambda r: order[(r["method"], r["seed"])])
-    regime = dataclasses.asdict(settings.regime) | {
-        "per_agent_test": settings.regime.per_agent_file - settings.regime.train_per_agent}
-    raw = {
-        "command": "python -m bench.methods " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                 else sys.argv[1:])),
-        "commit": git_commit(),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
-        "wall_seconds": time.time() - started,
-        "workers": args.workers,
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine_facts(),
-        "settings": settings_dict | {"regime": regime, "smallest": settings.smallest()},
-        "baselines": list(BASELINES),
-        "cost_cards": {b: (bundle.manifest.cost_card.model_dump() if bundle.manifest.cost_card else {})
-                       for b, bundle in bundles.items()},
-        "fleets": {str(s): f["summary"] for s, f in fleets.items()},
-        "jobs": results,
-    }
-    write_json(out / "results.json", raw)
-    write_json(results_md.with_suffix(".json"), raw)  # beside the page, in git: --render-from reproduces it
-    results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(render(raw, plot=plot_path(results_md)))
-    log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")
+    run_settings(settings, out, results_md, workers=args.workers, reuse=args.reuse, command=command)
     return 0
 
 

