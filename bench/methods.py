@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join((*METHODS, *CANDIDATES))})")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the mode's (e.g. 100,101 as a validation "
                         "split for choosing a design: test seeds are 0..4)")
+    parser.add_argument("--rounds", type=int, help="rounds instead of the mode's")
+    parser.add_argument("--local-steps", type=int, help="local steps per round instead of the mode's")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
     parser.add_argument("--out", type=Path, help="raw results directory (default runs/bench/methods-MODE)")
     parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
@@ -211,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(args.methods.split(",")))
     if args.seeds:
         settings = dataclasses.replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",")))
+    if args.rounds:
+        settings = dataclasses.replace(settings, rounds=args.rounds)
+    if args.local_steps:
+        settings = dataclasses.replace(settings, local_steps=args.local_steps)
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m bench.methods " + " ".join(shlex.quote(a) for a in given)
     if args.mode == "full":

@@ -7,7 +7,9 @@ A bundle has a card per trainer backend (on the builder the PyTorch backend peak
 on the same bundle; importing torch alone is ~230 MB resident), and a device is judged by the card of the backend
 it trains with (``DeviceBudget.backend``; none given = ORT). A backbone without a card for that backend falls back
 to its ORT card, as ``BundleManifest.cost_card_for`` does, and every explanation line names the backend whose card
-it used.
+it used. That fallback is only for bundles a backend *can* train: a bundle with neither a card nor a part for the
+device's backend (MPNet has no torch part, because the PyTorch backend implements only BERT and DINOv2) is not a
+candidate for that device at all, and the explanation says so (``CostCard.trainable_by``).
 
 Rule (DESIGN.md, "Profiles and assignment"):
 
@@ -54,6 +56,13 @@ class CostCard:
     layers: int
     hidden: int
     backend: str = DEFAULT_COST_BACKEND  # the trainer backend the card was measured with
+    # The backends whose trainer the bundle carries what it needs for: ORT (the tar), plus each backend with a part
+    # or a card of its own. None = not recorded (hand-built cards): any backend may fall back to the ORT card.
+    trainable_by: tuple[str, ...] | None = None
+
+    def can_train_with(self, backend: str) -> bool:
+        """Whether a device training with ``backend`` can train this card's bundle at all."""
+        return self.trainable_by is None or backend in self.trainable_by
 
     @property
     def size_proxy(self) -> int:
@@ -79,7 +88,9 @@ class Decision:
     agent_id: str
     backbone: str | None  # None = refused
     reason: str  # human explanation (for refusal: what it would need)
-    lines: tuple[str, ...]  # the arithmetic, one line per candidate backbone (largest first)
+    # The arithmetic, one line per candidate backbone (largest first), then one per backbone the device's backend
+    # cannot train (why it is no candidate).
+    lines: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,8 @@ def cards_for_backend(cards: Sequence[CostCard], backend: str | None) -> list[Co
     """One card per backbone, the one a device training with ``backend`` is judged by: the backbone's card for
     that backend, else its ORT card (the rule of ``BundleManifest.cost_card_for``). Backbones keep their order.
 
-    ``cards`` may hold several backends' cards per backbone, at most one of each.
+    ``cards`` may hold several backends' cards per backbone, at most one of each. Backbones whose bundle ``backend``
+    cannot train (``untrainable_backbones``) are left out: they are no candidates, not candidates judged by ORT.
     """
     wanted = backend or DEFAULT_COST_BACKEND
     pairs = [(c.backbone, c.backend) for c in cards]
@@ -139,13 +151,30 @@ def cards_for_backend(cards: Sequence[CostCard], backend: str | None) -> list[Co
         raise ValueError(f"assign_backbone: duplicate backbones in cost cards: {names}")
     chosen: dict[str, CostCard] = {}
     for c in cards:
-        if c.backend == wanted or (c.backend == DEFAULT_COST_BACKEND and c.backbone not in chosen):
+        if c.backend == wanted or (c.backend == DEFAULT_COST_BACKEND and c.backbone not in chosen
+                                   and c.can_train_with(wanted)):
             chosen[c.backbone] = c
-    missing = sorted({c.backbone for c in cards} - set(chosen))
+    untrainable = {c.backbone for c in untrainable_backbones(cards, wanted)}
+    missing = sorted({c.backbone for c in cards} - set(chosen) - untrainable)
     if missing:
         raise ValueError(f"assign_backbone: no {wanted} or {DEFAULT_COST_BACKEND} cost card for {missing}")
     order = list(dict.fromkeys(c.backbone for c in cards))
-    return [chosen[name] for name in order]
+    return [chosen[name] for name in order if name in chosen]
+
+
+def untrainable_backbones(cards: Sequence[CostCard], backend: str | None) -> list[CostCard]:
+    """The ORT card of each backbone a device training with ``backend`` cannot train: no card measured with that
+    backend, and a bundle that records it has nothing for it (no part: e.g. MPNet for the torch backend)."""
+    wanted = backend or DEFAULT_COST_BACKEND
+    measured = {c.backbone for c in cards if c.backend == wanted}
+    return [c for c in cards if c.backend == DEFAULT_COST_BACKEND and c.backbone not in measured
+            and not c.can_train_with(wanted)]
+
+
+def _untrainable_line(card: CostCard, backend: str) -> str:
+    others = ", ".join(card.trainable_by or ())
+    return (f"{card.backbone} ({card.layers} x {card.hidden}): not a candidate for a {backend} device: its bundle "
+            f"has no {backend} part and no {backend} cost card; only {others} devices can train it")
 
 
 def _validate(
@@ -230,8 +259,17 @@ def assign_backbone(
     """
     if not cards:
         raise ValueError("assign_backbone: no cost cards")
+    backend = device.backend or DEFAULT_COST_BACKEND
+    untrainable = untrainable_backbones(cards, backend)
+    excluded = tuple(_untrainable_line(c, backend) for c in untrainable)
     cards = cards_for_backend(cards, device.backend)
-    _validate(device, cards, local_steps, eval_samples, memory_fraction, deadline_seconds)
+    _validate(device, cards or untrainable, local_steps, eval_samples, memory_fraction, deadline_seconds)
+    if not cards:
+        names = ", ".join(c.backbone for c in untrainable)
+        reason = (f"refused: no backbone of this run can be trained with the {backend} backend ({names}: no "
+                  f"{backend} part in the bundle); a device training with "
+                  f"{' or '.join(sorted({b for c in untrainable for b in c.trainable_by or ()}))} could take it")
+        return Decision(agent_id=device.agent_id, backbone=None, reason=reason, lines=excluded)
     memory_limit = memory_fraction * device.memory_budget_mb
     time_limit = _time_limit(device, deadline_seconds)
     evaluations = [
@@ -251,13 +289,16 @@ def assign_backbone(
     lines = tuple(
         _line(e, device, memory_fraction, local_steps, eval_samples) + (" <- chosen" if e is chosen else "")
         for e in evaluations
-    )
+    ) + excluded
+    not_for_backend = f"; not trainable with {backend}: {', '.join(c.backbone for c in untrainable)}"
 
     if chosen is not None:
         skipped = [e.card.backbone for e in evaluations[: evaluations.index(chosen)]]
         reason = f"{chosen.card.backbone}: largest backbone that fits; {_needs(chosen, memory_fraction)}"
         if skipped:
             reason += f"; larger backbones do not fit: {', '.join(skipped)}"
+        if untrainable:
+            reason += not_for_backend
         return Decision(agent_id=device.agent_id, backbone=chosen.card.backbone, reason=reason, lines=lines)
 
     smallest = min(evaluations, key=lambda e: (e.card.size_proxy, e.round_seconds, e.card.backbone))
@@ -272,6 +313,8 @@ def assign_backbone(
         f"refused: no backbone fits; the smallest, {smallest.card.backbone}, "
         f"{_needs(smallest, memory_fraction)}; it would take {' and '.join(shortfalls)}"
     )
+    if untrainable:
+        reason += not_for_backend
     return Decision(agent_id=device.agent_id, backbone=None, reason=reason, lines=lines)
 
 
@@ -285,7 +328,15 @@ def cost_card_of(manifest: BundleManifest, backend: str = DEFAULT_COST_BACKEND) 
                     step_seconds=card.step_seconds, eval_seconds_per_sample=card.eval_seconds_per_sample,
                     flops_per_step=card.flops_per_step, payload_bytes=card.payload_bytes,
                     bundle_bytes=card.bundle_bytes, builder_gflops=card.builder_gflops,
-                    layers=manifest.layers, hidden=manifest.hidden, backend=manifest.cost_card_backend(backend))
+                    layers=manifest.layers, hidden=manifest.hidden, backend=manifest.cost_card_backend(backend),
+                    trainable_by=trainable_backends(manifest))
+
+
+def trainable_backends(manifest: BundleManifest) -> tuple[str, ...]:
+    """The trainer backends a bundle carries what they need for: ORT (the tar itself), every backend a part is for,
+    and every backend it has a card for (a card was measured by training it, so that backend can)."""
+    backends = {b for part in manifest.parts.values() for b in part.backends} | set(manifest.cost_card_by_backend)
+    return (DEFAULT_COST_BACKEND, *sorted(backends - {DEFAULT_COST_BACKEND}))
 
 
 def cost_cards_of(manifest: BundleManifest) -> list[CostCard]:

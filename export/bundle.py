@@ -37,7 +37,10 @@ from protocols.chunks import BlobRef
 RECIPE_VERSION = 4  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too
 ARCHIVE_NAME = "bundle.tar"
 TORCH_BACKBONE_FILE = "backbone.safetensors"
-TORCH_BACKBONE_FORMATS = {"text": "heterotune-bert-v1", "image": "heterotune-dinov2-v1"}
+# Architectures the PyTorch trainer backend re-implements (edge_agent/trainers/torch_model.py, torch_vit.py), and
+# the torch part's format for each. A bundle of any other architecture (MPNet) gets no torch part and no torch card:
+# only ORT devices can train it, and the coordinator never assigns it to a torch device.
+TORCH_BACKBONE_FORMATS = {"bert": "heterotune-bert-v1", "dinov2": "heterotune-dinov2-v1"}
 BYTES_PER_FLOAT = 4
 
 
@@ -158,7 +161,10 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
         shutil.copy(spec.tokenizer_json(), work / tokenizer)
     specs = model.tensor_specs()
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
-    torch_part = _write_torch_backbone(model, work / TORCH_BACKBONE_FILE)
+    # A torch part only where the PyTorch backend can run the encoder; without one, a torch device is not offered it.
+    parts: dict[str, PartEntry] = {}
+    if spec.architecture in TORCH_BACKBONE_FORMATS:
+        parts[TORCH_PART] = _write_torch_backbone(model, work / TORCH_BACKBONE_FILE)
     files = sorted(name for name in (*ARTIFACT_FILES, tokenizer, "initial.safetensors") if name)
     manifest = BundleManifest(
         backbone=spec.name, hidden=spec.hidden, layers=spec.layers, slot_blocks=tuple(model.slot_blocks),
@@ -168,16 +174,17 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
         tensors=tuple(TensorEntry(**s.to_dict()) for s in specs),
         backbone_params=backbone_params,
         files={name: hashlib.sha256((work / name).read_bytes()).hexdigest() for name in files},
-        parts={TORCH_PART: torch_part},
+        parts=parts,
     )
     (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))  # the probe reads it
     if measure_cost:
-        # Both probes run on the work dir as it is now: the torch part is already beside the graphs (written
-        # above), which the torch probe's trainer loads just as a device does after fetching it.
-        manifest = manifest.model_copy(update={
-            "cost_card": _cost_card(work, manifest, backend="ort"),
-            "cost_card_by_backend": {"torch": _cost_card(work, manifest, backend="torch")},
-        })
+        # The probes run on the work dir as it is now: the torch part is already beside the graphs (written
+        # above), which the torch probe's trainer loads just as a device does after fetching it. A bundle no torch
+        # device can train gets no torch card (a card would claim a cost nobody can incur).
+        ort_card = _cost_card(work, manifest, backend="ort")
+        by_backend = {backend: _cost_card(work, manifest, backend=backend)
+                      for backend in sorted({b for part in parts.values() for b in part.backends})}
+        manifest = manifest.model_copy(update={"cost_card": ort_card, "cost_card_by_backend": by_backend})
         (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
 
@@ -192,7 +199,11 @@ def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:
     """
     from safetensors.torch import save_file
 
-    if model.spec.modality == "image":
+    fmt = TORCH_BACKBONE_FORMATS.get(model.spec.architecture)
+    if fmt is None:
+        raise ValueError(f"the PyTorch backend cannot run {model.spec.name} ({model.spec.architecture}); "
+                         f"torch parts exist for {', '.join(TORCH_BACKBONE_FORMATS)} only")
+    if model.spec.architecture == "dinov2":
         shape = model.backbone.torch_part_config()  # type: ignore[operator]  # export.vision.FixedSizeDinov2
     else:
         config: Any = getattr(model.backbone, "config")  # noqa: B009 - a transformers BertConfig, untyped here
@@ -204,7 +215,6 @@ def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:
             "type_vocab_size": config.type_vocab_size,
         }
     weights = {name: p.detach().contiguous() for name, p in model.backbone.named_parameters()}
-    fmt = TORCH_BACKBONE_FORMATS[model.spec.modality]
     save_file(weights, str(path), metadata={"format": fmt, "config": json.dumps(shape)})
     data = path.read_bytes()
     ref = BlobRef.from_blob(data)

@@ -177,3 +177,43 @@ def test_validation(kwargs: dict[str, object], message: str) -> None:
     }
     with pytest.raises(ValueError, match=message):
         assign_backbone(**args)  # type: ignore[arg-type]
+
+
+# What each bundle carries trainers for, as cost_card_of records it: the MiniLMs have a torch part (and a torch
+# card), mpnet-base has neither (the PyTorch backend implements BERT and DINOv2 only).
+TORCH_CAPABLE = ("ort", "torch")
+MIXED = (
+    dataclasses.replace(CARDS[0], trainable_by=TORCH_CAPABLE),
+    dataclasses.replace(CARDS[0], peak_train_rss_mb=420.0, backend="torch", trainable_by=TORCH_CAPABLE),
+    dataclasses.replace(CARDS[1], trainable_by=("ort",)),
+    dataclasses.replace(CARDS[2], trainable_by=TORCH_CAPABLE),  # a torch part but no torch card: ORT card stands in
+)
+
+
+def test_a_backbone_without_card_or_part_for_the_backend_is_no_candidate() -> None:
+    def decide(backend: str | None, cards: tuple[CostCard, ...] = MIXED) -> Decision:
+        dev = DeviceBudget("dev-1", memory_budget_mb=2000, gflops=100.0, max_round_seconds=None, backend=backend)
+        return assign_backbone(dev, cards, local_steps=15, eval_samples=50)
+
+    # an ORT device (or one from before the backend field) gets the largest, mpnet-base, as before
+    assert decide("ort").backbone == "mpnet-base" and decide(None).backbone == "mpnet-base"
+    assert not any("not a candidate" in line for line in decide("ort").lines)
+    # a torch device with room for everything still does not get it: it falls to minilm-l6 (its ORT card, since
+    # that bundle has a torch part but was not measured with torch), and the explanation says why
+    torch = decide("torch")
+    assert torch.backbone == "minilm-l6"
+    assert [line.split(" ")[0] for line in torch.lines] == ["minilm-l6", "minilm-l3", "mpnet-base"]
+    assert torch.lines[0].startswith("minilm-l6 (6 x 384, ort card)") and torch.lines[0].endswith("<- chosen")
+    assert torch.lines[1].startswith("minilm-l3 (3 x 384, torch card): memory 420 MB")
+    assert torch.lines[2] == ("mpnet-base (12 x 768): not a candidate for a torch device: its bundle has no torch "
+                              "part and no torch cost card; only ort devices can train it")
+    assert torch.reason.endswith("; not trainable with torch: mpnet-base")
+    # a run (or a pin) offering only mpnet-base refuses a torch device outright, saying who could take it
+    only = decide("torch", (MIXED[2],))
+    assert only.backbone is None
+    assert only.reason == ("refused: no backbone of this run can be trained with the torch backend (mpnet-base: "
+                           "no torch part in the bundle); a device training with ort could take it")
+    assert only.lines == (torch.lines[2],)
+    assert decide("ort", (MIXED[2],)).backbone == "mpnet-base"
+    # hand-built cards that record nothing (trainable_by None) keep the plain ORT fallback
+    assert decide("torch", CARDS).backbone == "mpnet-base"

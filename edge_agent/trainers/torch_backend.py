@@ -48,8 +48,14 @@ class TorchTrainer:
         manifest = BundleManifest.model_validate_json((bundle_dir / MANIFEST_NAME).read_text())
         parts = manifest.parts_for(self.name)
         if not parts:
-            raise ValueError(f"bundle for {manifest.backbone} has no part for the torch backend; rebuild it with "
-                             "the current exporter, or use --backend ort")
+            # Either the encoder is one this backend does not implement (only BERT text and DINOv2 images are,
+            # e.g. not MPNet), or the bundle predates torch parts; the coordinator does not assign such a bundle to a
+            # torch device, so this is a pinned or hand-fed bundle.
+            raise ValueError(
+                f"bundle for {manifest.backbone} has no part for the torch backend: the PyTorch trainer implements "
+                f"only BERT text and DINOv2 image encoders, so {manifest.backbone} can be trained only on ORT devices "
+                "(--backend ort, x86_64). If it is a BERT or DINOv2 backbone, the bundle predates torch parts: "
+                "rebuild it with the current exporter")
         (part,) = parts.values()
         weights_path = bundle_dir / part.file
         if not weights_path.exists():
