@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="tiny random backbones: checks the runner end to end in about a minute")
     mode.add_argument("--quick-vision", action="store_const", dest="mode", const="quick-vision",
                       help="real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds")
+    mode.add_argument("--quick-wide", action="store_const", dest="mode", const="quick-wide",
+                      help="MiniLM-L3 (384 wide) beside MPNet-base (768 wide), tweets, 4 agents, 2 seeds, 3 rounds")
     mode.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds, one page per cell + an index")
     mode.add_argument("--quick-bbc", action="store_const", dest="mode", const="quick-bbc",

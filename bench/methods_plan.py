@@ -111,7 +111,12 @@ QUICK_BBC = BenchSettings(mode="quick-bbc", backbones=("minilm-l3", "minilm-l6")
                           regime=Regime("dirichlet-1.0, 100 train articles/agent", alpha=1.0, train_per_agent=100,
                                         global_per_class=20, dataset_samples=2225))
 
-MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, SMOKE, QUICK_VISION, QUICK_BBC)}
+# Widths that differ: MiniLM-L3 (384) beside MPNet-base (768); only the r-space gate and experts can travel
+# between them. MPNet steps cost ~10x MiniLM-L3's, so 2 agents per backbone.
+QUICK_WIDE = BenchSettings(mode="quick-wide", backbones=("minilm-l3", "mpnet-base"), agents_per_backbone=2, rounds=3,
+                           local_steps=8, learning_rate=2e-3, seeds=(0, 1), regime=LOW_DATA)
+
+MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, SMOKE, QUICK_VISION, QUICK_BBC, QUICK_WIDE)}
 
 
 # The sweep of issue 3 (`--full`): every dataset x regime, 5 seeds, longer training than the quick modes.
