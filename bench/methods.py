@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join((*METHODS, *CANDIDATES))})")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the mode's (e.g. 100,101 as a validation "
                         "split for choosing a design: test seeds are 0..4)")
+    parser.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration instead of the mode's")
     parser.add_argument("--rounds", type=int, help="rounds instead of the mode's")
     parser.add_argument("--local-steps", type=int, help="local steps per round instead of the mode's")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(args.methods.split(",")))
     if args.seeds:
         settings = dataclasses.replace(settings, seeds=tuple(int(x) for x in args.seeds.split(",")))
+    if args.alpha:
+        regime = settings.regime
+        settings = dataclasses.replace(settings, regime=dataclasses.replace(
+            regime, alpha=args.alpha, name=regime.name.replace(f"dirichlet-{regime.alpha}", f"dirichlet-{args.alpha}")))
     if args.rounds:
         settings = dataclasses.replace(settings, rounds=args.rounds)
     if args.local_steps:
