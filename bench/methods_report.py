@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, table
+from bench.methods_plan import CANDIDATES
 from bench.methods_plots import plot_views
 from bench.methods_stats import OVERALL, cosine_summary, headline, mean_sd, paired, view_table
 from export.catalog import get_backbone
@@ -126,6 +127,7 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
         "device), `smallest-common` (every device on the smallest backbone, `group-fedavg` with one group = FedAvg "
         "of every adapter tensor; the head stays local). Groups below are device classes: in `smallest-common` the "
         f"`{groups[-1]}` devices run `{settings['smallest']}`.",
+        *_candidate_lines(methods),
         "- views: **personalised** = each agent's model right after its local training in a round, on its own "
         "test split (pooled over the group's agents); **global** = the model each agent receives (shared tensors "
         "+ its own local head) before training, on the balanced held-out set; *final* = received after the last "
@@ -214,12 +216,21 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
         "steps), more agents, "
         + (f"backbones of different widths ({', '.join(settings['backbones'])} are all {widths.pop()} wide), "
            if len(widths) == 1 else "")
-        + "fedproto, or any design change meant to make cross-model sharing pay off. It is a slice of the "
+        + ("fedproto, or any design change meant to make cross-model sharing pay off" if not any(
+            m in CANDIDATES for m in methods) else "fedproto, or design candidates other than the ones listed above")
+        + ". It is a slice of the "
         "benchmark of issue 3; the pilot "
         "measured a paired noise floor of about ±2–3 pp with 3–5 seeds, so differences of that size here are "
         "not evidence either way.",
     ]
     return out
+
+
+def _candidate_lines(methods: Sequence[str]) -> list[str]:
+    """Design candidates (bench/methods_plan.py CANDIDATES): an engine method with some families' scopes changed."""
+    described = [f"`{m}` = `{CANDIDATES[m][0]}` with " + ", ".join(f"{f} {sc}" for f, sc in CANDIDATES[m][1].items())
+                 for m in methods if m in CANDIDATES]
+    return [f"- design candidates (same bundles, only scopes differ): {'; '.join(described)}."] if described else []
 
 
 def _curves(s: Mapping[str, Any], methods: Sequence[str], last: int) -> list[str]:
