@@ -51,16 +51,7 @@ class EncoderShape:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: Path) -> EncoderShape:
-        if metadata.get("format") != WEIGHTS_FORMAT or "config" not in metadata:
-            raise ValueError(f"{source} is not a '{WEIGHTS_FORMAT}' backbone file (metadata {dict(metadata)}); "
-                             "the bundle was built by an incompatible exporter")
-        shape = cls(**json.loads(metadata["config"]))
-        if shape.hidden_act != "gelu":
-            raise ValueError(f"{source}: activation '{shape.hidden_act}' is not supported (only exact 'gelu')")
-        if shape.hidden_size % shape.num_attention_heads:
-            raise ValueError(f"{source}: hidden size {shape.hidden_size} is not a multiple of "
-                             f"{shape.num_attention_heads} heads")
-        return shape
+        return cls(**read_shape_config(metadata, source, WEIGHTS_FORMAT))
 
     def expected_weights(self) -> dict[str, tuple[int, ...]]:
         """Every Hugging Face parameter name of a BertModel without pooler, with its shape."""
@@ -82,6 +73,21 @@ class EncoderShape:
             out[f"{p}intermediate.dense.weight"], out[f"{p}intermediate.dense.bias"] = (f, d), (f,)
             out[f"{p}output.dense.weight"], out[f"{p}output.dense.bias"] = (d, f), (d,)
         return out
+
+
+def read_shape_config(metadata: Mapping[str, str], source: Path, expected_format: str) -> dict[str, Any]:
+    """The encoder shape a torch part declares, after the checks every architecture here shares: the right format,
+    exact GELU (the only activation the plain-PyTorch models implement), and whole attention heads."""
+    if metadata.get("format") != expected_format or "config" not in metadata:
+        raise ValueError(f"{source} is not a '{expected_format}' backbone file (metadata {dict(metadata)}); "
+                         "the bundle was built by an incompatible exporter")
+    config: dict[str, Any] = json.loads(metadata["config"])
+    if config.get("hidden_act") != "gelu":
+        raise ValueError(f"{source}: activation '{config.get('hidden_act')}' is not supported (only exact 'gelu')")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise ValueError(f"{source}: hidden size {config['hidden_size']} is not a multiple of "
+                         f"{config['num_attention_heads']} heads")
+    return config
 
 
 def load_encoder(path: Path) -> tuple[EncoderShape, dict[str, Tensor]]:

@@ -8,7 +8,6 @@ update computed here equals ORT's to float rounding. No transformers on the devi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from edge_agent.trainers.torch_model import (
     dema_adapter,
     load_torch,
     read_backbone_file,
+    read_shape_config,
     slots_after_blocks,
 )
 
@@ -42,14 +42,10 @@ class VitShape:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: Path) -> VitShape:
-        if metadata.get("format") != VIT_FORMAT or "config" not in metadata:
-            raise ValueError(f"{source} is not a '{VIT_FORMAT}' backbone file (metadata {dict(metadata)}); "
-                             "the bundle was built by an incompatible exporter")
-        shape = cls(**json.loads(metadata["config"]))
-        if shape.hidden_act != "gelu":
-            raise ValueError(f"{source}: activation '{shape.hidden_act}' is not supported (only exact 'gelu')")
-        if shape.hidden_size % shape.num_attention_heads or shape.image_size % shape.patch_size:
-            raise ValueError(f"{source}: inconsistent ViT shape {shape}")
+        shape = cls(**read_shape_config(metadata, source, VIT_FORMAT))
+        if shape.image_size % shape.patch_size:
+            raise ValueError(f"{source}: image size {shape.image_size} is not a multiple of the patch size "
+                             f"{shape.patch_size}")
         return shape
 
     @property
