@@ -18,24 +18,10 @@ from edge_agent.trainers.ort import OrtTrainer
 from export.catalog import get_backbone
 from export.dema import AdapterClassifier, DemaConfig
 from export.onnx_export import MAX_IR_VERSION, export_onnx, generate_training_artifacts
+from tests.numerics import hf_adamw_first_step, rel_diff
 
 LR = 1e-3
 RTOL = 1e-4
-
-
-def hf_adamw_first_step(param: np.ndarray, grad: np.ndarray, lr: float, eps: float = 1e-6,
-                        betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarray:
-    """One HF-style AdamW step from zero moments, written out by hand."""
-    g = grad.astype(np.float64)
-    m = (1 - betas[0]) * g
-    v = (1 - betas[1]) * g * g
-    step_size = lr * np.sqrt(1 - betas[1]) / (1 - betas[0])
-    return (param - step_size * m / (np.sqrt(v) + eps)).astype(np.float32)
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    scale = max(float(np.abs(b).max()), 1e-12)
-    return float(np.abs(a - b).max()) / scale
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,11 @@ from edge_agent.trainers.ort import OrtTrainer
 from edge_agent.trainers.torch_backend import TorchTrainer
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from protocols.bundle_manifest import TORCH_PART
+from tests.numerics import rel_diff
 
 RTOL = 1e-4
 STEPS = 5
 LR = 1e-3
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b| (the same tensor-level measure as the text agreement test)."""
-    return float(np.abs(np.asarray(a, np.float64) - b).max()) / max(float(np.abs(b).max()), 1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.runner import run_federation
 from coordinator.store import RunStore, load_state
+from tests.numerics import rel_diff
 
 PINS = {"m1": "tiny-3", "m2": "tiny-3", "m3": "tiny-6", "m4": "tiny-6"}
 MIXED = {"m1": "ort", "m2": "torch", "m3": "torch", "m4": "ort"}
@@ -66,10 +67,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                             alpha=1.0, seed=2, global_per_class=20, max_per_client=120)
     return {name: run_fleet(tmp / name, data, backends)
             for name, backends in (("all-ort", ALL_ORT), ("mixed", MIXED))}
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-12)
 
 
 def test_mixed_fleet_completes_with_each_agent_on_its_forced_backend(runs: dict[str, Path]) -> None:

@@ -23,25 +23,11 @@ from edge_agent.trainers.ort import OrtTrainer
 from edge_agent.trainers.torch_backend import TorchTrainer
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from protocols.bundle_manifest import TORCH_PART
+from tests.numerics import hf_adamw_first_step, rel_diff
 
 RTOL = 1e-4
 STEPS = 5
 LR = 5e-3
-
-
-def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max |b|: the tensor-level relative difference the issue asks for."""
-    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1e-12)
-
-
-def hf_adamw_first_step(param: np.ndarray, grad: np.ndarray, lr: float, eps: float = 1e-6,
-                        betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarray:
-    """One HF-style AdamW step from zero moments (eps added to sqrt(v) before bias correction)."""
-    g = grad.astype(np.float64)
-    m = (1 - betas[0]) * g
-    v = (1 - betas[1]) * g * g
-    step_size = lr * np.sqrt(1 - betas[1]) / (1 - betas[0])
-    return (param - step_size * m / (np.sqrt(v) + eps)).astype(np.float32)
 
 
 def make_batches(count: int, seed: int, batch_size: int = 8, seq_len: int = 32) -> list[Batch]:
