@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from export.assets import heterotune_home
-from export.catalog import BackboneSpec, get_backbone
+from export.catalog import PATCH_SIZE, BackboneSpec, get_backbone
 from export.dema import AdapterClassifier, DemaConfig
 from protocols.bundle_manifest import (
     MANIFEST_NAME,
@@ -281,9 +281,9 @@ def training_flops(manifest: BundleManifest) -> float:
 
 
 def tokens_per_example(manifest: BundleManifest) -> int:
-    """Sequence length the encoder sees: the text budget, or an image's patches plus CLS (patch size 14)."""
+    """Sequence length the encoder sees: the text budget, or an image's patches plus CLS."""
     if manifest.modality == "image":
-        return (manifest.task.image_size // 14) ** 2 + 1
+        return (manifest.task.image_size // PATCH_SIZE) ** 2 + 1
     return manifest.task.max_length
 
 
