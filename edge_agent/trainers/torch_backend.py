@@ -19,11 +19,13 @@ import numpy as np
 from edge_agent.trainers.base import Batch, EvalResult, accumulate
 from edge_agent.trainers.torch_model import (
     AdapterEncoderClassifier,
+    EncoderShape,
+    check_weights,
     count_experts,
-    load_encoder,
     load_torch,
+    read_backbone_file,
 )
-from edge_agent.trainers.torch_vit import VIT_FORMAT, AdapterVitClassifier, load_vit
+from edge_agent.trainers.torch_vit import VIT_FORMAT, AdapterVitClassifier, VitShape
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 
 # ORT's AdamW block defaults (onnxruntime.training.onnxblock.optim.AdamW), as float32 like its kernel.
@@ -176,19 +178,19 @@ class TorchTrainer:
 
 
 def _build_model(weights_path: Path, manifest: BundleManifest, experts: int) -> Any:
-    """The plain-PyTorch classifier for the torch part's format: BERT text encoder or DINOv2 ViT."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights_path), framework="pt") as handle:
-        file_format = (handle.metadata() or {}).get("format")
+    """The plain-PyTorch classifier for the torch part's format (BERT text encoder or DINOv2 ViT), its frozen
+    weights checked name by name against the shape the part's metadata declares."""
+    metadata, tensors = read_backbone_file(weights_path)
     model: AdapterEncoderClassifier | AdapterVitClassifier
-    if file_format == VIT_FORMAT:
-        vit_shape, weights = load_vit(weights_path)
+    if metadata.get("format") == VIT_FORMAT:
+        vit_shape = VitShape.from_metadata(metadata, weights_path)
         size = (vit_shape.hidden_size, vit_shape.num_hidden_layers)
+        weights = check_weights(weights_path, tensors, vit_shape.expected_weights())
         model = AdapterVitClassifier(vit_shape, weights, manifest.slot_blocks, experts)
     else:
-        text_shape, weights = load_encoder(weights_path)  # names the expected format if it is neither
+        text_shape = EncoderShape.from_metadata(metadata, weights_path)  # names the expected format if it is neither
         size = (text_shape.hidden_size, text_shape.num_hidden_layers)
+        weights = check_weights(weights_path, tensors, text_shape.expected_weights())
         model = AdapterEncoderClassifier(text_shape, weights, manifest.slot_blocks, experts)
     if size != (manifest.hidden, manifest.layers):
         raise ValueError(f"torch part is a {size[0]}x{size[1]} encoder, the manifest says "

@@ -90,13 +90,6 @@ def read_shape_config(metadata: Mapping[str, str], source: Path, expected_format
     return config
 
 
-def load_encoder(path: Path) -> tuple[EncoderShape, dict[str, Tensor]]:
-    """Frozen encoder weights (no gradients) and their shape, checked name by name."""
-    metadata, weights = read_backbone_file(path)
-    shape = EncoderShape.from_metadata(metadata, path)
-    return shape, check_weights(path, weights, shape.expected_weights())
-
-
 def count_experts(names: Sequence[str]) -> int:
     """The DeMA expert count, read from the manifest's trainable names."""
     found = {int(m.group(2)) for n in names if (m := _EXPERT_NAME.match(n))}

@@ -15,10 +15,8 @@ from typing import Any
 
 from edge_agent.trainers.torch_model import (
     Tensor,
-    check_weights,
     dema_adapter,
     load_torch,
-    read_backbone_file,
     read_shape_config,
     slots_after_blocks,
 )
@@ -73,13 +71,6 @@ class VitShape:
             out[f"{q}mlp.fc1.weight"], out[f"{q}mlp.fc1.bias"] = (f, d), (f,)
             out[f"{q}mlp.fc2.weight"], out[f"{q}mlp.fc2.bias"] = (d, f), (d,)
         return out
-
-
-def load_vit(path: Path) -> tuple[VitShape, dict[str, Tensor]]:
-    """Frozen ViT weights (no gradients) and their shape, checked name by name."""
-    metadata, weights = read_backbone_file(path)
-    shape = VitShape.from_metadata(metadata, path)
-    return shape, check_weights(path, weights, shape.expected_weights())
 
 
 class AdapterVitClassifier:
