@@ -160,6 +160,17 @@ def run_full(settings_list: list[BenchSettings], *, workers: int, reuse: bool, c
     return 0
 
 
+# The modes on the command line, in the order `--help` lists them (the settings themselves: methods_plan.MODES).
+MODE_HELP = {
+    "quick": "real MiniLM-L3/L6, tweets, 6 agents, 2 seeds, 3 rounds (about 10 minutes on 2 cores)",
+    "quick-bbc": "real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds",
+    "quick-vision": "real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds",
+    "quick-wide": "MiniLM-L3 (384 wide) beside MPNet-base (768 wide), tweets, 4 agents, 2 seeds, 3 rounds",
+    "full": "the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds, one page per cell + an index",
+    "smoke": "tiny random backbones: checks the runner end to end in about a minute",
+}
+
+
 def plot_path(results_md: Path) -> Path:
     """The curves PNG lives beside its page: docs/results.md -> docs/results-curves.png."""
     return results_md.with_name(results_md.stem + "-curves.png")
@@ -168,18 +179,8 @@ def plot_path(results_md: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="real MiniLM-L3/L6, tweets, 6 agents, 2 seeds, 3 rounds (about 10 minutes on 2 cores)")
-    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke",
-                      help="tiny random backbones: checks the runner end to end in about a minute")
-    mode.add_argument("--quick-vision", action="store_const", dest="mode", const="quick-vision",
-                      help="real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds")
-    mode.add_argument("--quick-wide", action="store_const", dest="mode", const="quick-wide",
-                      help="MiniLM-L3 (384 wide) beside MPNet-base (768 wide), tweets, 4 agents, 2 seeds, 3 rounds")
-    mode.add_argument("--full", action="store_const", dest="mode", const="full",
-                      help="the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds, one page per cell + an index")
-    mode.add_argument("--quick-bbc", action="store_const", dest="mode", const="quick-bbc",
-                      help="real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds")
+    for name, summary in MODE_HELP.items():
+        mode.add_argument(f"--{name}", action="store_const", dest="mode", const=name, help=summary)
     parser.add_argument("--methods", help=f"comma-separated methods instead of the mode's (known: "
                         f"{', '.join((*METHODS, *CANDIDATES))})")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the mode's (e.g. 100,101 as a validation "
