@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_agent.data import Sample, batches, eval_batches, split_local
 from edge_agent.inputs import BatchEncoder
-from edge_agent.probe import peak_rss_mb
+from edge_agent.limits import peak_rss_mb
 from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
 from protocols.bundle_manifest import BundleManifest
 
