@@ -104,7 +104,7 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: boo
 
 
 def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, workers: int, reuse: bool,
-                 command: str) -> dict[str, Any]:
+                 command: str, job_dir: Path | None = None) -> dict[str, Any]:
     """Every method x seed of one settings: raw results to ``out`` and beside the page, then the page and its PNG."""
     started = time.time()
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -118,7 +118,7 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
              "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
             for m in settings.methods for s in settings.seeds]
     jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
-    results = run_jobs(jobs, workers, out / "jobs", reuse)
+    results = run_jobs(jobs, workers, job_dir or out / "jobs", reuse)
     order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
     results.sort(key=lambda r: order[(r["method"], r["seed"])])
     regime = dataclasses.asdict(settings.regime) | {
@@ -147,17 +147,38 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
     return raw
 
 
-def run_full(settings_list: list[BenchSettings], *, workers: int, reuse: bool, command: str) -> int:
-    """The whole sweep (datasets x regimes), one page per cell under docs/results-full/, then the index page."""
-    raws = []
+FULL_PAGES = REPO / "docs" / "results-full"
+
+
+def run_full(settings_list: list[BenchSettings], *, workers: int, command: str) -> int:
+    """The sweep (datasets x regimes), one page per cell under docs/results-full/, then the index page.
+
+    A sweep takes hours, more than one session, so it always resumes: each finished federation is kept in git
+    under docs/results-full/jobs/CELL/ and reused while its settings are unchanged (the settings key in its
+    file name); the index covers every cell whose page exists, whichever invocation produced it.
+    """
+    planned = full_sweep()
     for settings in settings_list:
-        page = REPO / "docs" / "results-full" / f"{settings.mode}.md"
-        raws.append(run_settings(settings, DEFAULT_OUT / "full" / settings.mode, page, workers=workers, reuse=reuse,
-                                 command=command))
+        page = FULL_PAGES / f"{settings.mode}.md"
+        run_settings(settings, DEFAULT_OUT / "full" / settings.mode, page, workers=workers, reuse=True,
+                     command=command, job_dir=FULL_PAGES / "jobs" / settings.mode)
+        done = [read_json(FULL_PAGES / f"{cell.mode}.json") for cell in planned
+                if (FULL_PAGES / f"{cell.mode}.json").exists()]
         index = REPO / "docs" / "results-full.md"
-        index.write_text(render_index(raws, len(settings_list)))  # after every cell: a long sweep shows progress
-        log(f"wrote {index} ({len(raws)} of {len(settings_list)} cells)")
+        index.write_text(render_index(done, len(planned)))  # after every cell: a long sweep shows progress
+        log(f"wrote {index} ({len(done)} of {len(planned)} cells)")
     return 0
+
+
+def select_cells(cells: list[BenchSettings], patterns: str | None) -> list[BenchSettings]:
+    """The cells whose name contains any of the comma-separated ``patterns`` (all cells without patterns)."""
+    if not patterns:
+        return cells
+    wanted = [p for p in patterns.split(",") if p]
+    chosen = [c for c in cells if any(p in c.mode for p in wanted)]
+    if not chosen:
+        raise ValueError(f"--cells {patterns!r} matches no cell; cells: {', '.join(c.mode for c in cells)}")
+    return chosen
 
 
 # The modes on the command line, in the order `--help` lists them (the settings themselves: methods_plan.MODES).
@@ -188,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration instead of the mode's")
     parser.add_argument("--rounds", type=int, help="rounds instead of the mode's")
     parser.add_argument("--local-steps", type=int, help="local steps per round instead of the mode's")
+    parser.add_argument("--cells", help="--full only: comma-separated parts of cell names to run (e.g. "
+                        "tweet-sentiment,bbc-news-low-data); the index still covers every finished cell")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
     parser.add_argument("--out", type=Path, help="raw results directory (default runs/bench/methods-MODE)")
     parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
@@ -229,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.methods " + " ".join(shlex.quote(a) for a in given)
     if args.mode == "full":
         cells = full_sweep(settings.seeds if args.seeds else None, settings.methods if args.methods else None)
-        return run_full(cells, workers=args.workers, reuse=args.reuse, command=command)
+        try:
+            cells = select_cells(cells, args.cells)
+        except ValueError as error:
+            parser.error(str(error))
+        return run_full(cells, workers=args.workers, command=command)
     out = args.out or DEFAULT_OUT / f"methods-{settings.mode}"
     results_md = args.results or REPO / "docs" / "results.md"
     run_settings(settings, out, results_md, workers=args.workers, reuse=args.reuse, command=command)

@@ -106,7 +106,7 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
         *([note] if note else []),
         "",
         f"- commit `{raw['commit']}`, started {raw['started_utc']} UTC, wall time {raw['wall_seconds']:.0f} s "
-        f"({raw['workers']} worker processes, one ONNX Runtime thread each)",
+        f"({raw['workers']} worker processes, one ONNX Runtime thread each)" + _job_commits(raw),
         f"- machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gb']} GB RAM, Python {facts['python']}, "
         f"onnxruntime-training {facts['versions'].get('onnxruntime-training-cpu')}; load average "
         f"{raw['load_before']} before and {raw['load_after']} after (the machine is shared, so wall times are "
@@ -370,6 +370,14 @@ def _resolution(raw: Mapping[str, Any]) -> list[str]:
             f"({personal_n} local test {unit} per group) and {100 / global_n:.2f} pp of its global number "
             f"({per_group} agents × the same {global_n // per_group} held-out {unit}); overall numbers pool all "
             "groups."]
+
+
+def _job_commits(raw: Mapping[str, Any]) -> str:
+    """Where a resumed run reused federations finished at other commits, say which (jobs before this field: ?)."""
+    commits = sorted({str(job.get("commit", "?")) for job in raw["jobs"]})
+    if commits == [raw["commit"]]:
+        return ""
+    return "; federations from commits " + ", ".join(f"`{c}`" for c in commits) + " (resumed; settings unchanged)"
 
 
 def render_index(raws: Sequence[Mapping[str, Any]], cells_planned: int) -> str:

@@ -1,0 +1,82 @@
+"""The method benchmark's protocol, on hand-computed inputs: what each method runs, how accuracies are pooled,
+and the significance test. A wrong number here would make every results page wrong while looking plausible."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from bench.methods import select_cells
+from bench.methods_plan import QUICK, full_sweep, method_config
+from bench.methods_stats import FINAL, OVERALL, headline, paired, sign_flip_p, view_table
+
+
+def test_sign_flip_p_is_the_exact_permutation_share() -> None:
+    # 3 seeds, diffs (1, 2, 3): of the 8 sign patterns, |sum| >= 6 only for all-plus and all-minus -> 2/8
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    # (1, 2, -3): observed |0| = 0, every pattern reaches it -> 1
+    assert sign_flip_p([1.0, 2.0, -3.0]) == 1.0
+    # (3, 1, 1): |sum| >= 5 for +++ (5) and --- only; +,+,- gives 3 -> 2/8
+    assert sign_flip_p([3.0, 1.0, 1.0]) == 0.25
+    # five positive seeds: the smallest p the test can give, 2 / 32
+    assert sign_flip_p([0.5, 1.0, 1.5, 2.0, 2.5]) == 0.0625
+    assert math.isnan(sign_flip_p([]))
+
+
+def test_paired_differences_use_only_common_seeds() -> None:
+    result = paired({0: 50.0, 1: 60.0, 2: 55.0}, {0: 48.0, 1: 61.0, 3: 10.0})
+    assert result["seeds"] == [0, 1]
+    assert result["diffs"] == [2.0, -1.0]
+    assert result["mean"] == 0.5
+    assert result["sd"] == pytest.approx(math.sqrt(4.5))  # ((1.5)^2 + (1.5)^2) / 1
+    assert result["p"] == 1.0  # 2 seeds: +2-1 = 1, -2+1 = -1, +2+1 = 3, -2-1 = -3 -> |.| >= 1 in all 4
+
+
+def _row(round_id: int, agent: str, home: str, personal: tuple[int, int], global_: tuple[int, int]) -> dict[str, Any]:
+    return {"round": round_id, "agent_id": agent, "home_backbone": home, "personal_correct": personal[0],
+            "personal_total": personal[1], "global_correct": global_[0], "global_total": global_[1]}
+
+
+def test_view_table_pools_samples_not_agents() -> None:
+    # two agents of group "s" with different test sizes, one of group "l"; two rounds and a final evaluation
+    result = {
+        "rounds": [_row(1, "s-0", "s", (1, 4), (3, 10)), _row(1, "s-1", "s", (6, 6), (5, 10)),
+                   _row(1, "l-0", "l", (2, 5), (4, 10)),
+                   _row(2, "s-0", "s", (2, 4), (6, 10)), _row(2, "s-1", "s", (3, 6), (7, 10)),
+                   _row(2, "l-0", "l", (5, 5), (9, 10))],
+        "final_global": {"s-0": {"correct": 8, "total": 10, "home_backbone": "s"},
+                         "s-1": {"correct": 6, "total": 10, "home_backbone": "s"},
+                         "l-0": {"correct": 10, "total": 10, "home_backbone": "l"}},
+    }
+    table = view_table(result, ["s", "l"])
+    assert table["personal"]["s"][1] == pytest.approx(70.0)  # (1 + 6) / (4 + 6), not mean(25 %, 100 %)
+    assert table["personal"][OVERALL][2] == pytest.approx(100 * 10 / 15)
+    assert table["global"]["l"][1] == pytest.approx(40.0)
+    assert table["global"]["s"][FINAL] == pytest.approx(70.0)
+    assert table["global"][OVERALL][FINAL] == pytest.approx(80.0)
+    head = headline(table, last_round=2)
+    assert head["personal"]["s"] == pytest.approx(50.0) and head["global"]["l"] == pytest.approx(100.0)
+
+
+def test_smallest_common_puts_every_device_on_the_smallest_backbone() -> None:
+    config, agents = method_config(QUICK, "smallest-common", seed=1)
+    assert set(agents.values()) == {"minilm-l3"} and len(agents) == 6
+    assert config.method == "group-fedavg" and config.backbones == ("minilm-l3",)
+    own, own_agents = method_config(QUICK, "heterotune", seed=1)
+    assert own_agents == QUICK.agents() and own.method == "heterotune" and own.seed == 1
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        method_config(QUICK, "fedsomething", seed=0)
+
+
+def test_full_sweep_cells_and_their_selection() -> None:
+    cells = full_sweep()
+    assert len(cells) == 9 and all(c.seeds == (0, 1, 2, 3, 4) for c in cells)
+    assert {c.dataset for c in cells} == {"tweet-sentiment", "bbc-news", "fashion-mnist"}
+    chosen = select_cells(cells, "bbc-news,fashion-mnist-low")
+    assert [c.mode for c in chosen] == ["full-bbc-news-dirichlet-0.3", "full-bbc-news-dirichlet-1.0",
+                                        "full-bbc-news-low-data", "full-fashion-mnist-low-data"]
+    assert select_cells(cells, None) == cells
+    with pytest.raises(ValueError, match="matches no cell"):
+        select_cells(cells, "cifar")
