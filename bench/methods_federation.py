@@ -30,12 +30,13 @@ import numpy as np
 from coordinator.aggregation import ClientUpdate, FederatedState, make_strategy
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
-from coordinator.methods import scopes_for
+from coordinator.methods import scopes_for, uses_prototypes
 from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.base import EvalResult
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
+from protocols.prototypes import is_prototype_name
 from protocols.tensors import decode_tensors, encode_tensors
 
 
@@ -101,9 +102,11 @@ def evaluate_received(learner: LocalLearner, tensors: Mapping[str, np.ndarray],
                       examples: Sequence[Sample], learning_rate: float) -> EvalResult:
     """Evaluate what an agent would start the next round with (its kept tensors + ``tensors``), no training.
 
-    Uses the learner's own trainer and encoder, batched as ``LocalLearner`` batches its evaluation.
+    Uses the learner's own trainer and encoder, batched as ``LocalLearner`` batches its evaluation. Prototypes
+    (fedproto) shape training only, so they are not part of the evaluated model.
     """
-    learner.trainer.start_round({**learner.kept, **tensors}, learning_rate)
+    model = {name: value for name, value in tensors.items() if not is_prototype_name(name)}
+    learner.trainer.start_round({**learner.kept, **model}, learning_rate)
     encoded = (learner.encoder.encode(chunk) for chunk in eval_batches(examples, learner.manifest.task.batch_size))
     return learner.trainer.evaluate(encoded)
 
@@ -120,10 +123,12 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     """
     started = time.perf_counter()
     scopes = scopes_for(config.method, config.scopes)
+    prototypes = uses_prototypes(config.method)
+    prototype_weight = config.prototype_weight if prototypes else 0.0  # as the engine's Assignment carries it
     strategy = make_strategy(config.method, **config.method_options)
     used = {a.backbone for a in agents}
-    state = initial_state({b: bundles[b] for b in sorted(used)}, scopes)
-    names = {b: tuple(upload_names(bundles[b].manifest, scopes)) for b in used}
+    state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes)
+    names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes)) for b in used}
     learners = make_learners(config, bundles, agents, global_test_file, threads=threads)
     run = FederationRun()
     if keep_tensors:
@@ -135,7 +140,7 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
         for spec in sorted(agents, key=lambda a: a.agent_id):
             received = decode_tensors(blobs[spec.backbone])
             plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
-                             config.seed, names[spec.backbone])
+                             config.seed, names[spec.backbone], prototype_weight)
             outcome = learners[spec.agent_id].run_round(plan, received)
             up_blob = encode_tensors(outcome.upload)
             updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,

@@ -20,7 +20,8 @@ from export.catalog import get_backbone
 DATASETS: dict[str, tuple[str, ...]] = {"tweet-sentiment": TWEET_LABELS, "bbc-news": BBC_LABELS,
                                         "fashion-mnist": FASHION_MNIST_LABELS}
 
-METHODS: tuple[str, ...] = ("heterotune", "heterotune-noalign", "group-fedavg", "local", "smallest-common")
+METHODS: tuple[str, ...] = ("heterotune", "heterotune-noalign", "group-fedavg", "local", "smallest-common",
+                             "fedproto")
 # Design candidates of issue 3: heterotune with some families' scopes changed (engine method, scope overrides).
 # They run from the very same bundles; only what travels, and how far, differs.
 CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {

@@ -125,7 +125,10 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
         "- methods: `heterotune` (DeMA + CMGA), `heterotune-noalign` (plain weighted mean of the global tensors), "
         "`group-fedavg` (all shared tensors averaged only within a backbone group), `local` (nothing leaves the "
         "device), `smallest-common` (every device on the smallest backbone, `group-fedavg` with one group = FedAvg "
-        "of every adapter tensor; the head stays local). Groups below are device classes: in `smallest-common` the "
+        "of every adapter tensor; the head stays local), `fedproto` (nothing of the model leaves the device; class "
+        "prototypes in the DeMA r-space travel, and each device's loss adds lambda = 1 times the mean squared "
+        "distance of a sample's representation to its class's global prototype; tests/test_fedproto.py). "
+        "Groups below are device classes: in `smallest-common` the "
         f"`{groups[-1]}` devices run `{settings['smallest']}`.",
         *_candidate_lines(methods),
         "- views: **personalised** = each agent's model right after its local training in a round, on its own "
@@ -174,7 +177,8 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
 def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[str], n_seeds: int) -> list[str]:
     out = []
     for name, base in (("heterotune", "group-fedavg"), ("heterotune", "local"), ("heterotune", "smallest-common"),
-                       ("heterotune", "heterotune-noalign"), ("group-fedavg", "local")):
+                       ("heterotune", "heterotune-noalign"), ("heterotune", "fedproto"), ("fedproto", "local"),
+                       ("group-fedavg", "local")):
         key = f"{name}|{base}"
         if key in s["paired"]:
             for view, _ in VIEWS:
@@ -216,8 +220,9 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
         "steps), more agents, "
         + (f"backbones of different widths ({', '.join(settings['backbones'])} are all {widths.pop()} wide), "
            if len(widths) == 1 else "")
-        + ("fedproto, or any design change meant to make cross-model sharing pay off" if not any(
-            m in CANDIDATES for m in methods) else "fedproto, or design candidates other than the ones listed above")
+        + ("" if "fedproto" in methods else "fedproto, ")
+        + ("or any design change meant to make cross-model sharing pay off" if not any(
+            m in CANDIDATES for m in methods) else "or design candidates other than the ones listed above")
         + ". It is a slice of the "
         "benchmark of issue 3; the pilot "
         "measured a paired noise floor of about ±2–3 pp with 3–5 seeds, so differences of that size here are "

@@ -15,7 +15,7 @@ from bench.common import git_commit
 from bench.methods_federation import AgentRound, AgentSpec, run_inprocess
 from bench.methods_plan import BenchSettings, Regime, method_config
 from coordinator.federation_state import full_model_bytes, payload_bytes, upload_names
-from coordinator.methods import scopes_for
+from coordinator.methods import scopes_for, uses_prototypes
 from export.bundle import load_bundle
 
 
@@ -39,6 +39,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     run = run_inprocess(config, bundles, specs, Path(job["global_test_file"]), threads=1, final_eval=True)
     home = settings.agents()  # device class = the backbone the device would get on its own
     scopes = scopes_for(config.method, config.scopes)
+    prototypes = uses_prototypes(config.method)
     return {
         "method": method,
         "seed": seed,
@@ -48,7 +49,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "rounds": [_row(r, home[r.agent_id]) for r in run.rounds],
         "final_global": {a: {"correct": e.correct, "total": e.total, "home_backbone": home[a],
                              "backbone": agents[a]} for a, e in run.final_global.items()},
-        "payload_bytes": {b: payload_bytes(bundles[b].manifest, upload_names(bundles[b].manifest, scopes))
+        "payload_bytes": {b: payload_bytes(bundles[b].manifest,
+                                           upload_names(bundles[b].manifest, scopes, prototypes=prototypes))
                           for b in config.backbones},
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},

@@ -42,6 +42,8 @@ class RunConfig(_Strict):
     run_name: str = "run"
     method: str = "heterotune"
     method_options: dict[str, Any] = Field(default_factory=dict)
+    # fedproto's lambda: the weight of the pull towards the global class prototypes (FedProto's default is 1).
+    prototype_weight: float = Field(1.0, ge=0)
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()
@@ -67,12 +69,8 @@ class RunConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        runnable = [name for name in STRATEGY_NAMES if name != "fedproto"]
         if value not in STRATEGY_NAMES:
-            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(runnable)}")
-        if value == "fedproto":
-            raise ValueError("fedproto is implemented as an aggregation rule only; agents do not send prototypes "
-                             "yet, so the round engine cannot run it")
+            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(STRATEGY_NAMES)}")
         return value
 
     @field_validator("backbones")

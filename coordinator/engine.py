@@ -23,7 +23,7 @@ from coordinator.aggregation import ClientUpdate, make_strategy
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.methods import scopes_for
+from coordinator.methods import scopes_for, uses_prototypes
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -107,6 +107,7 @@ class Coordinator:
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = make_strategy(config.method, **config.method_options)
         self.scopes = scopes_for(config.method, config.scopes)
+        self.prototypes = uses_prototypes(config.method)
         self.agents: dict[str, AgentRecord] = {}
         self.refused: dict[str, str] = {}
         self.blobs: dict[str, bytes] = {}  # sha -> bytes we serve (bundles, round weights)
@@ -114,7 +115,7 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
-        self.state = federation_state.initial_state(bundles, self.scopes)
+        self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes)
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
         self._reconnected = threading.Event()
@@ -129,7 +130,7 @@ class Coordinator:
     # --- state -------------------------------------------------------------------------------------
 
     def upload_names(self, backbone: str) -> list[str]:
-        return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes)
+        return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes, prototypes=self.prototypes)
 
     # --- run ---------------------------------------------------------------------------------------
 
@@ -358,7 +359,8 @@ class Coordinator:
                 weights=BlobRefModel.from_ref(weights[record.backbone]),
                 upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
-                deadline_unix=deadline, seed=self.config.seed)
+                deadline_unix=deadline, seed=self.config.seed,
+                prototype_weight=self.config.prototype_weight if self.prototypes else 0.0)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
@@ -467,7 +469,7 @@ class Coordinator:
         try:
             tensors = decode_tensors(assembler.assemble())
             manifest = self.bundles[backbone].manifest
-            expected = {n: (tuple(manifest.tensor(n).shape), "float32") for n in self.upload_names(backbone)}
+            expected = {n: (federation_state.tensor_shape(manifest, n), "float32") for n in self.upload_names(backbone)}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
             update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))
             self.store.save_update(self.current_round, upload.agent_id, tensors)

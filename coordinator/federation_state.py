@@ -16,6 +16,7 @@ import numpy as np
 
 from coordinator.aggregation.base import FederatedState, TensorDict
 from protocols.bundle_manifest import BundleManifest
+from protocols.prototypes import is_prototype_name, prototype_shapes
 
 SHARED_SCOPES = ("global", "group")
 BYTES_PER_FLOAT32 = 4
@@ -39,12 +40,30 @@ def names_in_scope(manifest: BundleManifest, scopes: Mapping[str, str], scope: s
     return [t.name for t in manifest.tensors if scopes[t.family] == scope]
 
 
-def upload_names(manifest: BundleManifest, scopes: Mapping[str, str]) -> list[str]:
-    """What an agent on this backbone uploads each round: every global and group tensor, sorted."""
-    return sorted(names_in_scope(manifest, scopes, "global") + names_in_scope(manifest, scopes, "group"))
+def prototypes_of(manifest: BundleManifest) -> dict[str, tuple[int, ...]]:
+    """FedProto's prototype tensors for this bundle's task and DeMA r-space (protocols/prototypes.py)."""
+    return prototype_shapes(len(manifest.task.labels), int(manifest.dema["rank"]))
 
 
-def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str]) -> FederatedState:
+def upload_names(manifest: BundleManifest, scopes: Mapping[str, str], *, prototypes: bool = False) -> list[str]:
+    """What an agent on this backbone uploads each round: every global and group tensor, and with
+    ``prototypes`` (fedproto) its class prototypes and their counts, sorted."""
+    names = names_in_scope(manifest, scopes, "global") + names_in_scope(manifest, scopes, "group")
+    return sorted(names + (list(prototypes_of(manifest)) if prototypes else []))
+
+
+def tensor_shape(manifest: BundleManifest, name: str) -> tuple[int, ...]:
+    """The shape of anything an agent on this backbone may upload: a trainable tensor or a prototype tensor."""
+    if is_prototype_name(name):
+        shapes = prototypes_of(manifest)
+        if name not in shapes:
+            raise KeyError(f"{name!r} is not a prototype tensor of this task ({len(manifest.task.labels)} classes)")
+        return shapes[name]
+    return tuple(manifest.tensor(name).shape)
+
+
+def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], *,
+                  prototypes: bool = False) -> FederatedState:
     """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
 
     Tensors exported as global must start identical on every backbone (export seeds them by name); a mismatch
@@ -52,6 +71,10 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str]) 
     so it is an error rather than a silent pick. A family the *run* promotes to global (e.g. a shared head) was
     seeded per backbone at export: the fleet starts from the first backbone's values (by name), which every agent
     receives before its first step. Its shape must be the same on every backbone.
+
+    With ``prototypes`` (fedproto) the global tensors also hold every class's prototype at zero with count 0,
+    i.e. "no prototype yet": agents train with plain cross-entropy until a class has one. The r-space must be
+    the same on every backbone.
     """
     global_tensors: TensorDict = {}
     groups: dict[str, TensorDict] = {}
@@ -70,6 +93,13 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str]) 
             elif manifest.tensor(name).scope == "global" and not np.array_equal(global_tensors[name], initial[name]):
                 raise ValueError(f"global tensor '{name}' differs between backbones at export; "
                                  "rebuild the bundles with one DeMA config and seed")
+    if prototypes:
+        shapes = {backbone: prototypes_of(bundles[backbone].manifest) for backbone in sorted(bundles)}
+        first = next(iter(shapes.values()), {})
+        if any(s != first for s in shapes.values()):
+            raise ValueError("fedproto needs one prototype space: the bundles differ in classes or DeMA rank ("
+                             + ", ".join(f"{b}: r = {bundles[b].manifest.dema['rank']}" for b in shapes) + ")")
+        global_tensors.update({name: np.zeros(shape, np.float32) for name, shape in first.items()})
     return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 
 
@@ -80,7 +110,7 @@ def weights_for(state: FederatedState, backbone: str) -> TensorDict:
 
 def payload_bytes(manifest: BundleManifest, names: list[str]) -> int:
     """Raw float32 bytes of the named tensors (without any container or transport framing)."""
-    return BYTES_PER_FLOAT32 * sum(int(np.prod(manifest.tensor(n).shape)) for n in names)
+    return BYTES_PER_FLOAT32 * sum(int(np.prod(tensor_shape(manifest, n))) for n in names)
 
 
 def full_model_bytes(manifest: BundleManifest) -> int:

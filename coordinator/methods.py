@@ -20,6 +20,14 @@ METHOD_SCOPES: Mapping[str, Mapping[str, str]] = {
 }
 
 
+# Methods whose agents also send class prototypes (and train towards the global ones).
+PROTOTYPE_METHODS = frozenset({"fedproto"})
+
+
+def uses_prototypes(method: str) -> bool:
+    return method in PROTOTYPE_METHODS
+
+
 def scopes_for(method: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     """Family -> scope for a method, after the run's overrides."""
     return resolve_scopes({**METHOD_SCOPES.get(method, {}), **(overrides or {})})

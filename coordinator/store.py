@@ -114,7 +114,8 @@ class RunStore:
         for group, tensors in state.group_tensors.items():
             flat.update({f"group/{group}/{k}": v for k, v in tensors.items()})
         tmp = path.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp),
+        # asarray(order="C"), not ascontiguousarray: that turns 0-d tensors (fedproto's counts) into shape (1,)
+        save_file({k: np.asarray(v, order="C") for k, v in flat.items()}, str(tmp),
                   metadata={"groups": json.dumps(sorted(state.group_tensors))})
         os.replace(tmp, path)
         return path
@@ -125,7 +126,7 @@ class RunStore:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{agent_id}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
         return path
 

@@ -294,7 +294,8 @@ class EdgeAgent:
             log.warning("round %d skipped: %s", a.round, exc)
             return
         self._status("training")
-        plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names))
+        plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
+                         a.prototype_weight)
         learner.guard = DeviceLimits(self.config.max_memory_mb if self.config.enforce_memory else None,
                                      self.config.slowdown)
         try:

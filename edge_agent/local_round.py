@@ -18,8 +18,10 @@ import numpy as np
 from edge_agent.data import Sample, batches, eval_batches, split_local
 from edge_agent.inputs import BatchEncoder
 from edge_agent.limits import peak_rss_mb
+from edge_agent.prototypes import class_means, prototype_targets, prototype_upload
 from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
 from protocols.bundle_manifest import BundleManifest
+from protocols.prototypes import is_prototype_name
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class RoundPlan:
     learning_rate: float
     seed: int
     upload_names: tuple[str, ...]
+    prototype_weight: float = 0.0  # fedproto's lambda; prototypes are asked for by name in upload_names
 
 
 class RoundGuard(Protocol):
@@ -95,7 +98,13 @@ class LocalLearner:
         self._before: tuple[int, dict[str, np.ndarray]] | None = None
 
     def run_round(self, plan: RoundPlan, received: Mapping[str, np.ndarray]) -> RoundOutcome:
-        """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out."""
+        """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out.
+
+        fedproto: the received global prototypes become this round's training targets, and the upload carries
+        this device's class prototypes, computed after the local steps (edge_agent/prototypes.py).
+        """
+        global_prototypes = {k: v for k, v in received.items() if is_prototype_name(k)}
+        received = {k: v for k, v in received.items() if not is_prototype_name(k)}
         unknown = sorted(set(received) - set(self.kept))
         if unknown:
             raise ValueError(f"received tensors this bundle does not have: {unknown[:3]}")
@@ -107,6 +116,9 @@ class LocalLearner:
         start_tensors = {**self.kept, **received}
         load_start = time.perf_counter()
         self.trainer.start_round(start_tensors, plan.learning_rate)
+        if plan.prototype_weight > 0 and global_prototypes:
+            self.trainer.set_prototypes(*prototype_targets(global_prototypes, len(self.manifest.task.labels),
+                                                           int(self.manifest.dema["rank"]), plan.prototype_weight))
         guard.after("load", time.perf_counter() - load_start)
 
         eval_start = time.perf_counter()
@@ -127,15 +139,22 @@ class LocalLearner:
 
         eval_start = time.perf_counter()
         personal = self.trainer.evaluate(self._batches(self.test, guard))
+        wants_prototypes = any(is_prototype_name(name) for name in plan.upload_names)
+        prototypes = self._class_prototypes(guard) if wants_prototypes else {}
         eval_seconds += time.perf_counter() - eval_start
 
         after = self.trainer.read_tensors(self.kept)
         self.kept = after
-        upload = {name: after[name] for name in plan.upload_names}
+        upload = {name: prototypes[name] if is_prototype_name(name) else after[name] for name in plan.upload_names}
         return RoundOutcome(upload=upload, personal=personal, global_=global_result,
                             train_loss=float(np.mean(losses[-max(1, len(losses) // 4):])),
                             train_seconds=train_seconds, eval_seconds=eval_seconds,
                             peak_rss_mb=peak_rss_mb(), n_train=len(self.train))
+
+    def _class_prototypes(self, guard: RoundGuard) -> dict[str, np.ndarray]:
+        representations = self.trainer.represent(self._batches(self.train, guard))
+        labels = np.array([example.label for example in self.train], dtype=np.int64)
+        return prototype_upload(*class_means(representations, labels, len(self.manifest.task.labels)))
 
     def _encode(self, examples: Sequence[Sample]) -> Batch:
         return self.encoder.encode(examples)

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.dema.model import AdapterClassifier
+from export.dema.model import AdapterClassifier, TrainingObjective
 
 OPSET = 17
 MAX_IR_VERSION = 10
@@ -28,9 +28,25 @@ class ExportError(RuntimeError):
     """The exported graph broke an invariant the ORT training path relies on."""
 
 
+# The training and eval graphs' inputs after the model's own, and their outputs (training_loss in dema/model.py).
+OBJECTIVE_INPUTS = ("labels", "prototypes", "prototype_weights")
+GRAPH_OUTPUTS = ("loss", "logits", "representation")
+
+
 def graph_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
                  ) -> tuple[tuple[torch.Tensor, ...], dict[str, dict[int, str]]]:
-    """Example inputs to trace with, and their dynamic axes, in the graph's input order."""
+    """Example inputs to trace with, and their dynamic axes, in the graph's input order: the model's inputs,
+    then labels [B], prototypes [classes, r] and prototype weights [classes]."""
+    classes, rank = model.head.out_features, model.config.rank
+    objective = (torch.arange(batch_size, dtype=torch.long) % classes, torch.zeros(classes, rank),
+                 torch.zeros(classes))
+    objective_axes: dict[str, dict[int, str]] = {"labels": {0: "batch"}, "prototypes": {}, "prototype_weights": {}}
+    model_inputs, model_axes = _model_inputs(model, batch_size=batch_size, seq_len=seq_len)
+    return (*model_inputs, *objective), {**model_axes, **objective_axes}
+
+
+def _model_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
+                  ) -> tuple[tuple[torch.Tensor, ...], dict[str, dict[int, str]]]:
     if model.spec.modality == "image":
         size = model.spec.image_size
         pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -44,15 +60,17 @@ def graph_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
 
 
 def export_onnx(model: AdapterClassifier, path: Path, *, batch_size: int, seq_len: int) -> onnx.ModelProto:
-    """Trace the classifier to an ONNX graph whose trainable names equal PyTorch's parameter names."""
+    """Trace the classifier's training objective to an ONNX graph whose trainable names equal PyTorch's
+    parameter names. The loss is part of the graph (not an ORT loss block) because FedProto's prototype term
+    needs the representation and the global prototypes; see `training_loss`."""
     model.eval()
     inputs, dynamic_axes = graph_inputs(model, batch_size=batch_size, seq_len=seq_len)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers' mask utils are harmless here
         torch.onnx.export(
-            model, inputs, str(path),
-            input_names=list(dynamic_axes), output_names=["logits"],
-            dynamic_axes={**dynamic_axes, "logits": {0: "batch"}},
+            TrainingObjective(model), inputs, str(path),
+            input_names=list(dynamic_axes), output_names=list(GRAPH_OUTPUTS),
+            dynamic_axes={**dynamic_axes, "logits": {0: "batch"}, "representation": {0: "batch"}},
             opset_version=OPSET, do_constant_folding=False,
             training=torch.onnx.TrainingMode.TRAINING, dynamo=False,
         )
@@ -89,8 +107,9 @@ def generate_training_artifacts(model: AdapterClassifier, proto: onnx.ModelProto
                                 *, weight_decay: float = 0.0) -> None:
     """Training, eval and optimizer graphs plus a checkpoint holding the frozen and trainable weights.
 
-    The eval and training graphs also return `logits`, so the device computes accuracy without a separate
-    inference model. Frozen weights go in the checkpoint ("ckpt mode"): stored once, loaded once.
+    Both graphs return (loss, logits, representation): the device computes accuracy and FedProto's class
+    prototypes without a separate inference model. The loss is the exported graph's own first output (no ORT
+    loss block). Frozen weights go in the checkpoint ("ckpt mode"): stored once, loaded once.
     """
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -103,10 +122,10 @@ def generate_training_artifacts(model: AdapterClassifier, proto: onnx.ModelProto
             proto,
             requires_grad=model.trainable_names(),
             frozen_params=model.frozen_names(),
-            loss=artifacts.LossType.CrossEntropyLoss,
+            loss=None, loss_input_names=["loss"],
             optimizer=artifacts.OptimType.AdamW if weight_decay == 0.0 else _adamw(weight_decay),
             artifact_directory=str(out_dir),
-            additional_output_names=["logits"],
+            additional_output_names=list(GRAPH_OUTPUTS[1:]),
         )
     cap_ir_version(out_dir)
     for name in ARTIFACT_FILES:

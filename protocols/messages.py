@@ -146,6 +146,8 @@ class Assignment(_Message):
     learning_rate: Annotated[float, Field(gt=0)]
     deadline_unix: float
     seed: int
+    # fedproto's lambda (0 = no prototype term); the prototypes themselves arrive with the weights.
+    prototype_weight: Annotated[float, Field(ge=0)] = 0.0
 
 
 class UpdateReport(_Message):

@@ -108,7 +108,9 @@ def _ort_eval_logits(bundle: Bundle, values: dict[str, np.ndarray], batches: lis
     for name, value in values.items():
         state.parameters[name].data = value
     module.eval()
-    return [np.asarray(module(*b.inputs, b.labels)[1]) for b in batches]
+    classes, rank = len(bundle.manifest.task.labels), int(bundle.manifest.dema["rank"])
+    no_prototypes = (np.zeros((classes, rank), np.float32), np.zeros(classes, np.float32))
+    return [np.asarray(module(*b.inputs, b.labels, *no_prototypes)[1]) for b in batches]
 
 
 def test_exported_eval_graph_matches_pytorch_at_a_new_batch_and_length(bundle: Bundle, batch: Batch) -> None:

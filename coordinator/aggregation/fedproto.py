@@ -6,7 +6,8 @@ comparable across backbones and cost only ``classes x r`` floats per round.
 
 Exact definition (this project's):
 
-* State. ``global_tensors`` holds, for every class name ``c`` of the task, the pair
+* State. ``global_tensors`` holds, for every class ``c`` of the task (its index in the task's labels, as
+  protocols/prototypes.py names them), the pair
   ``"proto.{c}"`` (shape ``(r,)``, the global prototype) and ``"proto_count.{c}"`` (shape ``()``,
   the number of samples behind it). No other global-scope tensors are allowed. Group-scope tensors,
   if the run configures any, are aggregated by the usual sample-weighted group mean.
@@ -44,9 +45,7 @@ from coordinator.aggregation.mean import (
     updates_by_group,
     weighted_mean,
 )
-
-PROTO_PREFIX = "proto."
-COUNT_PREFIX = "proto_count."
+from protocols.prototypes import COUNT_PREFIX, PROTO_PREFIX
 
 
 def prototype_classes(state: FederatedState) -> list[str]:

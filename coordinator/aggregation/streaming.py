@@ -6,6 +6,11 @@ all agents is sum_b n_b mean_b / N. So one pseudo-update per group, carrying the
 gives the same aggregate as the individual updates (checked on real federations by the fault and e2e tests),
 while memory is O(groups x adapter size) instead of O(agents x adapter size). CMGA is why the sums are per group
 and not one global sum: it projects group means against each other.
+
+fedproto's prototypes are the exception: their rule weights each by its own class count, not by the agent's
+sample count. So a prototype is summed count-weighted and a count plainly; the group's pseudo-update then
+carries the group's count-weighted class mean and its total count, from which the rule gives the exact
+fleet-wide mean (sum_g M_g P_g / sum_g M_g).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.aggregation.base import ClientUpdate, TensorDict
+from protocols.prototypes import COUNT_PREFIX, PROTO_PREFIX
 
 
 @dataclass
@@ -37,7 +43,7 @@ class GroupAccumulator:
         if group.agents and set(update.tensors) != set(group.sums):
             raise ValueError(f"update from {update.agent_id} has other tensors than the rest of group {update.group}")
         for name, value in update.tensors.items():
-            weighted = update.num_samples * value.astype(np.float64)
+            weighted = _weight(update, name) * value.astype(np.float64)
             group.sums[name] = group.sums[name] + weighted if name in group.sums else weighted
         group.samples += update.num_samples
         group.agents += 1
@@ -50,6 +56,34 @@ class GroupAccumulator:
         """One update per group: its sample-weighted mean tensors and its total sample count."""
         out = []
         for name, group in sorted(self._groups.items()):
-            means: TensorDict = {k: (v / group.samples).astype(np.float32) for k, v in group.sums.items()}
+            means: TensorDict = {k: _mean(group, k).astype(np.float32) for k in group.sums}
             out.append(ClientUpdate(agent_id=f"group:{name}", group=name, num_samples=group.samples, tensors=means))
         return out
+
+
+def _count_name(name: str) -> str | None:
+    """The count tensor that weights a prototype tensor (None for anything else)."""
+    if name.startswith(PROTO_PREFIX) and not name.startswith(COUNT_PREFIX):
+        return COUNT_PREFIX + name[len(PROTO_PREFIX):]
+    return None
+
+
+def _weight(update: ClientUpdate, name: str) -> float:
+    """What a tensor of ``update`` is weighted by in its group's sum: its class count for a prototype, 1 for a
+    count (counts add up), the agent's sample count for everything else."""
+    count = _count_name(name)
+    if count is not None:
+        if count not in update.tensors:
+            raise ValueError(f"update from {update.agent_id} has prototype {name!r} without {count!r}")
+        return float(update.tensors[count])
+    return 1.0 if name.startswith(COUNT_PREFIX) else float(update.num_samples)
+
+
+def _mean(group: _GroupSum, name: str) -> np.ndarray:
+    count = _count_name(name)
+    if count is not None:  # count-weighted class mean; zero (with count 0) where no agent of the group saw it
+        total = float(group.sums[count])
+        return group.sums[name] / total if total > 0 else np.zeros_like(group.sums[name])
+    if name.startswith(COUNT_PREFIX):
+        return group.sums[name]
+    return group.sums[name] / group.samples

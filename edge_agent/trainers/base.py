@@ -49,6 +49,42 @@ class TrainerBackend(Protocol):
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """Copies (never views) of the named trainable tensors."""
 
+    def set_prototypes(self, prototypes: np.ndarray, weights: np.ndarray) -> None:
+        """FedProto's targets for the rest of this round: [classes, r] and per-class weights [classes] (lambda
+        where a global prototype exists, else 0). start_round resets both to zeros (plain cross-entropy)."""
+
+    def represent(self, batches: Iterable[Batch]) -> np.ndarray:
+        """The representation of every example, [N, r] (the last adapter's pooled z), without changing weights."""
+
+
+def prototype_shape(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(classes, r) of a bundle's prototype inputs, from its trainable tensors' shapes: the head's rows and the
+    adapters' W_in rows (every slot has the same r)."""
+    classes = shapes["head.weight"][0]
+    ranks = {shape[0] for name, shape in shapes.items() if name.endswith(".w_in.weight")}
+    if len(ranks) != 1:
+        raise ValueError(f"cannot tell the adapters' r from their W_in shapes (found {sorted(ranks)})")
+    return classes, ranks.pop()
+
+
+def zero_prototypes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """Prototype inputs that switch the prototype term off: zeros [classes, r] and zero weights [classes]."""
+    classes, rank = prototype_shape(shapes)
+    return np.zeros((classes, rank), np.float32), np.zeros(classes, np.float32)
+
+
+def checked_prototypes(prototypes: np.ndarray, weights: np.ndarray, shape: tuple[int, int]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The prototype inputs as contiguous float32, or a ValueError naming what does not fit the bundle."""
+    prototypes = np.ascontiguousarray(prototypes, dtype=np.float32)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if prototypes.shape != shape or weights.shape != shape[:1]:
+        raise ValueError(f"prototypes {prototypes.shape} and weights {weights.shape} do not fit this bundle's "
+                         f"{shape[0]} classes x r = {shape[1]}")
+    if not (np.isfinite(prototypes).all() and np.isfinite(weights).all()) or (weights < 0).any():
+        raise ValueError("prototypes and their weights must be finite, weights >= 0")
+    return prototypes, weights
+
 
 def accumulate(results: Iterable[tuple[float, np.ndarray, np.ndarray]]) -> EvalResult:
     """Sample-weighted loss and accuracy over (batch loss, logits, labels) triples."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.ort_api import load_training_api
-from edge_agent.trainers.base import Batch, EvalResult, accumulate
+from edge_agent.trainers.base import Batch, EvalResult, accumulate, checked_prototypes, zero_prototypes
 
 
 class OrtTrainer:
@@ -31,6 +31,8 @@ class OrtTrainer:
         self._module: Any = None
         self._optimizer: Any = None
         self._prepared = False
+        self._prototypes: tuple[np.ndarray, np.ndarray] | None = None
+        self._prototype_sizing: dict[str, tuple[int, ...]] | None = None
 
     def _session_options(self) -> Any:
         import onnxruntime
@@ -71,14 +73,17 @@ class OrtTrainer:
             target.data = np.ascontiguousarray(value, dtype=np.float32)
         self._optimizer = api.Optimizer(str(self._dir / "optimizer_model.onnx"), self._module)
         self._optimizer.set_learning_rate(float(learning_rate))
+        self._prototypes = zero_prototypes(self._shapes())
+
+    def set_prototypes(self, prototypes: np.ndarray, weights: np.ndarray) -> None:
+        self._require_module()
+        shape = zero_prototypes(self._shapes())[0].shape
+        self._prototypes = checked_prototypes(prototypes, weights, (shape[0], shape[1]))
 
     def train_step(self, batch: Batch) -> float:
-        module = self._require_module()
-        module.train()
-        loss, _logits = module(*batch.inputs, batch.labels)
-        self._optimizer.step()
-        module.lazy_reset_grad()
-        return float(loss)
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         module = self._require_module()
@@ -86,10 +91,17 @@ class OrtTrainer:
 
         def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
             for b in batches:
-                loss, logits = module(*b.inputs, b.labels)
+                loss, logits, _representation = module(*self._feeds(b))
                 yield float(loss), np.asarray(logits), b.labels
 
         return accumulate(outputs())
+
+    def represent(self, batches: Iterable[Batch]) -> np.ndarray:
+        module = self._require_module()
+        module.eval()
+        parts = [np.array(module(*self._feeds(b))[2], dtype=np.float32) for b in batches]
+        rank = self._prototypes[0].shape[1] if self._prototypes is not None else 0
+        return np.concatenate(parts) if parts else np.zeros((0, rank), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_module()
@@ -102,15 +114,28 @@ class OrtTrainer:
         return {n: np.array(params[n].grad, dtype=np.float32, copy=True) for n in names}
 
     def forward_backward(self, batch: Batch) -> float:
-        """Loss with gradients accumulated but no optimizer step (for the agreement test)."""
+        """Loss with gradients accumulated but no optimizer step (train_step, and the agreement test)."""
         module = self._require_module()
         module.train()
-        loss, _ = module(*batch.inputs, batch.labels)
+        loss, _logits, _representation = module(*self._feeds(batch))
         return float(loss)
 
     def optimizer_step(self) -> None:
         self._optimizer.step()
         self._require_module().lazy_reset_grad()
+
+    def _feeds(self, batch: Batch) -> tuple[np.ndarray, ...]:
+        """The graphs' inputs in order: the model's, labels, prototypes [classes, r], prototype weights."""
+        assert self._prototypes is not None  # set by start_round, which _require_module has checked
+        return (*batch.inputs, batch.labels, *self._prototypes)
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors that size the prototype inputs (the head, every W_in), read once per trainer."""
+        if self._prototype_sizing is None:
+            params = self._state.parameters
+            names = ["head.weight", *(name for name, _ in params if name.endswith(".w_in.weight"))]
+            self._prototype_sizing = {name: tuple(params[name].data.shape) for name in names}
+        return self._prototype_sizing
 
     def _require_module(self) -> Any:
         if self._module is None:

@@ -2,9 +2,10 @@
 
 No onnxruntime-training wheel exists for Linux aarch64 (Raspberry Pi, Jetson), so there the agent trains with
 torch. The coordinator must not be able to tell the backends apart, so this backend reproduces ORT's training
-graph exactly: the bundle's frozen weights (its torch part), the manifest's DeMA tensors, mean cross-entropy,
-and ORT's `AdamWOptimizer` in adam_mode 1 (Hugging Face AdamW: bias correction folded into the learning rate,
-eps added to sqrt(v), no weight decay), restarted with fresh moments each round (reference/ort-training.md §4-5).
+graph exactly: the bundle's frozen weights (its torch part), the manifest's DeMA tensors, the graph's loss (mean
+cross-entropy plus FedProto's prototype term, export/dema/model.py `training_loss`), and ORT's `AdamWOptimizer`
+in adam_mode 1 (Hugging Face AdamW: bias correction folded into the learning rate, eps added to sqrt(v), no weight
+decay), restarted with fresh moments each round (reference/ort-training.md §4-5).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.trainers.base import Batch, EvalResult, accumulate
+from edge_agent.trainers.base import Batch, EvalResult, accumulate, checked_prototypes, zero_prototypes
 from edge_agent.trainers.torch_model import (
     AdapterEncoderClassifier,
     EncoderShape,
@@ -75,6 +76,7 @@ class TorchTrainer:
         self.moment2: dict[str, Any] = {}
         self.step = 0
         self.learning_rate = np.float32(0.0)
+        self.prototypes = zero_prototypes(self.shapes)
 
     # --- TrainerBackend --------------------------------------------------------------------------------
 
@@ -98,6 +100,12 @@ class TorchTrainer:
         self.moment2 = {n: self.torch.zeros_like(p) for n, p in params.items()}
         self.step = 0
         self.learning_rate = np.float32(learning_rate)
+        self.prototypes = zero_prototypes(self.shapes)
+
+    def set_prototypes(self, prototypes: np.ndarray, weights: np.ndarray) -> None:
+        self._require_round()
+        classes, rank = self.prototypes[0].shape
+        self.prototypes = checked_prototypes(prototypes, weights, (classes, rank))
 
     def train_step(self, batch: Batch) -> float:
         loss = self.forward_backward(batch)
@@ -111,11 +119,17 @@ class TorchTrainer:
         def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
             for b in batches:
                 with torch.no_grad():
-                    logits = self._logits(b)
-                    loss = torch.nn.functional.cross_entropy(logits, self._labels(b))
+                    logits, representation = self._classify(b)
+                    loss = self._loss(logits, representation, b)
                 yield float(loss), logits.numpy(), b.labels
 
         return accumulate(outputs())
+
+    def represent(self, batches: Iterable[Batch]) -> np.ndarray:
+        self._require_round()
+        with self.torch.no_grad():
+            parts = [self._classify(b)[1].numpy().astype(np.float32) for b in batches]
+        return np.concatenate(parts) if parts else np.zeros((0, self.prototypes[0].shape[1]), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_round()
@@ -128,7 +142,8 @@ class TorchTrainer:
         self._require_round()
         for p in self.params.values():
             p.grad = None
-        loss = self.torch.nn.functional.cross_entropy(self._logits(batch), self._labels(batch))
+        logits, representation = self._classify(batch)
+        loss = self._loss(logits, representation, batch)
         loss.backward()
         return float(loss.detach())
 
@@ -165,9 +180,16 @@ class TorchTrainer:
 
     # --- helpers ---------------------------------------------------------------------------------------
 
-    def _logits(self, batch: Batch) -> Any:
+    def _classify(self, batch: Batch) -> tuple[Any, Any]:
         inputs = (self.torch.from_numpy(np.ascontiguousarray(x)) for x in batch.inputs)
-        return self.model.logits(self.params, *(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+        return self.model.classify(self.params, *(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
+
+    def _loss(self, logits: Any, representation: Any, batch: Batch) -> Any:
+        """export/dema/model.py `training_loss`: CE + mean_i w[y_i] · mean_r (rep_i - P[y_i])²."""
+        torch, labels = self.torch, self._labels(batch)
+        prototypes, weights = (torch.from_numpy(x).to(self.dtype) for x in self.prototypes)
+        distance = (representation - prototypes[labels]).pow(2).mean(dim=-1)
+        return torch.nn.functional.cross_entropy(logits, labels) + (weights[labels] * distance).mean()
 
     def _labels(self, batch: Batch) -> Any:
         return self.torch.tensor(np.asarray(batch.labels), dtype=self.torch.int64)  # a copy: labels may be read-only

@@ -108,6 +108,7 @@ class AdapterEncoderClassifier:
     def __init__(self, shape: EncoderShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
                  experts: int) -> None:
         self.slots_after = slots_after_blocks(slot_blocks, shape.num_hidden_layers)
+        self.last_slot = len(slot_blocks) - 1
         self.torch = load_torch()
         self.shape = shape
         self.weights = dict(weights)
@@ -115,7 +116,9 @@ class AdapterEncoderClassifier:
         self.head_dim = shape.hidden_size // shape.num_attention_heads
         self.scaling = self.head_dim**-0.5
 
-    def logits(self, params: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def classify(self, params: Mapping[str, Tensor], input_ids: Tensor, attention_mask: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """Logits and the representation (the last adapter's z, masked-mean pooled), as the export's classify."""
         torch = self.torch
         functional = torch.nn.functional
         w, shape = self.weights, self.shape
@@ -130,13 +133,16 @@ class AdapterEncoderClassifier:
         mask = attention_mask.to(hidden.dtype)
         # transformers' eager path: 0 where attended, the dtype's minimum where padded, added to the scores.
         additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        last: list[Tensor] = []
         for block in range(shape.num_hidden_layers):
             hidden = self._block(block, hidden, additive)
-            for slot in self.slots_after.get(block, ()):
-                hidden = self._adapter(slot, params, hidden)
+            hidden = run_adapters(torch, self.slots_after.get(block, ()), params, hidden, self.experts,
+                                  self.last_slot, last)
         weights = mask.unsqueeze(-1)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return functional.linear(pooled, params["head.weight"], params["head.bias"])
+        count = weights.sum(dim=1).clamp(min=1.0)
+        pooled = (hidden * weights).sum(dim=1) / count
+        logits = functional.linear(pooled, params["head.weight"], params["head.bias"])
+        return logits, (last[-1] * weights).sum(dim=1) / count
 
     def _block(self, index: int, hidden: Tensor, additive: Tensor) -> Tensor:
         torch = self.torch
@@ -163,17 +169,21 @@ class AdapterEncoderClassifier:
             functional.linear(inner, w[f"{p}output.dense.weight"], w[f"{p}output.dense.bias"]) + attended,
             (d,), w[f"{p}output.LayerNorm.weight"], w[f"{p}output.LayerNorm.bias"], shape.layer_norm_eps)
 
-    def _adapter(self, slot: int, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
-        return dema_adapter(self.torch, slot, params, hidden, self.experts)
 
-
-def dema_adapter(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Tensor, experts: int) -> Tensor:
-    """export/dema/layer.py: h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z), z = GELU(W_in LN(h))."""
+def adapter_project(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+    """export/dema/layer.py's z = GELU(W_in LN(h)): the tokens' points in the shared r-space."""
     functional = torch.nn.functional
     p = f"adapters.{slot}."
     normed = functional.layer_norm(hidden, (hidden.shape[-1],), params[f"{p}ln.weight"], params[f"{p}ln.bias"],
                                    ADAPTER_LN_EPS)
-    z = functional.gelu(functional.linear(normed, params[f"{p}w_in.weight"], params[f"{p}w_in.bias"]))
+    return functional.gelu(functional.linear(normed, params[f"{p}w_in.weight"], params[f"{p}w_in.bias"]))
+
+
+def adapter_mix(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Tensor, z: Tensor,
+                experts: int) -> Tensor:
+    """export/dema/layer.py's h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z)."""
+    functional = torch.nn.functional
+    p = f"adapters.{slot}."
     gate = torch.softmax(functional.linear(z, params[f"{p}w_g.weight"]), dim=-1)
     mixed: Tensor = 0
     for e in range(experts):
@@ -181,6 +191,17 @@ def dema_adapter(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Te
                                    params[f"{p}experts.{e}.b.weight"])
         mixed = mixed + gate[..., e : e + 1] * expert
     return hidden + functional.linear(mixed, params[f"{p}w_out.weight"], params[f"{p}w_out.bias"])
+
+
+def run_adapters(torch: Any, slots: Sequence[int], params: Mapping[str, Tensor], hidden: Tensor, experts: int,
+                 last_slot: int, representation: list[Tensor]) -> Tensor:
+    """The adapters after one block, in slot order; the last slot's z is appended to ``representation``."""
+    for slot in slots:
+        z = adapter_project(torch, slot, params, hidden)
+        if slot == last_slot:
+            representation.append(z)
+        hidden = adapter_mix(torch, slot, params, hidden, z, experts)
+    return hidden
 
 
 def slots_after_blocks(slot_blocks: Sequence[int], layers: int) -> dict[int, list[int]]:

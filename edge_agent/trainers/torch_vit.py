@@ -15,9 +15,9 @@ from typing import Any
 
 from edge_agent.trainers.torch_model import (
     Tensor,
-    dema_adapter,
     load_torch,
     read_shape_config,
+    run_adapters,
     slots_after_blocks,
 )
 
@@ -79,6 +79,7 @@ class AdapterVitClassifier:
     def __init__(self, shape: VitShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
                  experts: int) -> None:
         self.slots_after = slots_after_blocks(slot_blocks, shape.num_hidden_layers)
+        self.last_slot = len(slot_blocks) - 1
         self.torch: Any = load_torch()
         self.shape = shape
         self.weights = dict(weights)
@@ -86,7 +87,8 @@ class AdapterVitClassifier:
         self.head_dim = shape.hidden_size // shape.num_attention_heads
         self.scaling = self.head_dim**-0.5
 
-    def logits(self, params: Mapping[str, Tensor], pixel_values: Tensor) -> Tensor:
+    def classify(self, params: Mapping[str, Tensor], pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and the representation (the last adapter's z, token mean), as the export's classify."""
         functional = self.torch.nn.functional
         w, shape = self.weights, self.shape
         if tuple(pixel_values.shape[1:]) != (shape.num_channels, shape.image_size, shape.image_size):
@@ -97,13 +99,15 @@ class AdapterVitClassifier:
         patches = patches.flatten(2).transpose(1, 2)
         cls = w["embeddings.cls_token"].expand(patches.shape[0], -1, -1)
         hidden = self.torch.cat((cls, patches), dim=1) + w["embeddings.position_embeddings"]
+        last: list[Tensor] = []
         for block in range(shape.num_hidden_layers):
             hidden = self._block(block, hidden)
-            for slot in self.slots_after.get(block, ()):
-                hidden = dema_adapter(self.torch, slot, params, hidden, self.experts)
+            hidden = run_adapters(self.torch, self.slots_after.get(block, ()), params, hidden, self.experts,
+                                  self.last_slot, last)
         hidden = functional.layer_norm(hidden, (shape.hidden_size,), w["layernorm.weight"], w["layernorm.bias"],
                                        shape.layer_norm_eps)
-        return functional.linear(hidden.mean(dim=1), params["head.weight"], params["head.bias"])
+        logits = functional.linear(hidden.mean(dim=1), params["head.weight"], params["head.bias"])
+        return logits, last[-1].mean(dim=1)
 
     def _block(self, index: int, hidden: Tensor) -> Tensor:
         torch = self.torch

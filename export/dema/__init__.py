@@ -2,7 +2,7 @@
 
 from export.dema.config import DEFAULT_SCOPES, FAMILIES, SCOPES, DemaConfig, family_of, slot_blocks
 from export.dema.layer import DemaAdapter
-from export.dema.model import AdapterClassifier, TensorSpec
+from export.dema.model import AdapterClassifier, TensorSpec, TrainingObjective, training_loss
 
 __all__ = [
     "DEFAULT_SCOPES",
@@ -12,6 +12,8 @@ __all__ = [
     "DemaAdapter",
     "DemaConfig",
     "TensorSpec",
+    "TrainingObjective",
     "family_of",
     "slot_blocks",
+    "training_loss",
 ]

@@ -39,7 +39,13 @@ class DemaAdapter(nn.Module):
         self.w_out = nn.Linear(config.rank, hidden)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = F.gelu(self.w_in(self.ln(h)))
+        return self.mix(h, self.project(h))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """z: the token's point in the shared r-space (what FedProto's prototypes are means of)."""
+        return F.gelu(self.w_in(self.ln(h)))
+
+    def mix(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         gate = torch.softmax(self.w_g(z), dim=-1)
         y = sum(gate[..., e : e + 1] * expert(z) for e, expert in enumerate(self.experts))
         return h + self.w_out(y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,34 @@ class TensorSpec:
                 "family": self.family, "scope": self.scope}
 
 
+def training_loss(logits: torch.Tensor, representation: torch.Tensor, labels: torch.Tensor,
+                  prototypes: torch.Tensor, prototype_weights: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy plus FedProto's pull towards the global class prototypes:
+
+        loss = CE(logits, y) + mean_i  w[y_i] · mean_r (representation_i - prototypes[y_i])²
+
+    ``prototypes`` is [classes, r], ``prototype_weights`` [classes]: lambda where the class has a global
+    prototype, 0 elsewhere. Every method other than fedproto feeds zero weights, so its loss, gradients and
+    updates are plain cross-entropy's (the term is exactly 0.0 and so is its gradient).
+    """
+    cross_entropy = nn.functional.cross_entropy(logits, labels)
+    distance = (representation - prototypes[labels]).pow(2).mean(dim=-1)
+    return cross_entropy + (prototype_weights[labels] * distance).mean()
+
+
+class TrainingObjective(nn.Module):
+    """The module the training graph is traced from: the classifier's own submodules (so every parameter keeps
+    its name) and `AdapterClassifier.objective` as forward."""
+
+    def __init__(self, classifier: AdapterClassifier) -> None:
+        super().__init__()
+        self.backbone, self.adapters, self.head = classifier.backbone, classifier.adapters, classifier.head
+        self._objective = classifier.objective
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._objective(*args)
+
+
 class AdapterClassifier(nn.Module):
     """Backbone (frozen) -> DeMA after blocks round(s*L/S) -> mean pool -> linear head.
 
@@ -51,6 +79,7 @@ class AdapterClassifier(nn.Module):
         self.adapters = nn.ModuleList(DemaAdapter(spec.hidden, config) for _ in range(config.slots))
         self.head = nn.Linear(spec.hidden, num_classes)
         self.slot_blocks = slot_blocks(spec.layers, config.slots)
+        self._last_z = torch.zeros(0)  # set by the last slot's hook during every forward
         blocks = spec.blocks(self.backbone)
         for block_index in sorted(set(self.slot_blocks)):
             slots = [s for s, b in enumerate(self.slot_blocks) if b == block_index]
@@ -58,25 +87,43 @@ class AdapterClassifier(nn.Module):
         self.reset_trainable()
 
     def _make_hook(self, slots: list[int]) -> Any:
+        last = self.config.slots - 1
+
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
             for s in slots:
-                hidden = self.adapters[s](hidden)
+                adapter = cast(DemaAdapter, self.adapters[s])
+                z = adapter.project(hidden)
+                if s == last:
+                    self._last_z = z  # the representation's tokens, read by classify() in the same forward
+                hidden = adapter.mix(hidden, z)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """(input_ids, attention_mask) for a text backbone, (pixel_values,) for an image backbone."""
+        return self.classify(*inputs)[0]
+
+    def classify(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the representation: the last adapter's r-space tokens, pooled like the head's input."""
         if self.spec.modality == "image":
             (pixel_values,) = inputs
             hidden: torch.Tensor = self.backbone(pixel_values)
-            return self.head(hidden.mean(dim=1))
+            return self.head(hidden.mean(dim=1)), self._last_z.mean(dim=1)
         input_ids, attention_mask = inputs
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.head(pooled)
+        count = mask.sum(dim=1).clamp(min=1.0)
+        pooled = (hidden * mask).sum(dim=1) / count
+        return self.head(pooled), (self._last_z * mask).sum(dim=1) / count
+
+    def objective(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the training graph computes: (loss, logits, representation) from (*inputs, labels, prototypes,
+        prototype_weights); see `training_loss`."""
+        *inputs, labels, prototypes, prototype_weights = args
+        logits, representation = self.classify(*inputs)
+        return training_loss(logits, representation, labels, prototypes, prototype_weights), logits, representation
 
     # --- trainable tensors -------------------------------------------------------------------------
 
