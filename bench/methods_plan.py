@@ -22,19 +22,40 @@ DATASETS: dict[str, tuple[str, ...]] = {"tweet-sentiment": TWEET_LABELS, "bbc-ne
 
 METHODS: tuple[str, ...] = ("heterotune", "heterotune-noalign", "group-fedavg", "local", "smallest-common",
                              "fedproto")
-# Design candidates of issue 3: heterotune with some families' scopes changed (engine method, scope overrides).
-# They run from the very same bundles; only what travels, and how far, differs.
-CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A design candidate of issue 3: an engine method with some families' scopes changed and, optionally,
+    fedproto's prototype exchange and pull on top. Same bundles; only what travels, and how far, differs."""
+
+    engine_method: str
+    scopes: dict[str, str] = field(default_factory=dict)
+    share_prototypes: bool = False
+
+    def describe(self) -> str:
+        changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
+        if self.share_prototypes:
+            changes.append("class prototypes shared and pulled towards (fedproto's term, lambda 1)")
+        return f"`{self.engine_method}` with " + ", ".join(changes)
+
+
+CANDIDATES: dict[str, Candidate] = {
     # The head averaged within a backbone group (personal heads lose label priors; global view should gain).
-    "heterotune-grouphead": ("heterotune", {"head": "group"}),
+    "heterotune-grouphead": Candidate("heterotune", {"head": "group"}),
     # One head for the whole fleet (possible here: every backbone in a mode has the same width).
-    "heterotune-globalhead": ("heterotune", {"head": "global"}),
+    "heterotune-globalhead": Candidate("heterotune", {"head": "global"}),
     # The gate stays on the device: each device mixes the shared experts its own way.
-    "heterotune-localgate": ("heterotune", {"w_g": "local"}),
+    "heterotune-localgate": Candidate("heterotune", {"w_g": "local"}),
     # The fair baseline for a shared head: the same head sharing, but nothing crosses a backbone group.
-    "group-fedavg-grouphead": ("group-fedavg", {"head": "group"}),
+    "group-fedavg-grouphead": Candidate("group-fedavg", {"head": "group"}),
     # Only the global tensors travel: W_in/W_out/LN stay on the device (about 7x fewer bytes).
-    "heterotune-globalonly": ("heterotune", {"ln": "local", "w_in": "local", "w_out": "local"}),
+    "heterotune-globalonly": Candidate("heterotune", {"ln": "local", "w_in": "local", "w_out": "local"}),
+    # Aligned projections: every device's r-space representation is pulled towards the fleet's class prototypes,
+    # so the shared experts see each class in the same place whichever backbone feeds them.
+    "heterotune-proto": Candidate("heterotune", share_prototypes=True),
+    # Its fair baseline: the same alignment, but the experts are shared only within a backbone group.
+    "group-fedavg-proto": Candidate("group-fedavg", share_prototypes=True),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -151,7 +172,8 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
         raise ValueError(f"unknown benchmark method {method!r}; known: {', '.join(settings.methods)}")
     agents = settings.agents()
     backbones = settings.backbones
-    engine_method, scopes = CANDIDATES.get(method, (method, {}))
+    candidate = CANDIDATES.get(method, Candidate(method))
+    engine_method, scopes = candidate.engine_method, candidate.scopes
     if method == "smallest-common":
         smallest = settings.smallest()
         agents = dict.fromkeys(agents, smallest)
@@ -161,5 +183,6 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        rounds=settings.rounds, local_steps=settings.local_steps,
                        learning_rate=settings.learning_rate, min_agents=len(agents), seed=seed,
                        task=settings.task(),
-                       dema=settings.dema or {}, pinned=agents, scopes=scopes)
+                       dema=settings.dema or {}, pinned=agents, scopes=scopes,
+                       share_prototypes=candidate.share_prototypes)
     return config, agents

@@ -232,10 +232,11 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
 
 
 def _candidate_lines(methods: Sequence[str]) -> list[str]:
-    """Design candidates (bench/methods_plan.py CANDIDATES): an engine method with some families' scopes changed."""
-    described = [f"`{m}` = `{CANDIDATES[m][0]}` with " + ", ".join(f"{f} {sc}" for f, sc in CANDIDATES[m][1].items())
-                 for m in methods if m in CANDIDATES]
-    return [f"- design candidates (same bundles, only scopes differ): {'; '.join(described)}."] if described else []
+    """Design candidates (bench/methods_plan.py CANDIDATES): an engine method with scopes or prototypes changed."""
+    described = [f"`{m}` = {CANDIDATES[m].describe()}" for m in methods if m in CANDIDATES]
+    if not described:
+        return []
+    return [f"- design candidates (same bundles, only what travels differs): {'; '.join(described)}."]
 
 
 def _curves(s: Mapping[str, Any], methods: Sequence[str], last: int) -> list[str]:

@@ -39,7 +39,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     run = run_inprocess(config, bundles, specs, Path(job["global_test_file"]), threads=1, final_eval=True)
     home = settings.agents()  # device class = the backbone the device would get on its own
     scopes = scopes_for(config.method, config.scopes)
-    prototypes = uses_prototypes(config.method)
+    prototypes = uses_prototypes(config)
     return {
         "method": method,
         "seed": seed,

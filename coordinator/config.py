@@ -44,6 +44,8 @@ class RunConfig(_Strict):
     method_options: dict[str, Any] = Field(default_factory=dict)
     # fedproto's lambda: the weight of the pull towards the global class prototypes (FedProto's default is 1).
     prototype_weight: float = Field(1.0, ge=0)
+    # Any other method can exchange prototypes and train with that pull too (the shared adapters keep their rule).
+    share_prototypes: bool = False
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from coordinator import federation_state
-from coordinator.aggregation import ClientUpdate, make_strategy
+from coordinator.aggregation import ClientUpdate
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.methods import scopes_for, uses_prototypes
+from coordinator.methods import scopes_for, strategy_for, uses_prototypes
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -105,9 +105,9 @@ class Coordinator:
         self.store = store
         self.on_round = on_round
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
-        self.strategy = make_strategy(config.method, **config.method_options)
+        self.strategy = strategy_for(config)
         self.scopes = scopes_for(config.method, config.scopes)
-        self.prototypes = uses_prototypes(config.method)
+        self.prototypes = uses_prototypes(config)
         self.agents: dict[str, AgentRecord] = {}
         self.refused: dict[str, str] = {}
         self.blobs: dict[str, bytes] = {}  # sha -> bytes we serve (bundles, round weights)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from coordinator.aggregation import make_strategy
+from coordinator.aggregation.base import Strategy
+from coordinator.aggregation.with_prototypes import WithPrototypes
+from coordinator.config import RunConfig
 from export.dema.config import FAMILIES, resolve_scopes
 
 METHOD_SCOPES: Mapping[str, Mapping[str, str]] = {
@@ -20,12 +24,21 @@ METHOD_SCOPES: Mapping[str, Mapping[str, str]] = {
 }
 
 
-# Methods whose agents also send class prototypes (and train towards the global ones).
+# Methods whose agents always send class prototypes (and train towards the global ones); any other method
+# does so too when the run sets `share_prototypes`.
 PROTOTYPE_METHODS = frozenset({"fedproto"})
 
 
-def uses_prototypes(method: str) -> bool:
-    return method in PROTOTYPE_METHODS
+def uses_prototypes(config: RunConfig) -> bool:
+    return config.method in PROTOTYPE_METHODS or config.share_prototypes
+
+
+def strategy_for(config: RunConfig) -> Strategy:
+    """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them."""
+    strategy = make_strategy(config.method, **config.method_options)
+    if config.share_prototypes and config.method not in PROTOTYPE_METHODS:
+        return WithPrototypes(strategy)
+    return strategy
 
 
 def scopes_for(method: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:

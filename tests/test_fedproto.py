@@ -22,8 +22,10 @@ import torch
 from safetensors.numpy import load_file
 
 from bench.methods_federation import AgentSpec, FederationRun, run_inprocess
+from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import FleetData
+from coordinator.methods import strategy_for, uses_prototypes
 from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore, load_state
 from edge_agent.data import eval_batches, load_examples
@@ -89,6 +91,28 @@ def test_targets_switch_on_only_classes_the_fleet_has_seen() -> None:
     np.testing.assert_array_equal(weights, [0.5, 0.0, 0.0])
     with pytest.raises(ValueError, match=r"expected \(2,\)"):
         prototype_targets({"proto.0": np.zeros(3), "proto_count.0": np.asarray(1.0)}, 3, 2, 1.0)
+
+
+def test_adapter_rule_and_prototype_rule_side_by_side() -> None:
+    # heterotune-noalign (plain sample-weighted mean) on "g", fedproto's count-weighted mean on the prototypes
+    strategy = strategy_for(RunConfig(method="heterotune-noalign", share_prototypes=True))
+    assert strategy.name == "heterotune-noalign+prototypes"
+    state = FederatedState(global_tensors={"g": np.zeros(2, np.float32), "proto.0": np.zeros(2, np.float32),
+                                           "proto_count.0": np.asarray(0.0, np.float32)},
+                           group_tensors={"s": {"own": np.zeros(1, np.float32)}})
+    updates = [ClientUpdate("a", "s", 1, {"g": np.array([1.0, 0.0], np.float32), "own": np.array([2.0], np.float32),
+                                          "proto.0": np.array([4.0, 4.0], np.float32),
+                                          "proto_count.0": np.asarray(3.0, np.float32)}),
+               ClientUpdate("b", "s", 3, {"g": np.array([5.0, 4.0], np.float32), "own": np.array([6.0], np.float32),
+                                          "proto.0": np.array([0.0, 8.0], np.float32),
+                                          "proto_count.0": np.asarray(1.0, np.float32)})]
+    result = strategy.aggregate(state, updates, 1).state
+    np.testing.assert_allclose(result.global_tensors["g"], [4.0, 3.0])  # (1*[1,0] + 3*[5,4]) / 4: by samples
+    np.testing.assert_allclose(result.group_tensors["s"]["own"], [5.0])  # (1*2 + 3*6) / 4
+    np.testing.assert_allclose(result.global_tensors["proto.0"], [3.0, 5.0])  # (3*[4,4] + 1*[0,8]) / 4: by counts
+    assert float(result.global_tensors["proto_count.0"]) == 4.0
+    assert uses_prototypes(RunConfig(method="fedproto")) and not uses_prototypes(RunConfig(method="heterotune"))
+    assert strategy_for(RunConfig(method="fedproto")).name == "fedproto"  # never wrapped twice
 
 
 # ------------------------------------------------------------------------------- the two trainer backends
