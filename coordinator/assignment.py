@@ -144,6 +144,11 @@ def cards_for_backend(cards: Sequence[CostCard], backend: str | None) -> list[Co
     ``cards`` may hold several backends' cards per backbone, at most one of each. Backbones whose bundle ``backend``
     cannot train (``untrainable_backbones``) are left out: they are no candidates, not candidates judged by ORT.
     """
+    return split_for_backend(cards, backend)[0]
+
+
+def split_for_backend(cards: Sequence[CostCard], backend: str | None) -> tuple[list[CostCard], list[CostCard]]:
+    """``cards_for_backend`` and ``untrainable_backbones`` at once: (the candidates' cards, the untrainable ones)."""
     wanted = backend or DEFAULT_COST_BACKEND
     pairs = [(c.backbone, c.backend) for c in cards]
     if len(set(pairs)) != len(pairs):
@@ -154,12 +159,12 @@ def cards_for_backend(cards: Sequence[CostCard], backend: str | None) -> list[Co
         if c.backend == wanted or (c.backend == DEFAULT_COST_BACKEND and c.backbone not in chosen
                                    and c.can_train_with(wanted)):
             chosen[c.backbone] = c
-    untrainable = {c.backbone for c in untrainable_backbones(cards, wanted)}
-    missing = sorted({c.backbone for c in cards} - set(chosen) - untrainable)
+    untrainable = untrainable_backbones(cards, wanted)
+    missing = sorted({c.backbone for c in cards} - set(chosen) - {c.backbone for c in untrainable})
     if missing:
         raise ValueError(f"assign_backbone: no {wanted} or {DEFAULT_COST_BACKEND} cost card for {missing}")
     order = list(dict.fromkeys(c.backbone for c in cards))
-    return [chosen[name] for name in order if name in chosen]
+    return [chosen[name] for name in order if name in chosen], untrainable
 
 
 def untrainable_backbones(cards: Sequence[CostCard], backend: str | None) -> list[CostCard]:
@@ -260,9 +265,8 @@ def assign_backbone(
     if not cards:
         raise ValueError("assign_backbone: no cost cards")
     backend = device.backend or DEFAULT_COST_BACKEND
-    untrainable = untrainable_backbones(cards, backend)
+    cards, untrainable = split_for_backend(cards, backend)
     excluded = tuple(_untrainable_line(c, backend) for c in untrainable)
-    cards = cards_for_backend(cards, device.backend)
     _validate(device, cards or untrainable, local_steps, eval_samples, memory_fraction, deadline_seconds)
     if not cards:
         names = ", ".join(c.backbone for c in untrainable)
