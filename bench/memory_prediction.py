@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, git_commit, log, machine_facts, python_env, status_mb, stop_process, table
+from edge_agent.probe import PROBE_VERSION
 
 BACKBONES = ("minilm-l3", "minilm-l6", "tiny-3")
 TOLERANCE = 0.20  # issue 4: predicted within +-20 % of measured
@@ -143,9 +144,11 @@ def render(outcome: dict[str, Any], command: str) -> str:
         "",
         table(header, rows),
         "",
-        "**Predicted** is the bundle's cost card: `python -m edge_agent.probe` (probe version 2) run by the builder "
-        "at export in its own process. It imports the agent's whole stack (pydantic messages, paho-mqtt, typer/"
-        "rich, tokenizers), tokenises full-length text with the bundle's tokenizer.json, and runs two real "
+        f"**Predicted** is the bundle's cost card: `python -m edge_agent.probe` (probe version {PROBE_VERSION}) run "
+        "by the builder at export in its own process, after reading every native library into the page cache (the "
+        "card is the warm-cache peak: a cold cache read the torch card ~80 MB lower). It imports the agent's whole "
+        "stack (pydantic messages, paho-mqtt, typer/rich, tokenizers), tokenises full-length text with the "
+        "bundle's tokenizer.json, and runs two real "
         "`LocalLearner` rounds (each reloads the checkpoint, evaluates at the training batch size, trains, "
         "evaluates). \"Probe run now\" is the same probe run again by this script; a large difference to the card "
         "means the bundle was built by an older probe and should be rebuilt.",
