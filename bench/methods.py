@@ -113,7 +113,8 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
     fleets = prepare_fleets(settings, out)
     key = settings_key(settings)
     settings_dict = settings.to_dict()
-    jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key,
+    commit = git_commit()  # the code this invocation imported; a job finishing after a new commit still ran this
+    jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key, "commit": commit,
              "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
              "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
             for m in settings.methods for s in settings.seeds]

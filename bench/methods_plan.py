@@ -32,11 +32,13 @@ class Candidate:
     engine_method: str
     scopes: dict[str, str] = field(default_factory=dict)
     share_prototypes: bool = False
+    prototype_weight: float = 1.0  # lambda of the pull, when prototypes are shared
 
     def describe(self) -> str:
         changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
         if self.share_prototypes:
-            changes.append("class prototypes shared and pulled towards (fedproto's term, lambda 1)")
+            changes.append(f"class prototypes shared and pulled towards (fedproto's term, lambda "
+                           f"{self.prototype_weight:g})")
         return f"`{self.engine_method}` with " + ", ".join(changes)
 
 
@@ -56,6 +58,9 @@ CANDIDATES: dict[str, Candidate] = {
     "heterotune-proto": Candidate("heterotune", share_prototypes=True),
     # Its fair baseline: the same alignment, but the experts are shared only within a backbone group.
     "group-fedavg-proto": Candidate("group-fedavg", share_prototypes=True),
+    # A tenth of the pull (FedProto's lambda = 1 lowered both views on tweets at validation seeds).
+    "heterotune-weakproto": Candidate("heterotune", share_prototypes=True, prototype_weight=0.1),
+    "group-fedavg-weakproto": Candidate("group-fedavg", share_prototypes=True, prototype_weight=0.1),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -184,5 +189,5 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        learning_rate=settings.learning_rate, min_agents=len(agents), seed=seed,
                        task=settings.task(),
                        dema=settings.dema or {}, pinned=agents, scopes=scopes,
-                       share_prototypes=candidate.share_prototypes)
+                       share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight)
     return config, agents

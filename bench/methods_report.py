@@ -383,7 +383,8 @@ def _job_commits(raw: Mapping[str, Any]) -> str:
     commits = sorted({str(job.get("commit", "?")) for job in raw["jobs"]})
     if commits == [raw["commit"]]:
         return ""
-    return "; federations from commits " + ", ".join(f"`{c}`" for c in commits) + " (resumed; settings unchanged)"
+    return ("; federations from commits " + ", ".join(f"`{c}`" for c in commits)
+            + " (finished federations reused with --reuse or by a resumed sweep; settings unchanged)")
 
 
 def render_index(raws: Sequence[Mapping[str, Any]], cells_planned: int) -> str:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import git_commit
 from bench.methods_federation import AgentRound, AgentSpec, run_inprocess
 from bench.methods_plan import BenchSettings, Regime, method_config
 from coordinator.federation_state import full_model_bytes, payload_bytes, upload_names
@@ -55,7 +54,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},
         "seconds": run.seconds,
-        "commit": git_commit(),  # a resumed sweep mixes federations from several commits: each says its own
+        "commit": job["commit"],  # a resumed sweep mixes federations from several commits: each says its own
         "wall_seconds": time.time() - started,
     }
 
