@@ -151,6 +151,8 @@ def test_both_backends_compute_the_same_prototype_term(bundles: dict[str, Bundle
         pulled = trainer.forward_backward(batch)
         results[trainer.name] = (plain, pulled, plain_grads, trainer.read_gradients(names),
                                  trainer.represent([batch]))
+        # an evaluation reports cross-entropy alone: the pull is a training term (same weights, no step taken)
+        assert trainer.evaluate([batch]).loss == pytest.approx(plain, rel=1e-5), trainer.name
     ort, pt = results["ort"], results["torch"]
     assert pt[1] > pt[0] + 0.1  # the term is on (and not vacuous): rep is far from random prototypes
     assert abs(ort[0] - pt[0]) <= 1e-5 * pt[0] and abs(ort[1] - pt[1]) <= 1e-5 * pt[1]

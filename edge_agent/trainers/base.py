@@ -44,7 +44,7 @@ class TrainerBackend(Protocol):
         """One forward/backward/AdamW step; returns the batch loss."""
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
-        """Loss and accuracy of the current weights, without changing them."""
+        """Cross-entropy and accuracy of the current weights, without changing them (no prototype term)."""
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         """Copies (never views) of the named trainable tensors."""

@@ -91,7 +91,7 @@ class OrtTrainer:
 
         def outputs() -> Iterator[tuple[float, np.ndarray, np.ndarray]]:
             for b in batches:
-                loss, logits, _representation = module(*self._feeds(b))
+                loss, logits, _representation = module(*self._feeds(b, pull=False))
                 yield float(loss), np.asarray(logits), b.labels
 
         return accumulate(outputs())
@@ -99,7 +99,7 @@ class OrtTrainer:
     def represent(self, batches: Iterable[Batch]) -> np.ndarray:
         module = self._require_module()
         module.eval()
-        parts = [np.array(module(*self._feeds(b))[2], dtype=np.float32) for b in batches]
+        parts = [np.array(module(*self._feeds(b, pull=False))[2], dtype=np.float32) for b in batches]
         rank = self._prototypes[0].shape[1] if self._prototypes is not None else 0
         return np.concatenate(parts) if parts else np.zeros((0, rank), np.float32)
 
@@ -124,10 +124,12 @@ class OrtTrainer:
         self._optimizer.step()
         self._require_module().lazy_reset_grad()
 
-    def _feeds(self, batch: Batch) -> tuple[np.ndarray, ...]:
-        """The graphs' inputs in order: the model's, labels, prototypes [classes, r], prototype weights."""
+    def _feeds(self, batch: Batch, *, pull: bool = True) -> tuple[np.ndarray, ...]:
+        """The graphs' inputs in order: the model's, labels, prototypes [classes, r], prototype weights. Without
+        ``pull`` the weights are zero: an evaluation's loss is cross-entropy alone, the pull is a training term."""
         assert self._prototypes is not None  # set by start_round, which _require_module has checked
-        return (*batch.inputs, batch.labels, *self._prototypes)
+        prototypes, weights = self._prototypes
+        return (*batch.inputs, batch.labels, prototypes, weights if pull else np.zeros_like(weights))
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the tensors that size the prototype inputs (the head, every W_in), read once per trainer."""
