@@ -171,6 +171,25 @@ def run_full(settings_list: list[BenchSettings], *, workers: int, command: str) 
     return 0
 
 
+def render_full(pages: Path) -> int:
+    """Redraw every finished cell's page (and PNG) under ``pages`` from its stored JSON, then the index."""
+    planned = full_sweep()
+    done = []
+    for cell in planned:
+        stored = pages / f"{cell.mode}.json"
+        if stored.exists():
+            raw = read_json(stored)
+            shown = stored.relative_to(REPO) if stored.is_relative_to(REPO) else stored
+            note = (f"Re-rendered from the stored results (`{shown}`) by `python -m bench.methods --full "
+                    f"--render-from` (commit `{git_commit()}`); no number was recomputed by hand.")
+            page = pages / f"{cell.mode}.md"
+            page.write_text(render(raw, note, plot=plot_path(page)))
+            done.append(raw)
+    (pages.parent / f"{pages.name}.md").write_text(render_index(done, len(planned)))
+    log(f"re-rendered {len(done)} of {len(planned)} cells under {pages} and their index")
+    return 0
+
+
 def select_cells(cells: list[BenchSettings], patterns: str | None) -> list[BenchSettings]:
     """The cells whose name contains any of the comma-separated ``patterns`` (all cells without patterns)."""
     if not patterns:
@@ -217,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished federations with identical settings")
     parser.add_argument("--render-from", type=Path, metavar="RESULTS_JSON",
-                        help="only re-render the page from a stored results.json (no training)")
+                        help="only re-render the page from a stored results.json (no training); with --full, the "
+                        "directory of the cells' pages (docs/results-full)")
     args = parser.parse_args(argv)
+    if args.render_from and args.mode == "full":
+        return render_full(args.render_from)
     if args.render_from:
         target = args.results or REPO / "docs" / "results.md"
         note = (f"Re-rendered from the stored results of that run (`{args.render_from}`) "

@@ -215,8 +215,9 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
         "",
         "What it does **not** show: anything statistically significant (with "
         f"{n_seeds} seeds the sign-flip test cannot go below p = {2 / 2 ** n_seeds:.2f}), other datasets "
-        f"({', '.join(DATASET_WORDS[d][0] for d in others)}; see their own pages), other regimes (Dirichlet 0.3, "
-        f"more data per agent), longer training (only {settings['rounds']} rounds × {settings['local_steps']} local "
+        f"({', '.join(DATASET_WORDS[d][0] for d in others)}; see their own pages), other regimes "
+        f"({_other_regimes(settings['regime'])}), longer training (only {settings['rounds']} rounds × "
+        f"{settings['local_steps']} local "
         "steps), more agents, "
         + (f"backbones of different widths ({', '.join(settings['backbones'])} are all {widths.pop()} wide), "
            if len(widths) == 1 else "")
@@ -229,6 +230,13 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
         "not evidence either way.",
     ]
     return out
+
+
+def _other_regimes(regime: Mapping[str, Any]) -> str:
+    """The label skews and data sizes of the benchmark's regimes this page is not about."""
+    skews = [f"Dirichlet {alpha}" for alpha in (0.3, 1.0) if alpha != regime["alpha"]]
+    data = "more data per agent" if regime["train_per_agent"] < 200 else "less data per agent"
+    return ", ".join([*skews, data])
 
 
 def _candidate_lines(methods: Sequence[str]) -> list[str]:
