@@ -387,8 +387,9 @@ def _resolution(raw: Mapping[str, Any]) -> list[str]:
 
 
 def _job_commits(raw: Mapping[str, Any]) -> str:
-    """Where a resumed run reused federations finished at other commits, say which (jobs before this field: ?)."""
-    commits = sorted({str(job.get("commit", "?")) for job in raw["jobs"]})
+    """Where a resumed run reused federations finished at other commits, say which (a job from before jobs recorded
+    their commit ran in the run it is stored with)."""
+    commits = sorted({str(job.get("commit", raw["commit"])) for job in raw["jobs"]})
     if commits == [raw["commit"]]:
         return ""
     return ("; federations from commits " + ", ".join(f"`{c}`" for c in commits)
