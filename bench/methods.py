@@ -158,36 +158,41 @@ def run_full(settings_list: list[BenchSettings], *, workers: int, command: str) 
     under docs/results-full/jobs/CELL/ and reused while its settings are unchanged (the settings key in its
     file name); the index covers every cell whose page exists, whichever invocation produced it.
     """
-    planned = full_sweep()
     for settings in settings_list:
         page = FULL_PAGES / f"{settings.mode}.md"
         run_settings(settings, DEFAULT_OUT / "full" / settings.mode, page, workers=workers, reuse=True,
                      command=command, job_dir=FULL_PAGES / "jobs" / settings.mode)
-        done = [read_json(FULL_PAGES / f"{cell.mode}.json") for cell in planned
-                if (FULL_PAGES / f"{cell.mode}.json").exists()]
-        index = REPO / "docs" / "results-full.md"
-        index.write_text(render_index(done, len(planned)))  # after every cell: a long sweep shows progress
-        log(f"wrote {index} ({len(done)} of {len(planned)} cells)")
+        write_index(FULL_PAGES)  # after every cell: a long sweep shows progress
     return 0
 
 
 def render_full(pages: Path) -> int:
     """Redraw every finished cell's page (and PNG) under ``pages`` from its stored JSON, then the index."""
-    planned = full_sweep()
-    done = []
-    for cell in planned:
+    for cell in full_sweep():
         stored = pages / f"{cell.mode}.json"
         if stored.exists():
-            raw = read_json(stored)
-            shown = stored.relative_to(REPO) if stored.is_relative_to(REPO) else stored
-            note = (f"Re-rendered from the stored results (`{shown}`) by `python -m bench.methods --full "
-                    f"--render-from` (commit `{git_commit()}`); no number was recomputed by hand.")
-            page = pages / f"{cell.mode}.md"
-            page.write_text(render(raw, note, plot=plot_path(page)))
-            done.append(raw)
-    (pages.parent / f"{pages.name}.md").write_text(render_index(done, len(planned)))
-    log(f"re-rendered {len(done)} of {len(planned)} cells under {pages} and their index")
+            rerender(stored, pages / f"{cell.mode}.md", "--full --render-from")
+    write_index(pages)
     return 0
+
+
+def write_index(pages: Path) -> None:
+    """The sweep's index beside ``pages`` (docs/results-full.md), over every cell whose stored JSON exists."""
+    planned = full_sweep()
+    done = [read_json(pages / f"{cell.mode}.json") for cell in planned if (pages / f"{cell.mode}.json").exists()]
+    index = pages.parent / f"{pages.name}.md"
+    index.write_text(render_index(done, len(planned)))
+    log(f"wrote {index} ({len(done)} of {len(planned)} cells)")
+
+
+def rerender(stored: Path, page: Path, flags: str) -> None:
+    """Redraw ``page`` (and its PNG) from a stored results JSON, saying so at its top; no training."""
+    shown = stored.relative_to(REPO) if stored.is_relative_to(REPO) else stored
+    note = (f"Re-rendered from the stored results of that run (`{shown}`) by `python -m bench.methods {flags}` at "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC (commit `{git_commit()}`); no number was "
+            "recomputed by hand.")
+    page.write_text(render(read_json(stored), note, plot=plot_path(page)))
+    log(f"re-rendered {page} from {stored}")
 
 
 def select_cells(cells: list[BenchSettings], patterns: str | None) -> list[BenchSettings]:
@@ -242,12 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_from and args.mode == "full":
         return render_full(args.render_from)
     if args.render_from:
-        target = args.results or REPO / "docs" / "results.md"
-        note = (f"Re-rendered from the stored results of that run (`{args.render_from}`) "
-                f"by `python -m bench.methods --render-from` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
-                f"(commit `{git_commit()}`); no number was recomputed by hand.")
-        target.write_text(render(read_json(args.render_from), note, plot=plot_path(target)))
-        log(f"re-rendered {target} from {args.render_from}")
+        rerender(args.render_from, args.results or REPO / "docs" / "results.md", "--render-from")
         return 0
 
     # Children (the spawned pool) inherit this: one BLAS/OpenMP thread per federation, offline model loading.

@@ -30,7 +30,7 @@ import numpy as np
 from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
-from coordinator.methods import scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import prototype_weight_for, scopes_for, strategy_for, uses_prototypes
 from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.base import EvalResult
@@ -124,7 +124,7 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     started = time.perf_counter()
     scopes = scopes_for(config.method, config.scopes)
     prototypes = uses_prototypes(config)
-    prototype_weight = config.prototype_weight if prototypes else 0.0  # as the engine's Assignment carries it
+    prototype_weight = prototype_weight_for(config)  # as the engine's Assignment carries it
     strategy = strategy_for(config)
     used = {a.backbone for a in agents}
     state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes)

@@ -23,7 +23,7 @@ from coordinator.aggregation import ClientUpdate
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.methods import scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import prototype_weight_for, scopes_for, strategy_for, uses_prototypes
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -360,7 +360,7 @@ class Coordinator:
                 upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
-                prototype_weight=self.config.prototype_weight if self.prototypes else 0.0)
+                prototype_weight=prototype_weight_for(self.config))
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory

@@ -33,6 +33,11 @@ def uses_prototypes(config: RunConfig) -> bool:
     return config.method in PROTOTYPE_METHODS or config.share_prototypes
 
 
+def prototype_weight_for(config: RunConfig) -> float:
+    """The lambda a round's Assignment carries: the run's pull where it uses prototypes, else 0 (no term)."""
+    return config.prototype_weight if uses_prototypes(config) else 0.0
+
+
 def strategy_for(config: RunConfig) -> Strategy:
     """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them."""
     strategy = make_strategy(config.method, **config.method_options)

@@ -40,7 +40,7 @@ def graph_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
     classes, rank = model.head.out_features, model.config.rank
     objective = (torch.arange(batch_size, dtype=torch.long) % classes, torch.zeros(classes, rank),
                  torch.zeros(classes))
-    objective_axes: dict[str, dict[int, str]] = {"labels": {0: "batch"}, "prototypes": {}, "prototype_weights": {}}
+    objective_axes: dict[str, dict[int, str]] = dict(zip(OBJECTIVE_INPUTS, ({0: "batch"}, {}, {}), strict=True))
     model_inputs, model_axes = _model_inputs(model, batch_size=batch_size, seq_len=seq_len)
     return (*model_inputs, *objective), {**model_axes, **objective_axes}
 

@@ -67,9 +67,9 @@ def prototype_shape(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
     return classes, ranks.pop()
 
 
-def zero_prototypes(shapes: Mapping[str, tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+def zero_prototypes(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Prototype inputs that switch the prototype term off: zeros [classes, r] and zero weights [classes]."""
-    classes, rank = prototype_shape(shapes)
+    classes, rank = shape
     return np.zeros((classes, rank), np.float32), np.zeros(classes, np.float32)
 
 

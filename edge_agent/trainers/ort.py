@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from edge_agent.ort_api import load_training_api
-from edge_agent.trainers.base import Batch, EvalResult, accumulate, checked_prototypes, zero_prototypes
+from edge_agent.trainers.base import (
+    Batch,
+    EvalResult,
+    accumulate,
+    checked_prototypes,
+    prototype_shape,
+    zero_prototypes,
+)
 
 
 class OrtTrainer:
@@ -32,7 +39,7 @@ class OrtTrainer:
         self._optimizer: Any = None
         self._prepared = False
         self._prototypes: tuple[np.ndarray, np.ndarray] | None = None
-        self._prototype_sizing: dict[str, tuple[int, ...]] | None = None
+        self._prototype_shape: tuple[int, int] | None = None
 
     def _session_options(self) -> Any:
         import onnxruntime
@@ -73,12 +80,11 @@ class OrtTrainer:
             target.data = np.ascontiguousarray(value, dtype=np.float32)
         self._optimizer = api.Optimizer(str(self._dir / "optimizer_model.onnx"), self._module)
         self._optimizer.set_learning_rate(float(learning_rate))
-        self._prototypes = zero_prototypes(self._shapes())
+        self._prototypes = zero_prototypes(self._prototype_input_shape())
 
     def set_prototypes(self, prototypes: np.ndarray, weights: np.ndarray) -> None:
         self._require_module()
-        shape = zero_prototypes(self._shapes())[0].shape
-        self._prototypes = checked_prototypes(prototypes, weights, (shape[0], shape[1]))
+        self._prototypes = checked_prototypes(prototypes, weights, self._prototype_input_shape())
 
     def train_step(self, batch: Batch) -> float:
         loss = self.forward_backward(batch)
@@ -100,8 +106,7 @@ class OrtTrainer:
         module = self._require_module()
         module.eval()
         parts = [np.array(module(*self._feeds(b, pull=False))[2], dtype=np.float32) for b in batches]
-        rank = self._prototypes[0].shape[1] if self._prototypes is not None else 0
-        return np.concatenate(parts) if parts else np.zeros((0, rank), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self._prototype_input_shape()[1]), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_module()
@@ -131,13 +136,13 @@ class OrtTrainer:
         prototypes, weights = self._prototypes
         return (*batch.inputs, batch.labels, prototypes, weights if pull else np.zeros_like(weights))
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the tensors that size the prototype inputs (the head, every W_in), read once per trainer."""
-        if self._prototype_sizing is None:
+    def _prototype_input_shape(self) -> tuple[int, int]:
+        """(classes, r) of the graphs' prototype inputs, from the checkpoint's head and W_in (read once)."""
+        if self._prototype_shape is None:
             params = self._state.parameters
             names = ["head.weight", *(name for name, _ in params if name.endswith(".w_in.weight"))]
-            self._prototype_sizing = {name: tuple(params[name].data.shape) for name in names}
-        return self._prototype_sizing
+            self._prototype_shape = prototype_shape({name: tuple(params[name].data.shape) for name in names})
+        return self._prototype_shape
 
     def _require_module(self) -> Any:
         if self._module is None:

@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.trainers.base import Batch, EvalResult, accumulate, checked_prototypes, zero_prototypes
+from edge_agent.trainers.base import (
+    Batch,
+    EvalResult,
+    accumulate,
+    checked_prototypes,
+    prototype_shape,
+    zero_prototypes,
+)
 from edge_agent.trainers.torch_model import (
     AdapterEncoderClassifier,
     EncoderShape,
@@ -76,7 +83,8 @@ class TorchTrainer:
         self.moment2: dict[str, Any] = {}
         self.step = 0
         self.learning_rate = np.float32(0.0)
-        self.prototypes = zero_prototypes(self.shapes)
+        self.prototype_shape = prototype_shape(self.shapes)
+        self.prototypes = zero_prototypes(self.prototype_shape)
 
     # --- TrainerBackend --------------------------------------------------------------------------------
 
@@ -100,12 +108,11 @@ class TorchTrainer:
         self.moment2 = {n: self.torch.zeros_like(p) for n, p in params.items()}
         self.step = 0
         self.learning_rate = np.float32(learning_rate)
-        self.prototypes = zero_prototypes(self.shapes)
+        self.prototypes = zero_prototypes(self.prototype_shape)
 
     def set_prototypes(self, prototypes: np.ndarray, weights: np.ndarray) -> None:
         self._require_round()
-        classes, rank = self.prototypes[0].shape
-        self.prototypes = checked_prototypes(prototypes, weights, (classes, rank))
+        self.prototypes = checked_prototypes(prototypes, weights, self.prototype_shape)
 
     def train_step(self, batch: Batch) -> float:
         loss = self.forward_backward(batch)
@@ -129,7 +136,7 @@ class TorchTrainer:
         self._require_round()
         with self.torch.no_grad():
             parts = [self._classify(b)[1].numpy().astype(np.float32) for b in batches]
-        return np.concatenate(parts) if parts else np.zeros((0, self.prototypes[0].shape[1]), np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self.prototype_shape[1]), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_round()
