@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, table
-from bench.methods_plan import CANDIDATES
+from bench.methods_plan import CANDIDATES, FULL_REGIMES
 from bench.methods_plots import plot_views
 from bench.methods_stats import OVERALL, cosine_summary, headline, mean_sd, paired, view_table
 from export.catalog import get_backbone
@@ -233,9 +233,10 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
 
 
 def _other_regimes(regime: Mapping[str, Any]) -> str:
-    """The label skews and data sizes of the benchmark's regimes this page is not about."""
-    skews = [f"Dirichlet {alpha}" for alpha in (0.3, 1.0) if alpha != regime["alpha"]]
-    data = "more data per agent" if regime["train_per_agent"] < 200 else "less data per agent"
+    """The label skews and data sizes of the sweep's regimes (methods_plan.FULL_REGIMES) this page is not about."""
+    skews = [f"Dirichlet {alpha}" for alpha in sorted({r.alpha for r in FULL_REGIMES}) if alpha != regime["alpha"]]
+    most = max(r.train_per_agent for r in FULL_REGIMES)
+    data = "more data per agent" if regime["train_per_agent"] < most else "less data per agent"
     return ", ".join([*skews, data])
 
 
