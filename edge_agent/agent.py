@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.bundle_store import BundleStore
+from edge_agent.bundle_store import BundleStore, default_cache_dir
 from edge_agent.data import Sample, load_examples
 from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
@@ -61,7 +61,7 @@ class AgentConfig:
     max_round_seconds: float | None = None
     threads: int = 0
     backend: str = "auto"
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "heterotune-agent")
+    cache_dir: Path = field(default_factory=default_cache_dir)
     max_idle_seconds: float = 900.0
     keepalive: int = 30
     username: str | None = None

@@ -73,18 +73,28 @@ class BundleRecipe:
             "task": asdict(self.task),
             "dema": self.dema.to_dict(),
             "versions": [torch.__version__, transformers.__version__, onnx.__version__],
-            "code": _export_code_digest(),
+            "code": code_digest(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _export_code_digest() -> str:
-    """The exporter's own source, and the probe that measures cost cards, are part of the recipe: a fix to
-    either must not reuse stale bundles or cards."""
+CODE_PACKAGES = ("export", "edge_agent")  # the packages whose source keys a bundle (see code_digest)
+
+
+def code_digest(root: Path = Path(__file__).parent.parent) -> str:
+    """The exporter's own source, and all of the agent code the cost-card probes run, are part of the recipe: a
+    change to either must not reuse stale bundles or cards.
+
+    Why the whole agent and not only ``probe.py``: a card is the peak RSS of the agent's own round code
+    (trainers, learner, page-cache warm-up), so any of it can move the number. With a digest of the probe alone,
+    CI (which runs on the session's machine) read a 317 MB tiny-3 torch card from a cached bundle while fresh
+    probes read 386-401 MB, and a 10 % check against an agent that peaked at 385 MB failed.
+    """
     digest = hashlib.sha256()
-    probe = Path(__file__).parent.parent / "edge_agent" / "probe.py"
-    for path in [*sorted(Path(__file__).parent.rglob("*.py")), probe]:
-        digest.update(path.read_bytes())
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
