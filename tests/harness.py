@@ -109,7 +109,7 @@ def assert_rounds_follow_the_rule(run_dir: Path, backbone_of: Mapping[str, str])
         after = load_state(run_dir / "tensors" / f"round-{round_id:04d}.safetensors")
         accepted = [r for r in rows if r.round == round_id and r.accepted]
         assert accepted, f"round {round_id} committed without accepted updates"
-        groups: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        groups: dict[str, list[tuple[int, Mapping[str, np.ndarray]]]] = {}
         for row in accepted:
             update = load_file(str(run_dir / "updates" / f"round-{round_id:04d}" / f"{row.agent_id}.safetensors"))
             groups.setdefault(backbone_of[row.agent_id], []).append((row.n_train, update))

@@ -20,9 +20,15 @@ from coordinator.datasets import (
     train_test_split_indices,
     write_fleet_data,
 )
-from edge_agent.data import load_examples
+from edge_agent.data import Example, Sample, load_examples
 
 # --------------------------------------------------------------------------------------- real corpora
+
+
+def text_of(example: Sample) -> str:
+    """The text of a text example (these tests load only text datasets)."""
+    assert isinstance(example, Example), example
+    return example.text
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +177,12 @@ def test_write_fleet_data_files_round_trip(tmp_path: Path) -> None:
 
     test_examples = load_examples(fleet.global_test_file, ds.labels)
     assert np.bincount([e.label for e in test_examples], minlength=3).tolist() == [30, 30, 30]
-    test_texts = {e.text for e in test_examples}
+    test_texts = {text_of(e) for e in test_examples}
 
     seen: set[str] = set()
     for agent in agents:
         examples = load_examples(fleet.client_files[agent], ds.labels)
-        texts = {e.text for e in examples}
+        texts = {text_of(e) for e in examples}
         assert len(texts) == len(examples)
         assert not texts & test_texts, "global test leaked into an agent's data"
         assert not texts & seen, "two agents share a sample"
@@ -204,9 +210,9 @@ def test_write_fleet_data_is_seeded(tmp_path: Path) -> None:
 def test_write_fleet_data_drops_duplicates_of_global_test(tmp_path: Path) -> None:
     ds = _synthetic((300, 300, 300), duplicate_every=3)
     fleet = write_fleet_data(ds, ["p", "q", "r"], tmp_path, seed=0, global_per_class=60)
-    test_texts = {e.text for e in load_examples(fleet.global_test_file, ds.labels)}
+    test_texts = {text_of(e) for e in load_examples(fleet.global_test_file, ds.labels)}
     for path in fleet.client_files.values():
-        assert not {e.text for e in load_examples(path, ds.labels)} & test_texts
+        assert not {text_of(e) for e in load_examples(path, ds.labels)} & test_texts
     summary = json.loads((tmp_path / "fleet.json").read_text())
     assert summary["split"]["dropped_duplicates_of_global_test"] > 0
 

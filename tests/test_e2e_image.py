@@ -52,7 +52,8 @@ def test_every_image_agent_completes_every_round_on_its_backend(image_run: tuple
     assert all(r.accepted and r.bytes_up > 0 for r in rows)
     assert {r.agent_id: r.backend for r in rows} == BACKENDS
     # Accuracy is measured on the agents' own images (and the held-out set) and is a real fraction.
-    assert all(0.0 <= r.personal_accuracy <= 1.0 and r.global_accuracy is not None for r in rows)
+    assert all(r.personal_accuracy is not None and 0.0 <= r.personal_accuracy <= 1.0 and r.global_accuracy is not None
+               for r in rows)
 
 
 def test_committed_rounds_follow_heterotune_on_the_accepted_image_updates(

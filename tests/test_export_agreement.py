@@ -62,7 +62,8 @@ def test_ort_matches_pytorch_on_one_step(exported: tuple[AdapterClassifier, Path
     logits = model(torch.from_numpy(ids), torch.from_numpy(mask))
     torch_loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
     torch_loss.backward()
-    torch_grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+    torch_grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters()
+                   if p.requires_grad and p.grad is not None}
 
     trainer = OrtTrainer(out)
     trainer.start_round(start, learning_rate=LR)

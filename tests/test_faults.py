@@ -121,7 +121,10 @@ def test_a_third_of_the_agents_killed_in_every_round(tmp_path: Path) -> None:
         thread, outcome = run_in_thread(config, tmp_path / "run", broker, agents)
         wait_for(lambda: joined(tmp_path / "run") == len(SIX), 180, "all agents to join")
         for round_id, pair in victims.items():
-            wait_for(lambda r=round_id: committed_rounds(tmp_path / "run") >= r - 1, 180, f"round {round_id}")
+            def previous_committed(r: int = round_id) -> bool:
+                return committed_rounds(tmp_path / "run") >= r - 1
+
+            wait_for(previous_committed, 180, f"round {round_id}")
             time.sleep(0.5)  # round `round_id` is under way
             for victim in pair:
                 agents.kill(victim)

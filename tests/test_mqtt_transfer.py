@@ -346,5 +346,5 @@ def test_client_sockets_disable_nagle(make_endpoint: EndpointFactory) -> None:
     # (reference §5.2). Checked as a socket option, not as a timing, so a loaded CI machine cannot flake it.
     endpoint = make_endpoint()
     sock = endpoint._client.socket()
-    assert sock is not None
+    assert isinstance(sock, socket.socket)
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

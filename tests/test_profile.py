@@ -44,7 +44,7 @@ def test_profile_fields_and_sanity(tmp_path: Path) -> None:
     assert p["backends"] == available_backends()
     assert p["max_memory_mb"] is None and p["max_round_seconds"] is None
     # no backend asked for: what the agent's "auto" resolves to, the first available one
-    assert p["backend"] == (p["backends"][0] if p["backends"] else None)  # type: ignore[index]
+    assert p["backend"] == (p["backends"][0] if p["backends"] else None)
     assert profile_device(disk_path=tmp_path, backend="torch")["backend"] == "torch"
     with pytest.raises(ValueError, match="unknown trainer backend"):
         profile_device(disk_path=tmp_path, backend="tensorflow")
