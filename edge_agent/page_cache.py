@@ -1,18 +1,27 @@
-"""Bring this interpreter's native libraries into the page cache, so a measured peak RSS does not depend on
-what the machine happened to read before.
+"""Put this interpreter's native libraries into the page cache in one known shape before a peak RSS is measured,
+so a cost card does not depend on how the machine happened to read them before.
 
-A process's RSS counts the file pages it has mapped, and on a page fault Linux maps not just the faulting page
-but its neighbours too ("fault-around"), as long as they are already in the page cache. So the same training
-run shows a different resident set depending on the cache: the torch backend's probe on tiny-3 read 302 MB
-right after torch's libraries were evicted and 378 MB with them cached, and CI once measured a 300 MB card
-for an agent that then peaked at 385 MB. With every library cached first, the probe reads the most the same
-work can show, which is what an agent's own RSS check (``edge_agent.limits``) may see on a warm device.
+A process's RSS counts the file pages it has mapped, and on a page fault Linux maps more than the faulting page:
+its neighbours in the page cache ("fault-around") and, on this kernel (6.18, ext4 with large folios), the whole
+folio the page sits in. So the same training run shows a different resident set depending on whether a library
+is cached at all, and on the size of the folios it was cached in, which depends on *how* it entered the cache:
+
+* the torch probe on tiny-3 read 302 MB right after torch's libraries were evicted, 378 MB with them cached;
+* with every library cached, it read 300 MB in a venv whose libraries were still cached as pip had written
+  them, and 366-400 MB in one whose libraries had been read back through readahead (large folios);
+* CI measured a 317 MB card, then a test evicted and re-read the libraries, and an agent peaked at 385 MB.
+
+``warm`` therefore evicts every library's pages that no process maps and reads the file back sequentially, so
+the cache holds it as readahead leaves it (large folios): the largest RSS the same work shows, and the same
+shape for every probe and agent that runs after it. Pages another process has mapped stay as they are (the
+kernel does not evict them), which is harmless: they look the same to every later process too.
 
 Standard library only: it runs before the probe imports anything heavy.
 """
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,15 +55,22 @@ def site_package_roots() -> list[Path]:
 
 
 def warm(roots: Iterable[Path] | None = None) -> int:
-    """Read every native library under ``roots`` (default: this interpreter's site-packages) once, returning the
-    bytes read. Reading from the cache costs ~0.3 s for torch's 450 MB; from disk, a few seconds once."""
+    """Evict, then read back, every native library under ``roots`` (default: this interpreter's site-packages),
+    returning the bytes read. Costs one read of the libraries from disk (~1 s for torch's 450 MB here)."""
     total = 0
     buffer = bytearray(_READ_CHUNK)
     for path in native_libraries(site_package_roots() if roots is None else roots):
         try:
             with path.open("rb", buffering=0) as handle:
+                _evict(handle.fileno())
                 while count := handle.readinto(buffer):
                     total += count
         except OSError:  # unreadable: it cannot be mapped by this process either
             continue
     return total
+
+
+def _evict(fd: int) -> None:
+    """Drop the file's cached pages that no process maps (a no-op where the call does not exist)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -22,11 +22,12 @@ trains with PyTorch (Linux aarch64 has no ORT training wheel) holds torch and th
 ~210-230 MB above ORT for the same bundle (tiny-3 and MiniLM-L3 on the builder), so the builder measures a card
 per backend (version 3).
 
-RSS also counts the library pages the kernel maps around each page fault when they are cached, so the same
-probe read 302 MB for torch on a cold page cache and 378 MB on a warm one. ``main`` therefore reads every
-native library into the cache first (`edge_agent.page_cache`), and the card is the warm figure: the most the
-same work shows (version 4). This module imports only the standard library at the top, so nothing native is
-mapped before that.
+RSS also counts the library pages the kernel maps around each page fault, and how many depends on whether a
+library is cached and in what folio sizes: the same torch probe on tiny-3 read 300 MB to 400 MB depending on
+how the libraries had entered the page cache. ``main`` therefore evicts every native library and reads it back
+before measuring (`edge_agent.page_cache`), and the card is that figure: the most the same work shows, the same
+for every process that runs after it (version 5). This module imports only the standard library at the top, so
+nothing native is mapped before that.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ __all__ = ["PROBE_BACKENDS", "PROBE_VERSION", "measure", "peak_rss_mb", "synthet
 
 # Part of what a cost card means; bump it when the measurement changes so bundles can be re-measured.
 # 3: the trainer backend is a parameter (a card per backend). 4: native libraries are cached before measuring.
-PROBE_VERSION = 4
+# 5: they are evicted and read back first, so their page-cache folios have one shape (edge_agent/page_cache.py).
+PROBE_VERSION = 5
 # Backends a card can be measured for: a concrete one, never "auto" (a card must say what it measured).
 PROBE_BACKENDS = ("ort", "torch")
 

@@ -64,7 +64,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 
 def test_versions_say_the_cards_changed() -> None:
-    assert PROBE_VERSION == 4 and RECIPE_VERSION == 5  # bundles measured with one card only must be rebuilt
+    assert PROBE_VERSION == 5 and RECIPE_VERSION == 5  # bundles measured with one card only must be rebuilt
 
 
 def test_bundle_has_an_ort_and_a_torch_card(tiny_bundle: Bundle) -> None:
@@ -132,6 +132,19 @@ def _drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def _cache_in_small_folios(path: Path) -> None:
+    """Evict the file, then read it back a page at a time with readahead off: the cache holds it in single pages,
+    the shape a freshly written file can have, where a sequential read leaves large folios."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        while os.read(fd, mmap.PAGESIZE):
+            pass
+    finally:
+        os.close(fd)
+
+
 def _cached_fraction(path: Path) -> float:
     """Share of the file's pages in the page cache (mincore(2) on a private mapping, which faults nothing in)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -150,20 +163,32 @@ def _cached_fraction(path: Path) -> float:
     return sum(flag & 1 for flag in flags) / pages
 
 
-def test_probe_measures_with_every_native_library_cached(tiny_bundle: Bundle) -> None:
-    # RSS counts the library pages the kernel maps around each fault when they are cached, so a probe after the
-    # libraries left the cache read the torch card as ~300 MB, and ~380 MB with them cached (CI once got a 300 MB
-    # card for an agent that peaked at 385 MB). The probe caches every native library before it measures; a
-    # probe that did not left ~55 % of libtorch_cpu uncached here.
+def test_the_card_does_not_depend_on_how_the_libraries_were_cached(tiny_bundle: Bundle) -> None:
+    # RSS counts the library pages the kernel maps around each fault, and on this kernel the whole page-cache
+    # folio a page sits in. The same torch probe read ~300 MB with torch's libraries cached page by page (as pip can
+    # leave them) and ~400 MB after they were read back sequentially (large folios); CI once measured a 317 MB card
+    # and then, after another test had re-read the libraries, an agent peaking at 385 MB. The probe evicts and
+    # re-reads every native library before it measures, so both starting states give one card. (Before that fix
+    # this test read 296 vs 400 MB.)
     libraries = [p for p in page_cache.native_libraries(page_cache.site_package_roots())
                  if p.parent.parent.name in ("torch", "onnxruntime")]
     assert any(p.name.startswith("libtorch_cpu") for p in libraries)
     for path in libraries:
+        _cache_in_small_folios(path)
+    from_small_pages = _probe_torch_card(tiny_bundle)
+    for path in libraries:
         _drop_from_page_cache(path)
-    card = _probe_torch_card(tiny_bundle)
-    cached = {p.name: _cached_fraction(p) for p in libraries}
-    print(f"tiny-3 torch card {card:.0f} MB; least-cached library afterwards: {min(cached.values()):.2f}")
-    assert min(cached.values()) >= 0.99, {name: f for name, f in cached.items() if f < 0.99}
+    from_cold = _probe_torch_card(tiny_bundle)
+    cached = {p: _cached_fraction(p) for p in libraries}
+    sizes = {p: p.stat().st_size for p in libraries}
+    overall = sum(cached[p] * sizes[p] for p in libraries) / sum(sizes.values())
+    print(f"tiny-3 torch card: {from_small_pages:.0f} MB from single cached pages, {from_cold:.0f} MB from a cold "
+          f"cache; cached afterwards: {overall:.3f} of the bytes, least-cached library {min(cached.values()):.2f}")
+    assert abs(from_small_pages - from_cold) <= 0.05 * from_cold, (from_small_pages, from_cold)
+    # Every library is back in the cache. By bytes, not per file: a clean CI machine once left one page of a
+    # 26-page torch test library uncached (0.96), which changes no card.
+    assert overall >= 0.99, {p.name: f for p, f in cached.items() if f < 0.99}
+    assert min(cached.values()) >= 0.9, {p.name: f for p, f in cached.items() if f < 0.9}
 
 
 # --------------------------------------------------------------------------------- 2. the assignment rule
