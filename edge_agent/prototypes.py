@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from protocols.prototypes import COUNT_PREFIX, PROTO_PREFIX
+from protocols.prototypes import count_name, prototype_name
 
 
 def class_means(representations: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +30,8 @@ def prototype_upload(means: np.ndarray, counts: np.ndarray) -> dict[str, np.ndar
     """The update's prototype tensors: ``proto.i`` and ``proto_count.i`` for every class i."""
     upload: dict[str, np.ndarray] = {}
     for index, (mean, count) in enumerate(zip(means, counts, strict=True)):
-        upload[f"{PROTO_PREFIX}{index}"] = np.asarray(mean, np.float32)
-        upload[f"{COUNT_PREFIX}{index}"] = np.asarray(count, np.float32)
+        upload[prototype_name(index)] = np.asarray(mean, np.float32)
+        upload[count_name(index)] = np.asarray(count, np.float32)
     return upload
 
 
@@ -42,11 +42,12 @@ def prototype_targets(received: Mapping[str, np.ndarray], num_classes: int, rank
     targets = np.zeros((num_classes, rank), np.float32)
     weights = np.zeros(num_classes, np.float32)
     for index in range(num_classes):
-        proto, count = received.get(f"{PROTO_PREFIX}{index}"), received.get(f"{COUNT_PREFIX}{index}")
+        proto, count = received.get(prototype_name(index)), received.get(count_name(index))
         if proto is None or count is None or not float(count) > 0:
             continue
         if np.shape(proto) != (rank,):
-            raise ValueError(f"global prototype {PROTO_PREFIX}{index} has shape {np.shape(proto)}, expected ({rank},)")
+            raise ValueError(f"global prototype {prototype_name(index)} has shape {np.shape(proto)}, "
+                             f"expected ({rank},)")
         targets[index] = proto
         weights[index] = weight
     return targets, weights

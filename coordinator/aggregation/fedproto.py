@@ -45,7 +45,7 @@ from coordinator.aggregation.mean import (
     updates_by_group,
     weighted_mean,
 )
-from protocols.prototypes import COUNT_PREFIX, PROTO_PREFIX
+from protocols.prototypes import count_class, count_name, prototype_class, prototype_name
 
 
 def prototype_classes(state: FederatedState) -> list[str]:
@@ -53,12 +53,13 @@ def prototype_classes(state: FederatedState) -> list[str]:
     protos: set[str] = set()
     counts: set[str] = set()
     for name, value in state.global_tensors.items():
-        if name.startswith(COUNT_PREFIX):
-            counts.add(name[len(COUNT_PREFIX) :])
+        counted, proto = count_class(name), prototype_class(name)
+        if counted is not None:
+            counts.add(counted)
             if np.shape(value) != ():
                 raise ValueError(f"fedproto: {name!r} must be a scalar, has shape {np.shape(value)}")
-        elif name.startswith(PROTO_PREFIX):
-            protos.add(name[len(PROTO_PREFIX) :])
+        elif proto is not None:
+            protos.add(proto)
             if np.ndim(value) != 1:
                 raise ValueError(f"fedproto: {name!r} must have shape (r,), has {np.shape(value)}")
         else:
@@ -93,7 +94,7 @@ def _validate(state: FederatedState, updates: Sequence[ClientUpdate], classes: l
         for name in group_names:
             check_shape(update, name, group_names[name])
         for c in classes:
-            proto, count = PROTO_PREFIX + c, COUNT_PREFIX + c
+            proto, count = prototype_name(c), count_name(c)
             if (proto in update.tensors) != (count in update.tensors):
                 raise ValueError(
                     f"update from agent {update.agent_id!r}: class {c!r} needs both {proto!r} and {count!r}"
@@ -122,7 +123,7 @@ class FedProto:
         new_global: dict[str, np.ndarray] = dict(state.global_tensors)
         per_class: dict[str, dict[str, Any]] = {}
         for c in classes:
-            proto, count = PROTO_PREFIX + c, COUNT_PREFIX + c
+            proto, count = prototype_name(c), count_name(c)
             seen = [
                 (u.tensors[proto], float(u.tensors[count]))
                 for u in updates

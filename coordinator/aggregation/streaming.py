@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.aggregation.base import ClientUpdate, TensorDict
-from protocols.prototypes import COUNT_PREFIX, PROTO_PREFIX
+from protocols.prototypes import count_class, count_name, prototype_class
 
 
 @dataclass
@@ -63,9 +63,8 @@ class GroupAccumulator:
 
 def _count_name(name: str) -> str | None:
     """The count tensor that weights a prototype tensor (None for anything else)."""
-    if name.startswith(PROTO_PREFIX) and not name.startswith(COUNT_PREFIX):
-        return COUNT_PREFIX + name[len(PROTO_PREFIX):]
-    return None
+    class_key = prototype_class(name)
+    return None if class_key is None else count_name(class_key)
 
 
 def _weight(update: ClientUpdate, name: str) -> float:
@@ -76,7 +75,7 @@ def _weight(update: ClientUpdate, name: str) -> float:
         if count not in update.tensors:
             raise ValueError(f"update from {update.agent_id} has prototype {name!r} without {count!r}")
         return float(update.tensors[count])
-    return 1.0 if name.startswith(COUNT_PREFIX) else float(update.num_samples)
+    return 1.0 if count_class(name) is not None else float(update.num_samples)
 
 
 def _mean(group: _GroupSum, name: str) -> np.ndarray:
@@ -84,6 +83,6 @@ def _mean(group: _GroupSum, name: str) -> np.ndarray:
     if count is not None:  # count-weighted class mean; zero (with count 0) where no agent of the group saw it
         total = float(group.sums[count])
         return group.sums[name] / total if total > 0 else np.zeros_like(group.sums[name])
-    if name.startswith(COUNT_PREFIX):
+    if count_class(name) is not None:
         return group.sums[name]
     return group.sums[name] / group.samples
