@@ -61,6 +61,13 @@ CANDIDATES: dict[str, Candidate] = {
     # A tenth of the pull (FedProto's lambda = 1 lowered both views on tweets at validation seeds).
     "heterotune-weakproto": Candidate("heterotune", share_prototypes=True, prototype_weight=0.1),
     "group-fedavg-weakproto": Candidate("group-fedavg", share_prototypes=True, prototype_weight=0.1),
+    # The most an adapter can cross backbones: W_in, W_out and the adapter LayerNorm join the gate and experts in
+    # the global scope (possible when the backbones are equally wide, as MiniLM-L3/L6 and the DINOv2 depths are),
+    # so every device trains one shared adapter set on its own frozen backbone; the head stays local.
+    "heterotune-allglobal": Candidate("heterotune", {"ln": "global", "w_in": "global", "w_out": "global"}),
+    # ... and the head shared fleet-wide too; its fair baseline is group-fedavg-grouphead.
+    "heterotune-allglobal-globalhead": Candidate("heterotune", {"ln": "global", "w_in": "global", "w_out": "global",
+                                                                "head": "global"}),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 

@@ -3,6 +3,7 @@ and the significance test. A wrong number here would make every results page wro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -68,6 +69,22 @@ def test_smallest_common_puts_every_device_on_the_smallest_backbone() -> None:
     assert own_agents == QUICK.agents() and own.method == "heterotune" and own.seed == 1
     with pytest.raises(ValueError, match="unknown benchmark method"):
         method_config(QUICK, "fedsomething", seed=0)
+
+
+def test_allglobal_candidates_send_every_adapter_family_across_backbones() -> None:
+    from coordinator.methods import scopes_for
+
+    def scopes(method: str) -> dict[str, str]:
+        config, _ = method_config(dataclasses.replace(QUICK, methods=(method,)), method, seed=0)
+        return scopes_for(config.method, config.scopes)
+
+    assert scopes("heterotune") == {"ln": "group", "w_in": "group", "w_g": "global", "experts": "global",
+                                    "w_out": "group", "head": "local"}
+    assert scopes("heterotune-allglobal") == {"ln": "global", "w_in": "global", "w_g": "global", "experts": "global",
+                                              "w_out": "global", "head": "local"}
+    assert scopes("heterotune-allglobal-globalhead") == dict.fromkeys(scopes("heterotune"), "global")
+    # its fair baseline shares the same families, but only within a backbone group
+    assert scopes("group-fedavg-grouphead") == dict.fromkeys(scopes("heterotune"), "group")
 
 
 def test_full_sweep_cells_and_their_selection() -> None:
