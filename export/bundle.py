@@ -23,6 +23,7 @@ import numpy as np
 from export.assets import heterotune_home
 from export.catalog import PATCH_SIZE, BackboneSpec, get_backbone
 from export.dema import AdapterClassifier, DemaConfig
+from export.locks import exclusive
 from protocols.bundle_manifest import (
     MANIFEST_NAME,
     TORCH_PART,
@@ -143,15 +144,18 @@ def build_bundle(recipe: BundleRecipe, *, root: Path | None = None, measure_cost
     final = (root or bundle_root()) / f"{recipe.backbone}-{recipe.key()}"
     if (final / ARCHIVE_NAME).exists():
         return load_bundle(final)
-    spec = get_backbone(recipe.backbone)
-    if log:
-        print(f"[export] building bundle for {spec.name} ({spec.description})", file=sys.stderr, flush=True)
-    work = final.with_name(final.name + ".building")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    _export_into(work, spec, recipe, measure_cost=measure_cost)
-    shutil.rmtree(final, ignore_errors=True)
-    work.rename(final)
+    with exclusive(final.with_name(final.name + ".lock")):
+        if (final / ARCHIVE_NAME).exists():  # another process built it while this one waited
+            return load_bundle(final)
+        spec = get_backbone(recipe.backbone)
+        if log:
+            print(f"[export] building bundle for {spec.name} ({spec.description})", file=sys.stderr, flush=True)
+        work = final.with_name(final.name + ".building")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        _export_into(work, spec, recipe, measure_cost=measure_cost)
+        shutil.rmtree(final, ignore_errors=True)
+        work.rename(final)
     return load_bundle(final)
 
 

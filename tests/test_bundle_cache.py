@@ -1,4 +1,5 @@
-"""A bundle's recipe key must change whenever the code that shapes its bytes or measures its cost cards changes.
+"""The bundle cache: a recipe key that changes whenever the code that shapes a bundle's bytes or measures its cost
+cards changes, and builds that two processes can ask for at once.
 
 A cost card is the peak RSS of the agent's own round code, so a key that hashed only the exporter and the probe
 module let a bundle keep a card measured by older agent code (CI once read a 317 MB torch card from such a
@@ -9,6 +10,8 @@ change one file at a time.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,27 @@ def test_code_outside_the_keyed_packages_does_not_rebuild_bundles(tree: Path) ->
     (tree / "coordinator").mkdir()
     (tree / "coordinator" / "engine.py").write_text("x = 1\n")
     assert code_digest(tree) == before
+
+
+BUILD_ONE = """
+import sys
+from pathlib import Path
+from export.bundle import BundleRecipe, TaskSpec, build_bundle
+bundle = build_bundle(BundleRecipe("tiny-3", TaskSpec("t", ("a", "b"), max_length=16, batch_size=4)),
+                      root=Path(sys.argv[1]), measure_cost=False)
+print(bundle.sha256)
+"""
+
+
+def test_two_processes_asking_for_one_bundle_build_it_once(tmp_path: Path) -> None:
+    # Both start before either can finish (an export takes seconds): without the lock, both exported into the same
+    # .building directory and one deleted the other's files (a benchmark crashed that way beside another one).
+    builders = [subprocess.Popen([sys.executable, "-c", BUILD_ONE, str(tmp_path)], cwd=REPO, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [b.communicate(timeout=300) for b in builders]
+    assert [b.returncode for b in builders] == [0, 0], [err[-2000:] for _, err in outputs]
+    shas = {out.strip() for out, _ in outputs}
+    assert len(shas) == 1 and len(next(iter(shas))) == 64
+    assert sum(err.count("[export] building bundle") for _, err in outputs) == 1
+    built = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(built) == 1 and not built[0].endswith(".building"), built
