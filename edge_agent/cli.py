@@ -51,6 +51,9 @@ def join(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a coordinator and train every round it assigns until the run ends."""
+    from edge_agent.allocator import fix_mmap_threshold
+
+    fix_mmap_threshold()  # before the trainer allocates anything (edge_agent/allocator.py says why)
     from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, AgentConfig, EdgeAgent
     from protocols.errors import BrokerUnavailable
     from protocols.topics import validate_agent_id

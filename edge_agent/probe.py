@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_agent import page_cache
+from edge_agent.allocator import fix_mmap_threshold
 from edge_agent.limits import peak_rss_mb
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ __all__ = ["PROBE_BACKENDS", "PROBE_VERSION", "measure", "peak_rss_mb", "synthet
 # Part of what a cost card means; bump it when the measurement changes so bundles can be re-measured.
 # 3: the trainer backend is a parameter (a card per backend). 4: native libraries are cached before measuring.
 # 5: they are evicted and read back first, so their page-cache folios have one shape (edge_agent/page_cache.py).
-PROBE_VERSION = 5
+# 6: glibc's mmap threshold is fixed first, as the agent fixes it (edge_agent/allocator.py).
+PROBE_VERSION = 6
 # Backends a card can be measured for: a concrete one, never "auto" (a card must say what it measured).
 PROBE_BACKENDS = ("ort", "torch")
 
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--backend", choices=PROBE_BACKENDS, default="ort", help="trainer backend to measure")
     args = parser.parse_args()
+    fix_mmap_threshold()  # as `edge-agent join` does, so the card measures the agent's allocator
     page_cache.warm()
     result = measure(args.bundle_dir, batch_size=args.batch_size, seq_len=args.seq_len,
                      num_classes=args.num_classes, steps=args.steps, rounds=args.rounds, threads=args.threads,

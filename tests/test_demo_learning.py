@@ -40,3 +40,27 @@ def test_global_accuracy_rises_and_both_views_are_reported(demo_run: tuple[Path,
     assert all(r["personal_accuracy"] is not None for r in per_round)
     csv_rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 5 * len(DEMO_FLEET)
+
+
+def test_agent_memory_stays_flat_and_matches_the_cost_card(demo_run: tuple[Path, dict[str, object]]) -> None:
+    # Before agents fixed glibc's mmap threshold (edge_agent/allocator.py), a MiniLM-L6 agent peaked ~35 MB higher
+    # from round 2 on (407 -> 442 MB), above its card; and a card is only useful if it predicts the agent.
+    import csv
+
+    from coordinator.demo import demo_config
+    from coordinator.runner import build_bundles
+
+    out, summary = demo_run
+    cards = {name: b.manifest.cost_card for name, b in build_bundles(demo_config()).items()}
+    peaks: dict[str, list[float]] = {}
+    with (out / "metrics.csv").open() as handle:
+        for row in sorted(csv.DictReader(handle), key=lambda r: int(r["round"])):
+            peaks.setdefault(row["agent_id"], []).append(float(row["peak_rss_mb"]))
+    agents = summary["agents"]
+    assert isinstance(agents, dict)
+    for agent_id, per_round in peaks.items():
+        card = cards[agents[agent_id]]
+        assert card is not None
+        print(f"{agent_id}: card {card.peak_train_rss_mb:.0f} MB, peaks " + " / ".join(f"{p:.0f}" for p in per_round))
+        assert max(per_round[1:]) <= 1.03 * per_round[0], (agent_id, per_round)
+        assert 0.9 <= card.peak_train_rss_mb / max(per_round) <= 1.1, (agent_id, card.peak_train_rss_mb, per_round)
