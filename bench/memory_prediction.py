@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -90,6 +91,7 @@ def run(work: Path, backbones: tuple[str, ...], rounds: int, local_steps: int, s
 
     started = time.time()
     try:
+        shutil.rmtree(work / "run", ignore_errors=True)  # this script's scratch: a leftover run would be refused
         run_federation(config, work / "run", start_agents=start_agents)
         for proc in watcher.processes.values():
             stop_process(proc, grace_s=30)

@@ -39,7 +39,7 @@ def run(
 ) -> None:
     """Run a federation; agents join with `edge-agent join --broker HOST:PORT ...`."""
     from coordinator.config import ConfigError, load_config
-    from coordinator.runner import resume_config, run_federation
+    from coordinator.runner import RunDirectoryInUse, resume_config, run_federation
 
     _logging(verbose)
     if (config is None) == (resume is None):
@@ -51,7 +51,12 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     mqtt = {"username": username, "password": password, "tls_ca": str(tls_ca) if tls_ca else None}
-    summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None, mqtt_options=mqtt)
+    try:
+        summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None,
+                                 mqtt_options=mqtt)
+    except RunDirectoryInUse as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds")}, indent=2))
 
 
@@ -119,8 +124,12 @@ def demo(
     from coordinator.demo import plan_for, run_demo, run_fleet
     from coordinator.fleet import format_plan
     from coordinator.report import _pct
+    from coordinator.runner import set_aside
 
     _logging(verbose)
+    moved = set_aside(out)  # the demo is meant to be run again: keep the previous run beside the new one
+    if moved is not None:
+        typer.echo(f"the previous run in {out} was moved to {moved}", err=True)
     if fleet is None and config is None:
         summary = run_demo(out, rounds=rounds or 5, seed=seed)
     else:

@@ -16,7 +16,7 @@ from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
 from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
-from coordinator.store import RunStore
+from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
 
@@ -54,6 +54,42 @@ def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+class RunDirectoryInUse(RuntimeError):
+    """A new run was pointed at a directory that already holds one; nothing in it was changed."""
+
+
+def stored_run(run_dir: Path) -> tuple[str, int] | None:
+    """(run id, last committed round) of the run a directory already holds, or None if it holds none.
+
+    Why it matters: the engine continues from a store's last committed round, so a *new* run in an old run's
+    directory used to skip every round and report the old run's metrics as its own (a re-run of
+    bench.memory_prediction printed the previous day's peaks that way).
+    """
+    if not (run_dir / STORE_FILE).exists():
+        return None
+    store = RunStore(run_dir)
+    try:
+        run_id, config, last = store.meta("run_id"), store.meta("config"), store.last_round()
+    finally:
+        store.close()
+    if run_id is None and config is None and last == 0:
+        return None
+    return str(run_id or "(not started)"), last
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move a run a directory holds to a sibling named after its run id, so a new run can use the directory
+    and the old one is kept. Returns where it went, or None if there was nothing to move."""
+    held = stored_run(run_dir)
+    if held is None:
+        return None
+    target = run_dir.with_name(f"{run_dir.name}-{held[0]}")
+    if target.exists():
+        target = run_dir.with_name(f"{run_dir.name}-{held[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(target)
+    return target
+
+
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
                    console: Console | None = None, resume: bool = False,
@@ -62,6 +98,13 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
 
     With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
+    held = None if resume else stored_run(run_dir)
+    if held is not None:
+        run_id, last = held
+        raise RunDirectoryInUse(
+            f"{run_dir} already holds run {run_id} (rounds committed: {last}); continue it with "
+            f"`coordinator run --resume {run_dir}`, or give the new run another directory (--out). "
+            "Nothing in it was changed.")
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bundles = build_bundles(config)

@@ -21,6 +21,8 @@ from safetensors.numpy import load_file, save_file
 
 from coordinator.aggregation import FederatedState
 
+STORE_FILE = "coordinator.sqlite"  # a run directory holds a run exactly when this file is in it
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS agents (
@@ -63,7 +65,7 @@ class RunStore:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         (run_dir / "tensors").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(run_dir / "coordinator.sqlite", isolation_level=None)
+        self.db = sqlite3.connect(run_dir / STORE_FILE, isolation_level=None)
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
