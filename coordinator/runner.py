@@ -63,7 +63,7 @@ def stored_run(run_dir: Path) -> tuple[str, int] | None:
 
     Why it matters: the engine continues from a store's last committed round, so a *new* run in an old run's
     directory used to skip every round and report the old run's metrics as its own (a re-run of
-    bench.memory_prediction printed the previous day's peaks that way).
+    bench.memory_prediction printed the previous run's peaks that way).
     """
     if not (run_dir / STORE_FILE).exists():
         return None

@@ -12,9 +12,11 @@ is cached at all, and on the size of the folios it was cached in, which depends 
 * CI measured a 317 MB card, then a test evicted and re-read the libraries, and an agent peaked at 385 MB.
 
 ``warm`` therefore evicts every library's pages that no process maps and reads the file back sequentially, so
-the cache holds it as readahead leaves it (large folios): the largest RSS the same work shows, and the same
-shape for every probe and agent that runs after it. Pages another process has mapped stay as they are (the
-kernel does not evict them), which is harmless: they look the same to every later process too.
+the cache holds it as readahead leaves it (large folios), the same shape for every probe and agent that runs
+after it. (It does not make absolute numbers portable: the torch card on tiny-3 still read 304-313 MB in a
+long-used venv and 373-386 MB in fresh checkouts; within one machine state card and agent agree.) Pages another
+process has mapped stay as they are (the kernel does not evict them), which is harmless: they look the same to
+every later process too.
 
 Standard library only: it runs before the probe imports anything heavy.
 """
