@@ -423,7 +423,7 @@ def render_index(raws: Sequence[Mapping[str, Any]], cells_planned: int) -> str:
                                            for b in ("group-fedavg", "local", "smallest-common")
                                            for v in ("personal", "global")]]
     rows = []
-    for raw in raws:
+    for raw, minutes in zip(raws, federation_minutes, strict=True):
         s = summarise(raw)
         heads = s["headline"]
         cells = []
@@ -436,7 +436,6 @@ def render_index(raws: Sequence[Mapping[str, Any]], cells_planned: int) -> str:
                            {sd: h[view][OVERALL] for sd, h in heads[base].items()})
                 cells.append(f"{_signed(d['mean'])} (p {fmt(d['p'], 2)})")
         mode = raw["settings"]["mode"]
-        minutes = sum(job["wall_seconds"] for job in raw["jobs"]) / 60
         rows.append([f"[{mode}](results-full/{mode}.md)", f"{minutes:.0f} min", *cells])
     lines += [table(header, rows), ""]
     return "\n".join(lines) + "\n"

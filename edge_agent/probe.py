@@ -25,8 +25,8 @@ per backend (version 3).
 RSS also counts the library pages the kernel maps around each page fault, and how many depends on whether a
 library is cached and in what folio sizes: the same torch probe on tiny-3 read 300 MB to 400 MB depending on
 how the libraries had entered the page cache. ``main`` therefore evicts every native library and reads it back
-before measuring (`edge_agent.page_cache`), and the card is that figure: the most the same work shows, the same
-for every process that runs after it (version 5). This module imports only the standard library at the top, so
+before measuring (`edge_agent.page_cache`), so the card sees the libraries in the shape every process after it
+sees them (version 5). This module imports only the standard library at the top, so
 nothing native is mapped before that.
 """
 

@@ -88,8 +88,8 @@ def code_digest(root: Path = Path(__file__).parent.parent) -> str:
 
     Why the whole agent and not only ``probe.py``: a card is the peak RSS of the agent's own round code
     (trainers, learner, page-cache warm-up), so any of it can move the number. With a digest of the probe alone,
-    CI (which runs on the session's machine) read a 317 MB tiny-3 torch card from a cached bundle while fresh
-    probes read 386-401 MB, and a 10 % check against an agent that peaked at 385 MB failed.
+    a bundle kept in ~/.cache (which CI, run on the session's machine, also reads) keeps a card measured by older
+    agent code.
     """
     digest = hashlib.sha256()
     for package in CODE_PACKAGES:
