@@ -141,8 +141,8 @@ def graph_check(bundle: Path) -> dict[str, Any]:
     graph = onnx.load(str(bundle / "training_model.onnx"), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
     backward_blocks = manifest.layers - (min(manifest.slot_blocks) + 1)
-    slots, experts = len(manifest.slot_blocks), manifest.dema["experts"]
-    adapter_linears = slots * (3 + 2 * experts)  # w_in, w_g, w_out + two per expert
+    slots, experts = len(manifest.slot_blocks), manifest.dema["experts"] + manifest.dema.get("private_experts", 0)
+    adapter_linears = slots * (3 + 2 * experts)  # w_in, w_g, w_out + two per expert (shared or private)
     return {
         "backward_blocks": backward_blocks,
         "layernorm_grads": ops["LayerNormalizationGrad"],

@@ -222,6 +222,25 @@ def plot_path(results_md: Path) -> Path:
     return results_md.with_name(results_md.stem + "-curves.png")
 
 
+def parse_dema(text: str) -> dict[str, int]:
+    """'private_experts=1,rank=32' -> {'private_experts': 1, 'rank': 32}, checked by the run config's rules."""
+    from pydantic import ValidationError
+
+    from coordinator.config import DemaSettings
+
+    overrides: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--dema expects KEY=INTEGER pairs, got {item!r}")
+        overrides[key.strip()] = int(value)
+    try:
+        DemaSettings(**overrides)  # an unknown key is rejected too (strict model)
+    except ValidationError as error:
+        raise ValueError(f"--dema {text}: {error.errors()[0]['loc'][0]}: {error.errors()[0]['msg']}") from None
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -234,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration instead of the mode's")
     parser.add_argument("--rounds", type=int, help="rounds instead of the mode's")
     parser.add_argument("--local-steps", type=int, help="local steps per round instead of the mode's")
+    parser.add_argument("--dema", help="comma-separated DeMA settings for every bundle of the run instead of the "
+                        "defaults, e.g. private_experts=1 or rank=32,experts=2 (a design-search knob)")
     parser.add_argument("--cells", help="--full only: comma-separated parts of cell names to run (e.g. "
                         "tweet-sentiment,bbc-news-low-data); the index still covers every finished cell")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
@@ -271,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, rounds=args.rounds)
     if args.local_steps:
         settings = dataclasses.replace(settings, local_steps=args.local_steps)
+    if args.dema:
+        try:
+            settings = dataclasses.replace(settings, dema=parse_dema(args.dema))
+        except ValueError as error:
+            parser.error(str(error))
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m bench.methods " + " ".join(shlex.quote(a) for a in given)
     if args.mode == "full":

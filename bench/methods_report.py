@@ -117,8 +117,8 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
         f"{regime['per_agent_test']} local test {unit} per agent, balanced held-out set of "
         f"{regime['global_per_class']} per class; {settings['rounds']} rounds × {settings['local_steps']} local "
         f"steps (batch {settings['batch_size']}, max length {settings['max_length']}, lr {settings['learning_rate']}, "
-        f"AdamW with fresh moments each round, as on the device); seeds {', '.join(map(str, seeds))}; DeMA defaults "
-        "(r 64, 3 slots, 4 experts); head `local` in every method",
+        f"AdamW with fresh moments each round, as on the device); seeds {', '.join(map(str, seeds))}; "
+        f"{_dema_text(settings.get('dema') or {})}; head `local` in every method",
         "- path: in-process (`bench/methods_federation.py`): the agents' `LocalLearner` + `OrtTrainer`, the "
         "bundles from `build_bundle`, `make_strategy` + `scopes_for` + `coordinator/federation_state.py`, no broker. "
         "`tests/test_inprocess_equivalence.py` checks that one round gives the MQTT path's tensors (1e-5).",
@@ -385,6 +385,17 @@ def _resolution(raw: Mapping[str, Any]) -> list[str]:
             f"({personal_n} local test {unit} per group) and {100 / global_n:.2f} pp of its global number "
             f"({per_group} agents × the same {global_n // per_group} held-out {unit}); overall numbers pool all "
             "groups."]
+
+
+def _dema_text(overrides: dict[str, int]) -> str:
+    """The DeMA shape the run's bundles were built with: the defaults, or the defaults plus the overrides."""
+    from export.dema.config import DemaConfig
+
+    dema = DemaConfig(**overrides)
+    shape = f"r {dema.rank}, {dema.slots} slots, {dema.experts} experts"
+    if dema.private_experts:
+        shape += f", {dema.private_experts} private expert{'s' if dema.private_experts > 1 else ''} (never sent)"
+    return f"DeMA {'defaults' if not overrides else 'changed'} ({shape})"
 
 
 def _job_commits(raw: Mapping[str, Any]) -> str:

@@ -35,6 +35,7 @@ class DemaSettings(_Strict):
     rank: int = Field(64, ge=4)
     slots: int = Field(3, ge=1)
     experts: int = Field(4, ge=1)
+    private_experts: int = Field(0, ge=0)  # never sent (scope "local"); see export/dema/config.py
     seed: int = 0
 
 

@@ -79,12 +79,15 @@ def test_allglobal_candidates_send_every_adapter_family_across_backbones() -> No
         return scopes_for(config.method, config.scopes)
 
     assert scopes("heterotune") == {"ln": "group", "w_in": "group", "w_g": "global", "experts": "global",
-                                    "w_out": "group", "head": "local"}
+                                    "private": "local", "w_out": "group", "head": "local"}
     assert scopes("heterotune-allglobal") == {"ln": "global", "w_in": "global", "w_g": "global", "experts": "global",
-                                              "w_out": "global", "head": "local"}
-    assert scopes("heterotune-allglobal-globalhead") == dict.fromkeys(scopes("heterotune"), "global")
+                                              "private": "local", "w_out": "global", "head": "local"}
+    # private experts (when a bundle has any) stay on the device even when everything else travels
+    everything_but_private = [f for f in scopes("heterotune") if f != "private"]
+    assert scopes("heterotune-allglobal-globalhead") == dict.fromkeys(everything_but_private, "global") | {
+        "private": "local"}
     # its fair baseline shares the same families, but only within a backbone group
-    assert scopes("group-fedavg-grouphead") == dict.fromkeys(scopes("heterotune"), "group")
+    assert scopes("group-fedavg-grouphead") == dict.fromkeys(everything_but_private, "group") | {"private": "local"}
 
 
 def test_full_sweep_cells_and_their_selection() -> None:

@@ -28,6 +28,7 @@ from edge_agent.trainers.base import (
 from edge_agent.trainers.torch_model import (
     AdapterEncoderClassifier,
     EncoderShape,
+    ExpertCounts,
     check_weights,
     count_experts,
     load_torch,
@@ -206,7 +207,7 @@ class TorchTrainer:
             raise RuntimeError("start_round() must be called before training or evaluating")
 
 
-def _build_model(weights_path: Path, manifest: BundleManifest, experts: int) -> Any:
+def _build_model(weights_path: Path, manifest: BundleManifest, experts: ExpertCounts) -> Any:
     """The plain-PyTorch classifier for the torch part's format (BERT text encoder or DINOv2 ViT), its frozen
     weights checked name by name against the shape the part's metadata declares."""
     metadata, tensors = read_backbone_file(weights_path)

@@ -17,13 +17,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 Tensor = Any  # torch.Tensor: not importable for annotations here, see the module docstring
 
 WEIGHTS_FORMAT = "heterotune-bert-v1"
 ADAPTER_LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which the DeMA adapter's LayerNorm uses
-_EXPERT_NAME = re.compile(r"^adapters\.(\d+)\.experts\.(\d+)\.a\.weight$")
+_EXPERT_NAME = re.compile(r"^adapters\.(\d+)\.(experts|private)\.(\d+)\.a\.weight$")
 
 
 def load_torch() -> Any:
@@ -90,12 +90,24 @@ def read_shape_config(metadata: Mapping[str, str], source: Path, expected_format
     return config
 
 
-def count_experts(names: Sequence[str]) -> int:
-    """The DeMA expert count, read from the manifest's trainable names."""
-    found = {int(m.group(2)) for n in names if (m := _EXPERT_NAME.match(n))}
-    if not found or found != set(range(len(found))):
-        raise ValueError(f"cannot read the DeMA expert count from the trainable names (found {sorted(found)})")
-    return len(found)
+class ExpertCounts(NamedTuple):
+    """How many shared (gated) and private (ungated, never sent) experts each adapter has."""
+
+    shared: int
+    private: int = 0
+
+
+def count_experts(names: Sequence[str]) -> ExpertCounts:
+    """The DeMA expert counts, read from the manifest's trainable names (every slot has the same)."""
+    found: dict[str, set[int]] = {"experts": set(), "private": set()}
+    for name in names:
+        if match := _EXPERT_NAME.match(name):
+            found[match.group(2)].add(int(match.group(3)))
+    for family, indices in found.items():
+        if indices != set(range(len(indices))) or (family == "experts" and not indices):
+            raise ValueError(f"cannot read the DeMA {family} count from the trainable names (found "
+                             f"{sorted(indices)})")
+    return ExpertCounts(len(found["experts"]), len(found["private"]))
 
 
 class AdapterEncoderClassifier:
@@ -106,7 +118,7 @@ class AdapterEncoderClassifier:
     """
 
     def __init__(self, shape: EncoderShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
-                 experts: int) -> None:
+                 experts: ExpertCounts) -> None:
         self.slots_after = slots_after_blocks(slot_blocks, shape.num_hidden_layers)
         self.last_slot = len(slot_blocks) - 1
         self.torch = load_torch()
@@ -180,21 +192,26 @@ def adapter_project(torch: Any, slot: int, params: Mapping[str, Tensor], hidden:
 
 
 def adapter_mix(torch: Any, slot: int, params: Mapping[str, Tensor], hidden: Tensor, z: Tensor,
-                experts: int) -> Tensor:
-    """export/dema/layer.py's h + W_out · sum_e softmax(W_g z)_e · B_e GELU(A_e z)."""
+                experts: ExpertCounts) -> Tensor:
+    """export/dema/layer.py's h + W_out · (sum_e softmax(W_g z)_e · B_e GELU(A_e z) + sum_p B_p GELU(A_p z))."""
     functional = torch.nn.functional
     p = f"adapters.{slot}."
+
+    def expert(family: str, e: int) -> Tensor:
+        inner = functional.gelu(functional.linear(z, params[f"{p}{family}.{e}.a.weight"]))
+        return functional.linear(inner, params[f"{p}{family}.{e}.b.weight"])
+
     gate = torch.softmax(functional.linear(z, params[f"{p}w_g.weight"]), dim=-1)
     mixed: Tensor = 0
-    for e in range(experts):
-        expert = functional.linear(functional.gelu(functional.linear(z, params[f"{p}experts.{e}.a.weight"])),
-                                   params[f"{p}experts.{e}.b.weight"])
-        mixed = mixed + gate[..., e : e + 1] * expert
+    for e in range(experts.shared):
+        mixed = mixed + gate[..., e : e + 1] * expert("experts", e)
+    for e in range(experts.private):
+        mixed = mixed + expert("private", e)
     return hidden + functional.linear(mixed, params[f"{p}w_out.weight"], params[f"{p}w_out.bias"])
 
 
-def run_adapters(torch: Any, slots: Sequence[int], params: Mapping[str, Tensor], hidden: Tensor, experts: int,
-                 last_slot: int, representation: list[Tensor]) -> Tensor:
+def run_adapters(torch: Any, slots: Sequence[int], params: Mapping[str, Tensor], hidden: Tensor,
+                 experts: ExpertCounts, last_slot: int, representation: list[Tensor]) -> Tensor:
     """The adapters after one block, in slot order; the last slot's z is appended to ``representation``."""
     for slot in slots:
         z = adapter_project(torch, slot, params, hidden)

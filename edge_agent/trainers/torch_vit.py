@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.trainers.torch_model import (
+    ExpertCounts,
     Tensor,
     load_torch,
     read_shape_config,
@@ -77,7 +78,7 @@ class AdapterVitClassifier:
     """Frozen ViT -> DeMA adapters after the manifest's slot blocks -> final LayerNorm -> token mean -> head."""
 
     def __init__(self, shape: VitShape, weights: Mapping[str, Tensor], slot_blocks: Sequence[int],
-                 experts: int) -> None:
+                 experts: ExpertCounts) -> None:
         self.slots_after = slots_after_blocks(slot_blocks, shape.num_hidden_layers)
         self.last_slot = len(slot_blocks) - 1
         self.torch: Any = load_torch()

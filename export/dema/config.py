@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass
 
 # Which trainable tensors travel, and to whom (DESIGN.md, "The method").
 SCOPES = ("global", "group", "local")
-FAMILIES = ("ln", "w_in", "w_g", "experts", "w_out", "head")
+FAMILIES = ("ln", "w_in", "w_g", "experts", "private", "w_out", "head")
 DEFAULT_SCOPES: Mapping[str, str] = {
     "ln": "group",
     "w_in": "group",
     "w_g": "global",
     "experts": "global",
+    # Private experts (DemaConfig.private_experts, none by default) hold what only this device's data needs.
+    "private": "local",
     "w_out": "group",
     # A shared head loses 13-15 points of personalised accuracy under label skew (pilot-dema.md).
     "head": "local",
@@ -30,6 +32,9 @@ class DemaConfig:
     rank: int = 64  # r: width of the shared space
     slots: int = 3  # S: adapters per backbone, position-aligned by relative depth
     experts: int = 4  # E: all active (dense)
+    # P private experts beside the shared ones, never sent: they give a device somewhere to keep what only its own
+    # data needs, so the shared experts need not bend towards it. Outside the gate, whose meaning is fleet-wide.
+    private_experts: int = 0
     seed: int = 0  # initial values; global tensors get identical values on every backbone
 
     def __post_init__(self) -> None:
@@ -37,6 +42,8 @@ class DemaConfig:
             raise ValueError(f"DeMA rank must be a positive multiple of 4, got {self.rank}")
         if self.slots < 1 or self.experts < 1:
             raise ValueError(f"DeMA needs slots >= 1 and experts >= 1, got {self.slots}, {self.experts}")
+        if self.private_experts < 0:
+            raise ValueError(f"DeMA private_experts must be >= 0, got {self.private_experts}")
 
     @property
     def expert_rank(self) -> int:

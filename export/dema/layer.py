@@ -3,6 +3,7 @@
     z  = GELU(W_in · LN(h))                  group
     g  = softmax(W_g · z)                    global (dense gate: all experts active)
     y  = sum_e g_e · B_e · GELU(A_e · z)     global
+       + sum_p B_p · GELU(A_p · z)          local (private experts, none by default; ungated)
     h' = h + W_out · y                       group, zero-initialised so the start equals the frozen backbone
 """
 
@@ -36,6 +37,7 @@ class DemaAdapter(nn.Module):
         self.w_in = nn.Linear(hidden, config.rank)
         self.w_g = nn.Linear(config.rank, config.experts, bias=False)
         self.experts = nn.ModuleList(Expert(config.rank, config.expert_rank) for _ in range(config.experts))
+        self.private = nn.ModuleList(Expert(config.rank, config.expert_rank) for _ in range(config.private_experts))
         self.w_out = nn.Linear(config.rank, hidden)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -48,4 +50,5 @@ class DemaAdapter(nn.Module):
     def mix(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         gate = torch.softmax(self.w_g(z), dim=-1)
         y = sum(gate[..., e : e + 1] * expert(z) for e, expert in enumerate(self.experts))
+        y = y + sum((expert(z) for expert in self.private), torch.zeros_like(z))
         return h + self.w_out(y)
