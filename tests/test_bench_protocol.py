@@ -100,3 +100,18 @@ def test_full_sweep_cells_and_their_selection() -> None:
     assert select_cells(cells, None) == cells
     with pytest.raises(ValueError, match="matches no cell"):
         select_cells(cells, "cifar")
+
+
+def test_dema_overrides_reach_every_method_and_bad_ones_are_refused() -> None:
+    from bench.methods import parse_dema
+
+    overrides = parse_dema("private_experts=1,rank=32")
+    assert overrides == {"private_experts": 1, "rank": 32}
+    settings = dataclasses.replace(QUICK, dema=overrides)
+    for method in ("heterotune", "group-fedavg", "smallest-common", "fedproto"):
+        config, _ = method_config(settings, method, seed=0)
+        assert (config.dema.private_experts, config.dema.rank, config.dema.experts) == (1, 32, 4), method
+    for bad, said in (("private_experts=-1", "greater than or equal to 0"), ("experts=0", "greater than or equal"),
+                      ("width=3", "Extra inputs"), ("rank", "KEY=INTEGER"), ("rank=1.5", "KEY=INTEGER")):
+        with pytest.raises(ValueError, match=said):
+            parse_dema(bad)
