@@ -74,18 +74,27 @@ def python_env(threads: int | None = 1) -> dict[str, str]:
     return env
 
 
-def git_commit() -> str:
-    """The checked-out commit, read from .git without running git (the lead owns the repository)."""
-    git = REPO / ".git"
+def git_commit(repo: Path = REPO) -> str:
+    """The checked-out commit, read from .git without running git (the lead owns the repository).
+
+    In a linked worktree (``git worktree add``, how a long sweep runs beside ongoing work) ``.git`` is a file
+    naming the worktree's own git directory, which holds HEAD; branch refs live in the shared ``commondir``.
+    """
+    git = repo / ".git"
     try:
+        common = git
+        if git.is_file():
+            git = (repo / git.read_text().strip().removeprefix("gitdir:").strip()).resolve()
+            common_file = git / "commondir"
+            common = (git / common_file.read_text().strip()).resolve() if common_file.exists() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head[:12]
         ref = head[5:]
-        ref_file = git / ref
+        ref_file = common / ref
         if ref_file.exists():
             return ref_file.read_text().strip()[:12]
-        packed = git / "packed-refs"
+        packed = common / "packed-refs"
         for line in packed.read_text().splitlines() if packed.exists() else []:
             if line.endswith(" " + ref):
                 return line.split()[0][:12]
