@@ -51,10 +51,13 @@ def prepare_fleets(settings: BenchSettings, out: Path) -> dict[int, dict[str, An
         dataset = loaders[settings.dataset](max_samples=regime.dataset_samples, seed=seed)
         data = write_fleet_data(dataset, list(settings.agents()), out / "data" / f"seed-{seed}", alpha=regime.alpha,
                                 seed=seed, global_per_class=regime.global_per_class,
-                                max_per_client=regime.per_agent_file, min_per_client=regime.per_agent_file)
+                                max_per_client=regime.per_agent_file, min_per_client=regime.per_agent_file,
+                                public_size=settings.public_samples)
         summary = read_json(out / "data" / f"seed-{seed}" / "fleet.json")
+        public = summary.get("public")
         fleets[seed] = {"client_files": {a: str(p) for a, p in data.client_files.items()},
-                        "global_test_file": str(data.global_test_file), "summary": summary}
+                        "global_test_file": str(data.global_test_file), "summary": summary,
+                        "public_file": str(out / "data" / f"seed-{seed}" / public["file"]) if public else None}
     return fleets
 
 
@@ -73,8 +76,11 @@ def job_cost(settings: BenchSettings, method: str) -> float:
 
 def settings_key(settings: BenchSettings) -> str:
     """What a federation's result depends on. Not the method list or the seeds (each job file is named by its own
-    method and seed), so --reuse keeps finished jobs when methods or seeds are added."""
+    method and seed), so --reuse keeps finished jobs when methods or seeds are added. A setting added later is
+    left out while it has its default (no public set), so the federations already kept stay reusable."""
     shared = {k: v for k, v in settings.to_dict().items() if k not in ("methods", "seeds", "mode")}
+    if not shared["public_samples"]:
+        del shared["public_samples"]
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -116,7 +122,8 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
     commit = git_commit()  # the code this invocation imported; a job finishing after a new commit still ran this
     jobs = [{"settings": settings_dict, "method": m, "seed": s, "key": key, "commit": commit,
              "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
-             "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"]}
+             "client_files": fleets[s]["client_files"], "global_test_file": fleets[s]["global_test_file"],
+             "public_file": fleets[s]["public_file"]}
             for m in settings.methods for s in settings.seeds]
     jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
     results = run_jobs(jobs, workers, job_dir or out / "jobs", reuse)
@@ -149,6 +156,7 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
 
 
 FULL_PAGES = REPO / "docs" / "results-full"
+DEFAULT_PUBLIC = 100  # public unlabelled samples per run when a method distils (--public)
 
 
 def run_full(settings_list: list[BenchSettings], *, workers: int, command: str) -> int:
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, help="local steps per round instead of the mode's")
     parser.add_argument("--dema", help="comma-separated DeMA settings for every bundle of the run instead of the "
                         "defaults, e.g. private_experts=1 or rank=32,experts=2 (a design-search knob)")
+    parser.add_argument("--public", type=int, help="samples in the public unlabelled set every agent holds "
+                        f"(default {DEFAULT_PUBLIC} when a method distils, else none)")
     parser.add_argument("--cells", help="--full only: comma-separated parts of cell names to run (e.g. "
                         "tweet-sentiment,bbc-news-low-data); the index still covers every finished cell")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
@@ -292,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, rounds=args.rounds)
     if args.local_steps:
         settings = dataclasses.replace(settings, local_steps=args.local_steps)
+    distils = any(CANDIDATES[m].distill for m in settings.methods if m in CANDIDATES)
+    public = args.public if args.public is not None else (DEFAULT_PUBLIC if distils else 0)
+    if distils and public < 1:
+        parser.error("the distillation methods need a public set: --public N with N >= 1")
+    settings = dataclasses.replace(settings, public_samples=public)
     if args.dema:
         try:
             settings = dataclasses.replace(settings, dema=parse_dema(args.dema))

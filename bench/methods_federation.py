@@ -30,13 +30,12 @@ import numpy as np
 from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
-from coordinator.methods import prototype_weight_for, scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import distillation_scope, prototype_weight_for, scopes_for, strategy_for, uses_prototypes
 from edge_agent.data import Sample, eval_batches, load_examples
-from edge_agent.local_round import LocalLearner, RoundPlan
+from edge_agent.local_round import LocalLearner, RoundPlan, is_exchange_only
 from edge_agent.trainers.base import EvalResult
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
-from protocols.prototypes import is_prototype_name
 from protocols.tensors import decode_tensors, encode_tensors
 
 
@@ -82,8 +81,10 @@ class FederationRun:
 
 
 def make_learners(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],
-                  global_test_file: Path | None, *, threads: int = 1) -> dict[str, LocalLearner]:
-    """One LocalLearner per agent, built the way ``EdgeAgent._make_learner`` builds it (ORT backend)."""
+                  global_test_file: Path | None, *, threads: int = 1,
+                  public_file: Path | None = None) -> dict[str, LocalLearner]:
+    """One LocalLearner per agent, built the way ``EdgeAgent._make_learner`` builds it (ORT backend); with
+    ``public_file`` every agent holds the run's public set (consensus distillation)."""
     learners: dict[str, LocalLearner] = {}
     for spec in agents:
         bundle = bundles[spec.backbone]
@@ -92,9 +93,10 @@ def make_learners(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
             raise ValueError(f"bundle for {spec.backbone} has labels {labels}, the run {config.task.labels}")
         examples = load_examples(spec.data_file, labels)
         global_test = load_examples(global_test_file, labels) if global_test_file else []
+        public = load_examples(public_file, labels) if public_file else []
         trainer = OrtTrainer(bundle.directory, threads=threads)
         learners[spec.agent_id] = LocalLearner(spec.agent_id, bundle.directory, bundle.manifest, trainer,
-                                               examples, global_test)
+                                               examples, global_test, public=public)
     return learners
 
 
@@ -103,9 +105,9 @@ def evaluate_received(learner: LocalLearner, tensors: Mapping[str, np.ndarray],
     """Evaluate what an agent would start the next round with (its kept tensors + ``tensors``), no training.
 
     Uses the learner's own trainer and encoder, batched as ``LocalLearner`` batches its evaluation. Prototypes
-    (fedproto) shape training only, so they are not part of the evaluated model.
+    (fedproto) and the distillation consensus shape training only, so they are not part of the evaluated model.
     """
-    model = {name: value for name, value in tensors.items() if not is_prototype_name(name)}
+    model = {name: value for name, value in tensors.items() if not is_exchange_only(name)}
     learner.trainer.start_round({**learner.kept, **model}, learning_rate)
     encoded = (learner.encoder.encode(chunk) for chunk in eval_batches(examples, learner.manifest.task.batch_size))
     return learner.trainer.evaluate(encoded)
@@ -113,7 +115,7 @@ def evaluate_received(learner: LocalLearner, tensors: Mapping[str, np.ndarray],
 
 def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],
                   global_test_file: Path | None, *, threads: int = 1, final_eval: bool = True,
-                  keep_tensors: bool = False,
+                  keep_tensors: bool = False, public_file: Path | None = None,
                   on_round: Callable[[int, list[AgentRound]], None] | None = None) -> FederationRun:
     """Run ``config.rounds`` rounds of ``config.method`` over ``agents``; every agent trains every round.
 
@@ -126,10 +128,17 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     prototypes = uses_prototypes(config)
     prototype_weight = prototype_weight_for(config)  # as the engine's Assignment carries it
     strategy = strategy_for(config)
+    distill_scope = distillation_scope(config)
+    public_samples = config.public_samples if distill_scope else 0
+    if public_samples and public_file is None:
+        raise ValueError(f"{config.method} with distill_steps needs the run's public file (public_file)")
     used = {a.backbone for a in agents}
-    state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes)
-    names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes)) for b in used}
-    learners = make_learners(config, bundles, agents, global_test_file, threads=threads)
+    state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes,
+                          public_samples=public_samples, distill_scope=distill_scope or "global")
+    names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes, public_samples=public_samples))
+             for b in used}
+    learners = make_learners(config, bundles, agents, global_test_file, threads=threads,
+                             public_file=public_file if public_samples else None)
     run = FederationRun()
     if keep_tensors:
         run.states[0] = state
@@ -140,7 +149,7 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
         for spec in sorted(agents, key=lambda a: a.agent_id):
             received = decode_tensors(blobs[spec.backbone])
             plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
-                             config.seed, names[spec.backbone], prototype_weight)
+                             config.seed, names[spec.backbone], prototype_weight, config.distill_steps)
             outcome = learners[spec.agent_id].run_round(plan, received)
             up_blob = encode_tensors(outcome.upload)
             updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,

@@ -33,9 +33,13 @@ class Candidate:
     scopes: dict[str, str] = field(default_factory=dict)
     share_prototypes: bool = False
     prototype_weight: float = 1.0  # lambda of the pull, when prototypes are shared
+    # Consensus distillation: this many distillation steps per local step on the public set (0 = none).
+    distill: float = 0.0
 
     def describe(self) -> str:
         changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
+        if self.distill:
+            changes.append(f"consensus distillation on the public set ({self.distill:g} step per local step)")
         if self.share_prototypes:
             changes.append(f"class prototypes shared and pulled towards (fedproto's term, lambda "
                            f"{self.prototype_weight:g})")
@@ -68,6 +72,11 @@ CANDIDATES: dict[str, Candidate] = {
     # ... and the head shared fleet-wide too; its fair baseline is group-fedavg-grouphead.
     "heterotune-allglobal-globalhead": Candidate("heterotune", {"ln": "global", "w_in": "global", "w_out": "global",
                                                                 "head": "global"}),
+    # Consensus distillation (FedMD/FedDF with hard labels): every device learns the fleet's arg-max labels on a
+    # public unlabelled set, one distillation step per local step; predictions cross backbones without any
+    # shared parameter space. Its fair baseline distils within a backbone group only.
+    "heterotune-distill": Candidate("heterotune", distill=1.0),
+    "group-fedavg-distill": Candidate("group-fedavg", distill=1.0),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -103,6 +112,7 @@ class BenchSettings:
     batch_size: int = 16
     dema: dict[str, int] = field(default_factory=dict)  # DemaSettings overrides (none: the defaults)
     dataset: str = "tweet-sentiment"  # one of DATASETS
+    public_samples: int = 0  # a public unlabelled set every agent holds (needed by the distillation candidates)
 
     def task(self) -> TaskConfig:
         """The run's task: the dataset's name and labels at the settings' batch (and text length)."""
@@ -202,5 +212,7 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        learning_rate=settings.learning_rate, min_agents=len(agents), seed=seed,
                        task=settings.task(),
                        dema=settings.dema or {}, pinned=agents, scopes=scopes,
-                       share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight)
+                       share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight,
+                       distill_steps=round(candidate.distill * settings.local_steps),
+                       public_samples=settings.public_samples if candidate.distill else 0)
     return config, agents

@@ -35,7 +35,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     bundles = {b: load_bundle(Path(job["bundle_dirs"][b])) for b in config.backbones}
     files = {a: Path(p) for a, p in job["client_files"].items()}
     specs = [AgentSpec(a, backbone, files[a]) for a, backbone in agents.items()]
-    run = run_inprocess(config, bundles, specs, Path(job["global_test_file"]), threads=1, final_eval=True)
+    public = job.get("public_file")
+    run = run_inprocess(config, bundles, specs, Path(job["global_test_file"]), threads=1, final_eval=True,
+                        public_file=Path(public) if public else None)
     home = settings.agents()  # device class = the backbone the device would get on its own
     scopes = scopes_for(config.method, config.scopes)
     prototypes = uses_prototypes(config)
@@ -49,7 +51,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "final_global": {a: {"correct": e.correct, "total": e.total, "home_backbone": home[a],
                              "backbone": agents[a]} for a, e in run.final_global.items()},
         "payload_bytes": {b: payload_bytes(bundles[b].manifest,
-                                           upload_names(bundles[b].manifest, scopes, prototypes=prototypes))
+                                           upload_names(bundles[b].manifest, scopes, prototypes=prototypes,
+                                                        public_samples=config.public_samples),
+                                           public_samples=config.public_samples)
                           for b in config.backbones},
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},

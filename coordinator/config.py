@@ -47,6 +47,10 @@ class RunConfig(_Strict):
     prototype_weight: float = Field(1.0, ge=0)
     # Any other method can exchange prototypes and train with that pull too (the shared adapters keep their rule).
     share_prototypes: bool = False
+    # Consensus distillation (coordinator/aggregation/with_distillation.py): every device holds the same
+    # `public_samples` unlabelled samples and takes `distill_steps` steps a round on the consensus's labels.
+    distill_steps: int = Field(0, ge=0)
+    public_samples: int = Field(0, ge=0)
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()
@@ -95,6 +99,13 @@ class RunConfig(_Strict):
         stray = {a: b for a, b in self.pinned.items() if b not in self.backbones}
         if stray:
             raise ValueError(f"pinned backbones must be among the run's backbones {list(self.backbones)}: {stray}")
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_has_public_data(self) -> RunConfig:
+        if self.distill_steps > 0 and self.public_samples == 0:
+            raise ValueError("distill_steps needs a public set: set public_samples to the size of the public "
+                             "file every device holds (or distill_steps = 0)")
         return self
 
     @field_validator("scopes")

@@ -50,6 +50,7 @@ FLEET_SUMMARY = "fleet.json"
 GLOBAL_TEST_FILE = "global_test.jsonl"
 GLOBAL_TEST_NPZ = "global_test.npz"
 CLIENTS_DIR = "clients"
+PUBLIC_STEM = "public"  # public.jsonl / public.npz: the public set of a run that distils
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,7 @@ def write_fleet_data(
     global_per_class: int = 100,
     max_per_client: int | None = None,
     min_per_client: int = 10,
+    public_size: int = 0,
 ) -> FleetData:
     """Hold out a balanced global test set, Dirichlet-split the rest over agents and write it all.
 
@@ -519,6 +521,11 @@ def write_fleet_data(
     Samples whose content (text, or image bytes) also occurs in the global test set are removed from the
     agents' pool, so a duplicate can't leak test answers into training. ``max_per_client`` caps each
     agent's data (seeded subsample) to keep an emulated agent fast.
+
+    ``public_size`` > 0 also writes ``public.jsonl`` / ``public.npz``: that many samples drawn at random (their
+    own seed) from the pool before the split, which no agent trains on as labelled data and every agent may
+    hold as the run's public set (consensus distillation reads only their inputs). The default 0 leaves every
+    split exactly as it was.
     """
     _check_agent_ids(agent_ids)
     if max_per_client is not None and max_per_client < 1:
@@ -531,6 +538,12 @@ def write_fleet_data(
         [i for i, key in zip(rest, _content_keys(ds, rest), strict=True) if key not in test_keys], dtype=np.int64
     )
     dropped = len(rest) - len(pool)
+    public = np.zeros(0, np.int64)
+    if public_size > 0:
+        if public_size >= len(pool):
+            raise ValueError(f"a public set of {public_size} leaves nothing of the {len(pool)} samples for agents")
+        public = np.sort(np.random.default_rng([seed, 1]).choice(pool, size=public_size, replace=False))
+        pool = np.setdiff1d(pool, public)
     parts = dirichlet_label_split(labels[pool], len(agent_ids), alpha, split_seed, min_size=min_per_client)
     cap_rng = np.random.default_rng(cap_seed)
     client_idx: dict[str, np.ndarray] = {}
@@ -546,6 +559,8 @@ def write_fleet_data(
     (out_dir / CLIENTS_DIR).mkdir(parents=True, exist_ok=True)
     global_file = out_dir / global_name
     global_counts = _write_samples(global_file, ds, holdout)
+    if public_size > 0:
+        _write_samples(out_dir / f"{PUBLIC_STEM}{suffix}", ds, public)
     client_files: dict[str, Path] = {}
     label_counts: dict[str, list[int]] = {}
     for agent_id, idx in client_idx.items():
@@ -564,6 +579,7 @@ def write_fleet_data(
             "dropped_duplicates_of_global_test": dropped,
         },
         "global_test": {"file": global_name, "size": len(holdout), "label_counts": global_counts},
+        **({"public": {"file": f"{PUBLIC_STEM}{suffix}", "size": len(public)}} if public_size > 0 else {}),
         "clients": {
             a: {
                 "file": f"{CLIENTS_DIR}/{a}{suffix}",

@@ -105,6 +105,10 @@ class Coordinator:
         self.store = store
         self.on_round = on_round
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
+        if config.distill_steps:
+            raise ValueError("consensus distillation (distill_steps) runs only in the method benchmark "
+                             "(bench/methods.py) so far: the MQTT engine does not hand agents a public set yet; "
+                             "set distill_steps = 0")
         self.strategy = strategy_for(config)
         self.scopes = scopes_for(config.method, config.scopes)
         self.prototypes = uses_prototypes(config)

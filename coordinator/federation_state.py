@@ -16,6 +16,7 @@ import numpy as np
 
 from coordinator.aggregation.base import FederatedState, TensorDict
 from protocols.bundle_manifest import BundleManifest
+from protocols.distillation import distillation_shapes, is_distillation_name
 from protocols.prototypes import is_prototype_name, prototype_shapes
 
 SHARED_SCOPES = ("global", "group")
@@ -45,15 +46,25 @@ def prototypes_of(manifest: BundleManifest) -> dict[str, tuple[int, ...]]:
     return prototype_shapes(len(manifest.task.labels), int(manifest.dema["rank"]))
 
 
-def upload_names(manifest: BundleManifest, scopes: Mapping[str, str], *, prototypes: bool = False) -> list[str]:
-    """What an agent on this backbone uploads each round: every global and group tensor, and with
-    ``prototypes`` (fedproto) its class prototypes and their counts, sorted."""
+def upload_names(manifest: BundleManifest, scopes: Mapping[str, str], *, prototypes: bool = False,
+                 public_samples: int = 0) -> list[str]:
+    """What an agent on this backbone uploads each round: every global and group tensor, with ``prototypes``
+    (fedproto) its class prototypes and their counts, and with ``public_samples`` (consensus distillation) its
+    class probabilities on the public set, sorted."""
     names = names_in_scope(manifest, scopes, "global") + names_in_scope(manifest, scopes, "group")
-    return sorted(names + (list(prototypes_of(manifest)) if prototypes else []))
+    names += list(prototypes_of(manifest)) if prototypes else []
+    names += list(distillation_shapes(public_samples, len(manifest.task.labels)))
+    return sorted(names)
 
 
-def tensor_shape(manifest: BundleManifest, name: str) -> tuple[int, ...]:
-    """The shape of anything an agent on this backbone may upload: a trainable tensor or a prototype tensor."""
+def tensor_shape(manifest: BundleManifest, name: str, *, public_samples: int = 0) -> tuple[int, ...]:
+    """The shape of anything an agent on this backbone may upload: a trainable tensor, a prototype tensor or
+    the distillation probabilities (on a run's ``public_samples`` public samples)."""
+    if is_distillation_name(name):
+        shapes = distillation_shapes(public_samples, len(manifest.task.labels))
+        if name not in shapes:
+            raise KeyError(f"{name!r} is sent only in a run with a public set (consensus distillation)")
+        return shapes[name]
     if is_prototype_name(name):
         shapes = prototypes_of(manifest)
         if name not in shapes:
@@ -63,7 +74,8 @@ def tensor_shape(manifest: BundleManifest, name: str) -> tuple[int, ...]:
 
 
 def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], *,
-                  prototypes: bool = False) -> FederatedState:
+                  prototypes: bool = False, public_samples: int = 0, distill_scope: str = "global"
+                  ) -> FederatedState:
     """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
 
     Tensors exported as global must start identical on every backbone (export seeds them by name); a mismatch
@@ -75,6 +87,9 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
     With ``prototypes`` (fedproto) the global tensors also hold every class's prototype at zero with count 0,
     i.e. "no prototype yet": agents train with plain cross-entropy until a class has one. The r-space must be
     the same on every backbone.
+
+    With ``public_samples`` (consensus distillation) the state holds a zero consensus, "none yet", in
+    ``distill_scope``: "global" (one consensus over the fleet) or "group" (one per backbone group).
     """
     global_tensors: TensorDict = {}
     groups: dict[str, TensorDict] = {}
@@ -100,6 +115,15 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
             raise ValueError("fedproto needs one prototype space: the bundles differ in classes or DeMA rank ("
                              + ", ".join(f"{b}: r = {bundles[b].manifest.dema['rank']}" for b in shapes) + ")")
         global_tensors.update({name: np.zeros(shape, np.float32) for name, shape in first.items()})
+    if public_samples > 0:
+        classes = {len(bundles[backbone].manifest.task.labels) for backbone in bundles}
+        if len(classes) != 1 or distill_scope not in SHARED_SCOPES:
+            raise ValueError(f"consensus distillation needs one label set ({sorted(classes)} classes here) and a "
+                             f"shared scope, one of {SHARED_SCOPES} (got {distill_scope!r})")
+        consensus = {n: np.zeros(shape, np.float32) for n, shape in distillation_shapes(public_samples,
+                                                                                        classes.pop()).items()}
+        for tensors in ([global_tensors] if distill_scope == "global" else list(groups.values())):
+            tensors.update({n: v.copy() for n, v in consensus.items()})
     return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 
 
@@ -108,9 +132,10 @@ def weights_for(state: FederatedState, backbone: str) -> TensorDict:
     return {**state.global_tensors, **state.group_tensors.get(backbone, {})}
 
 
-def payload_bytes(manifest: BundleManifest, names: list[str]) -> int:
+def payload_bytes(manifest: BundleManifest, names: list[str], *, public_samples: int = 0) -> int:
     """Raw float32 bytes of the named tensors (without any container or transport framing)."""
-    return BYTES_PER_FLOAT32 * sum(int(np.prod(tensor_shape(manifest, n))) for n in names)
+    return BYTES_PER_FLOAT32 * sum(int(np.prod(tensor_shape(manifest, n, public_samples=public_samples)))
+                                   for n in names)
 
 
 def full_model_bytes(manifest: BundleManifest) -> int:

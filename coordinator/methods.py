@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from coordinator.aggregation import make_strategy
 from coordinator.aggregation.base import Strategy
+from coordinator.aggregation.with_distillation import WithDistillation
 from coordinator.aggregation.with_prototypes import WithPrototypes
 from coordinator.config import RunConfig
 from export.dema.config import FAMILIES, resolve_scopes
@@ -38,11 +39,26 @@ def prototype_weight_for(config: RunConfig) -> float:
     return config.prototype_weight if uses_prototypes(config) else 0.0
 
 
+def distillation_scope(config: RunConfig) -> str | None:
+    """How far the consensus travels: as far as the run's experts do (global for heterotune, group for
+    group-fedavg), or None without distillation. A method that shares no experts has no fleet to agree with."""
+    if config.distill_steps == 0:
+        return None
+    scope = scopes_for(config.method, config.scopes)["experts"]
+    if scope == "local":
+        raise ValueError(f"method {config.method!r} shares no experts, so it has no consensus to distil from; "
+                         "use distill_steps = 0 or a sharing method")
+    return scope
+
+
 def strategy_for(config: RunConfig) -> Strategy:
-    """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them."""
+    """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them
+    and the public set's class probabilities when it distils."""
     strategy = make_strategy(config.method, **config.method_options)
     if config.share_prototypes and config.method not in PROTOTYPE_METHODS:
-        return WithPrototypes(strategy)
+        strategy = WithPrototypes(strategy)
+    if distillation_scope(config) is not None:
+        strategy = WithDistillation(strategy)
     return strategy
 
 

@@ -6,6 +6,7 @@ train with the very same code.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,11 +17,13 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from edge_agent.data import Sample, batches, eval_batches, split_local
+from edge_agent.distillation import pseudo_labels, softmax, step_order
 from edge_agent.inputs import BatchEncoder
 from edge_agent.limits import peak_rss_mb
 from edge_agent.prototypes import class_means, prototype_targets, prototype_upload
 from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
 from protocols.bundle_manifest import BundleManifest
+from protocols.distillation import DISTILL_PROBS, is_distillation_name
 from protocols.prototypes import is_prototype_name
 
 
@@ -35,6 +38,13 @@ class RoundPlan:
     seed: int
     upload_names: tuple[str, ...]
     prototype_weight: float = 0.0  # fedproto's lambda; prototypes are asked for by name in upload_names
+    # Consensus distillation: steps on the public set's consensus labels, interleaved with the local steps.
+    distill_steps: int = 0
+
+
+def is_exchange_only(name: str) -> bool:
+    """Tensors that shape training but are not part of the model: prototypes and the distillation consensus."""
+    return is_prototype_name(name) or is_distillation_name(name)
 
 
 class RoundGuard(Protocol):
@@ -77,7 +87,7 @@ class LocalLearner:
 
     def __init__(self, agent_id: str, bundle_dir: Path, manifest: BundleManifest, trainer: TrainerBackend,
                  examples: Sequence[Sample], global_test: Sequence[Sample] = (), *, split_seed: int = 0,
-                 initial: Mapping[str, np.ndarray] | None = None) -> None:
+                 initial: Mapping[str, np.ndarray] | None = None, public: Sequence[Sample] = ()) -> None:
         self.agent_id = agent_id
         self.manifest = manifest
         self.trainer = trainer
@@ -87,6 +97,9 @@ class LocalLearner:
         split = split_local(examples, test_fraction=0.25, seed=split_seed)
         self.train, self.test = split.train, split.test
         self.global_test = list(global_test)
+        # The run's public set (consensus distillation): its labels, if the file has any, are never read.
+        self.encoder.check(public, f"agent {agent_id}'s public data")
+        self.public = list(public)
         if initial is None:
             from safetensors.numpy import load_file
 
@@ -102,9 +115,13 @@ class LocalLearner:
 
         fedproto: the received global prototypes become this round's training targets, and the upload carries
         this device's class prototypes, computed after the local steps (edge_agent/prototypes.py).
+        Consensus distillation: ``plan.distill_steps`` steps on the public set labelled by the received
+        consensus are interleaved with the local steps, and the upload carries this device's class
+        probabilities on the public set, computed after them (edge_agent/distillation.py).
         """
         global_prototypes = {k: v for k, v in received.items() if is_prototype_name(k)}
-        received = {k: v for k, v in received.items() if not is_prototype_name(k)}
+        consensus = received.get(DISTILL_PROBS)
+        received = {k: v for k, v in received.items() if not is_exchange_only(k)}
         unknown = sorted(set(received) - set(self.kept))
         if unknown:
             raise ValueError(f"received tensors this bundle does not have: {unknown[:3]}")
@@ -128,24 +145,30 @@ class LocalLearner:
 
         rng = np.random.default_rng([plan.seed, plan.round_id, zlib.crc32(self.agent_id.encode())])
         stream = batches(self.train, plan.batch_size, rng)
+        public_stream = self._consensus_batches(plan, consensus, rng)
+        distill_steps = plan.distill_steps if public_stream is not None else 0
         train_start = time.perf_counter()
-        losses = []
-        for _ in range(plan.local_steps):
-            batch = self._encode(next(stream))
+        losses = []  # own-data steps only, so a round's loss means the same with and without distillation
+        for distilling in step_order(plan.local_steps, distill_steps):
+            batch = self._encode(next(public_stream if distilling and public_stream is not None else stream))
             step_start = time.perf_counter()
-            losses.append(self.trainer.train_step(batch))
+            loss = self.trainer.train_step(batch)
+            if not distilling:
+                losses.append(loss)
             guard.after("train", time.perf_counter() - step_start)
         train_seconds = time.perf_counter() - train_start
 
         eval_start = time.perf_counter()
         personal = self.trainer.evaluate(self._batches(self.test, guard))
         wants_prototypes = any(is_prototype_name(name) for name in plan.upload_names)
-        prototypes = self._class_prototypes(guard) if wants_prototypes else {}
+        exchanged = self._class_prototypes(guard) if wants_prototypes else {}
+        if DISTILL_PROBS in plan.upload_names:
+            exchanged[DISTILL_PROBS] = self._public_probabilities(guard)
         eval_seconds += time.perf_counter() - eval_start
 
         after = self.trainer.read_tensors(self.kept)
         self.kept = after
-        upload = {name: prototypes[name] if is_prototype_name(name) else after[name] for name in plan.upload_names}
+        upload = {name: exchanged[name] if is_exchange_only(name) else after[name] for name in plan.upload_names}
         return RoundOutcome(upload=upload, personal=personal, global_=global_result,
                             train_loss=float(np.mean(losses[-max(1, len(losses) // 4):])),
                             train_seconds=train_seconds, eval_seconds=eval_seconds,
@@ -155,6 +178,25 @@ class LocalLearner:
         representations = self.trainer.represent(self._batches(self.train, guard))
         labels = np.array([example.label for example in self.train], dtype=np.int64)
         return prototype_upload(*class_means(representations, labels, len(self.manifest.task.labels)))
+
+    def _consensus_batches(self, plan: RoundPlan, consensus: np.ndarray | None, rng: np.random.Generator
+                           ) -> Iterator[list[Sample]] | None:
+        """Endless batches of the public set under the consensus's labels, or None when this round has no
+        distillation (no steps asked for, no consensus received, or an all-zero round-0 consensus)."""
+        if plan.distill_steps <= 0 or consensus is None:
+            return None
+        labels = pseudo_labels(np.asarray(consensus), len(self.public), len(self.manifest.task.labels))
+        if labels is None:
+            return None
+        relabelled = [dataclasses.replace(sample, label=int(label))
+                      for sample, label in zip(self.public, labels, strict=True)]
+        return batches(relabelled, plan.batch_size, rng)
+
+    def _public_probabilities(self, guard: RoundGuard) -> np.ndarray:
+        if not self.public:
+            raise ValueError("the coordinator asks for class probabilities on the public set (consensus "
+                             "distillation), but this device holds no public data; give it the run's public file")
+        return softmax(self.trainer.predict(self._batches(self.public, guard)))
 
     def _encode(self, examples: Sequence[Sample]) -> Batch:
         return self.encoder.encode(examples)

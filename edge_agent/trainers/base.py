@@ -53,6 +53,9 @@ class TrainerBackend(Protocol):
         """FedProto's targets for the rest of this round: [classes, r] and per-class weights [classes] (lambda
         where a global prototype exists, else 0). start_round resets both to zeros (plain cross-entropy)."""
 
+    def predict(self, batches: Iterable[Batch]) -> np.ndarray:
+        """Logits of every example, [N, classes], without changing weights (consensus distillation)."""
+
     def represent(self, batches: Iterable[Batch]) -> np.ndarray:
         """The representation of every example, [N, r] (the last adapter's pooled z), without changing weights."""
 

@@ -102,11 +102,21 @@ class OrtTrainer:
 
         return accumulate(outputs())
 
+    def predict(self, batches: Iterable[Batch]) -> np.ndarray:
+        return self._eval_output(batches, 1)
+
     def represent(self, batches: Iterable[Batch]) -> np.ndarray:
+        return self._eval_output(batches, 2)
+
+    def _eval_output(self, batches: Iterable[Batch], index: int) -> np.ndarray:
+        """One eval-graph output (1 = logits, 2 = representation) for every example, concatenated."""
         module = self._require_module()
         module.eval()
-        parts = [np.array(module(*self._feeds(b, pull=False))[2], dtype=np.float32) for b in batches]
-        return np.concatenate(parts) if parts else np.zeros((0, self._prototype_input_shape()[1]), np.float32)
+        parts = [np.array(module(*self._feeds(b, pull=False))[index], dtype=np.float32) for b in batches]
+        if parts:
+            return np.concatenate(parts)
+        classes, rank = self._prototype_input_shape()
+        return np.zeros((0, classes if index == 1 else rank), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_module()

@@ -133,11 +133,21 @@ class TorchTrainer:
 
         return accumulate(outputs())
 
+    def predict(self, batches: Iterable[Batch]) -> np.ndarray:
+        return self._classified(batches, 0)
+
     def represent(self, batches: Iterable[Batch]) -> np.ndarray:
+        return self._classified(batches, 1)
+
+    def _classified(self, batches: Iterable[Batch], index: int) -> np.ndarray:
+        """One of ``_classify``'s outputs (0 = logits, 1 = representation) for every example, concatenated."""
         self._require_round()
         with self.torch.no_grad():
-            parts = [self._classify(b)[1].numpy().astype(np.float32) for b in batches]
-        return np.concatenate(parts) if parts else np.zeros((0, self.prototype_shape[1]), np.float32)
+            parts = [self._classify(b)[index].numpy().astype(np.float32) for b in batches]
+        if parts:
+            return np.concatenate(parts)
+        classes, rank = self.prototype_shape
+        return np.zeros((0, classes if index == 0 else rank), np.float32)
 
     def read_tensors(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         self._require_round()
