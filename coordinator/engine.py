@@ -6,6 +6,7 @@ between steps, so nothing blocks inside a callback and the order of events is ea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -23,7 +24,7 @@ from coordinator.aggregation import ClientUpdate
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.methods import prototype_weight_for, scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import distillation_scope, prototype_weight_for, scopes_for, strategy_for, uses_prototypes
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -105,11 +106,10 @@ class Coordinator:
         self.store = store
         self.on_round = on_round
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
-        if config.distill_steps:
-            raise ValueError("consensus distillation (distill_steps) runs only in the method benchmark "
-                             "(bench/methods.py) so far: the MQTT engine does not hand agents a public set yet; "
-                             "set distill_steps = 0")
         self.strategy = strategy_for(config)
+        distill_scope = distillation_scope(config)
+        self.public_samples = config.public_samples if distill_scope else 0
+        self.distill_steps = config.distill_steps if distill_scope else 0
         self.scopes = scopes_for(config.method, config.scopes)
         self.prototypes = uses_prototypes(config)
         self.agents: dict[str, AgentRecord] = {}
@@ -119,7 +119,9 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
-        self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes)
+        self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
+                                                    public_samples=self.public_samples,
+                                                    distill_scope=distill_scope or "global")
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
         self._reconnected = threading.Event()
@@ -134,7 +136,8 @@ class Coordinator:
     # --- state -------------------------------------------------------------------------------------
 
     def upload_names(self, backbone: str) -> list[str]:
-        return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes, prototypes=self.prototypes)
+        return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes, prototypes=self.prototypes,
+                                             public_samples=self.public_samples)
 
     # --- run ---------------------------------------------------------------------------------------
 
@@ -278,11 +281,15 @@ class Coordinator:
                               backend=profile.backend)
         pinned = self.config.pinned.get(request.agent_id)
         cards = [c for c in self.cards if c.backbone == pinned] if pinned else self.cards
-        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps,
-                                   eval_samples=request.n_test + request.n_global_test,
+        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps + self.distill_steps,
+                                   eval_samples=request.n_test + request.n_global_test + request.n_public,
                                    memory_fraction=self.config.memory_fraction,
                                    deadline_seconds=self.config.round_timeout_s)
         inbox = topics.agent_inbox(request.agent_id)
+        if decision.backbone is not None and self.public_samples and request.n_public != self.public_samples:
+            decision = dataclasses.replace(decision, backbone=None, reason=(
+                f"this run distils on a public set of {self.public_samples} samples and the device holds "
+                f"{request.n_public}; start it with --public pointing at the run's public file"))
         if decision.backbone is None:
             self.refused[request.agent_id] = decision.reason
             self.store.upsert_agent(request.agent_id, None, "refused", profile.model_dump(), decision.reason)
@@ -364,7 +371,7 @@ class Coordinator:
                 upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
-                prototype_weight=prototype_weight_for(self.config))
+                prototype_weight=prototype_weight_for(self.config), distill_steps=self.distill_steps)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
@@ -473,7 +480,8 @@ class Coordinator:
         try:
             tensors = decode_tensors(assembler.assemble())
             manifest = self.bundles[backbone].manifest
-            expected = {n: (federation_state.tensor_shape(manifest, n), "float32") for n in self.upload_names(backbone)}
+            expected = {n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples), "float32")
+                        for n in self.upload_names(backbone)}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
             update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))
             self.store.save_update(self.current_round, upload.agent_id, tensors)

@@ -134,7 +134,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},
-            "payload_bytes_per_round": {name: payload_bytes(bundles[name].manifest, coordinator.upload_names(name))
+            "payload_bytes_per_round": {name: payload_bytes(bundles[name].manifest, coordinator.upload_names(name),
+                                                               public_samples=coordinator.public_samples)
                                         for name in bundles},
             "wall_seconds": time.time() - started,
             "per_round": rounds_overview(rows),

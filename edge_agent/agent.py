@@ -57,6 +57,7 @@ class AgentConfig:
     port: int
     data: Path
     global_test: Path | None = None
+    public: Path | None = None  # the run's public set (consensus distillation)
     max_memory_mb: float | None = None
     max_round_seconds: float | None = None
     threads: int = 0
@@ -212,7 +213,8 @@ class EdgeAgent:
         request = JoinRequest(agent_id=self.config.agent_id, nonce=secrets.token_hex(8), profile=self._profile,
                               n_train=n - n // 4, n_test=n // 4,
                               n_global_test=_count_records(self.config.global_test) if self.config.global_test
-                              else 0)
+                              else 0,
+                              n_public=_count_records(self.config.public) if self.config.public else 0)
         self.endpoint.publish(topics.agent_join(self.config.agent_id), encode_message(request))
         self._status("online")
 
@@ -257,8 +259,10 @@ class EdgeAgent:
         labels = manifest.task.labels
         examples: list[Sample] = load_examples(self.config.data, labels)
         global_test = load_examples(self.config.global_test, labels) if self.config.global_test else []
+        public = load_examples(self.config.public, labels) if self.config.public else []
         trainer = make_trainer(self.config.backend, bundle_dir, self.config.threads)
-        return LocalLearner(self.config.agent_id, bundle_dir, manifest, trainer, examples, global_test)
+        return LocalLearner(self.config.agent_id, bundle_dir, manifest, trainer, examples, global_test,
+                            public=public)
 
     def _fetch(self, ref: BlobRefModel, timeout: float = 300.0) -> bytes:
         def ask(indices: list[int]) -> None:
@@ -295,7 +299,7 @@ class EdgeAgent:
             return
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
-                         a.prototype_weight)
+                         a.prototype_weight, a.distill_steps)
         learner.guard = DeviceLimits(self.config.max_memory_mb if self.config.enforce_memory else None,
                                      self.config.slowdown)
         try:

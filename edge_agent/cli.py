@@ -30,6 +30,9 @@ def join(
                                        dir_okay=False)],
     global_test: Annotated[Path | None, typer.Option(help="optional balanced held-out set (emulated fleets)",
                                                      exists=True, dir_okay=False)] = None,
+    public: Annotated[Path | None, typer.Option(
+        help="the run's public unlabelled set (same format as --data; labels, if any, are never read): needed when "
+             "the run distils", exists=True, dir_okay=False)] = None,
     max_memory: Annotated[float | None, typer.Option(help="memory cap in MB")] = None,
     max_round_seconds: Annotated[float | None, typer.Option(help="longest round this device accepts")] = None,
     threads: Annotated[int, typer.Option(help="compute threads (0 = runtime default)")] = 0,
@@ -65,7 +68,7 @@ def join(
         validate_agent_id(agent_id)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    config = AgentConfig(agent_id=agent_id, host=host, port=port, data=data, global_test=global_test,
+    config = AgentConfig(agent_id=agent_id, host=host, port=port, data=data, global_test=global_test, public=public,
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,

@@ -115,6 +115,7 @@ class JoinRequest(_Message):
     n_train: NonNegInt
     n_test: NonNegInt
     n_global_test: NonNegInt = 0
+    n_public: NonNegInt = 0  # samples in the run's public set this device holds (consensus distillation)
 
 
 class JoinAccepted(_Message):
@@ -148,6 +149,9 @@ class Assignment(_Message):
     seed: int
     # fedproto's lambda (0 = no prototype term); the prototypes themselves arrive with the weights.
     prototype_weight: Annotated[float, Field(ge=0)] = 0.0
+    # Consensus distillation: steps on the public set's consensus labels (0 = none); the consensus arrives
+    # with the weights.
+    distill_steps: Annotated[int, Field(ge=0)] = 0
 
 
 class UpdateReport(_Message):

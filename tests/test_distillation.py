@@ -17,20 +17,22 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bench.methods_federation import AgentSpec, run_inprocess
+from bench.methods_federation import AgentSpec, FederationRun, run_inprocess
 from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import load_tweet_sentiment, write_fleet_data
-from coordinator.engine import Coordinator
 from coordinator.federation_state import initial_state, payload_bytes, upload_names
 from coordinator.methods import distillation_scope, scopes_for, strategy_for
-from coordinator.runner import build_bundles
+from coordinator.runner import build_bundles, run_federation
+from coordinator.store import load_state
+from edge_agent.agent import EXIT_FINISHED, EXIT_REFUSED
 from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.distillation import pseudo_labels, softmax, step_order
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
 from protocols.distillation import DISTILL_PROBS
+from tests.harness import agent_processes
 
 LABELS = ("negative", "neutral", "positive")
 PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}
@@ -123,9 +125,6 @@ def test_a_run_that_distils_needs_a_public_set_and_a_sharing_method() -> None:
         distillation_scope(RunConfig(method="local", distill_steps=2, public_samples=4))
     assert distillation_scope(RunConfig(method="heterotune", distill_steps=2, public_samples=4)) == "global"
     assert distillation_scope(RunConfig(method="heterotune")) is None
-    # the MQTT engine does not ship a public set yet: it says so rather than running without distillation
-    with pytest.raises(ValueError, match="runs only in the method benchmark"):
-        Coordinator(_config(), {}, cast(Any, None), cast(Any, None))
 
 
 # --------------------------------------------------------------------------------- state, names and data
@@ -257,3 +256,49 @@ def test_inprocess_rounds_commit_the_weighted_consensus(method: str, bundles: di
         for name in model:
             np.testing.assert_array_equal(run.updates[1][agent][name], plain.updates[1][agent][name], err_msg=name)
         assert any(not np.array_equal(run.updates[2][agent][n], plain.updates[2][agent][n]) for n in model), agent
+
+
+# ------------------------------------------------------------------------------------------- over MQTT
+
+
+@pytest.fixture(scope="module")
+def mqtt_and_inprocess(tmp_path_factory: pytest.TempPathFactory, bundles: dict[str, Bundle]
+                       ) -> tuple[Path, FederationRun, dict[str, int | None], str]:
+    """heterotune with distillation over a real mosquitto (three `edge-agent join --public` processes and one
+    device without the public set), and the same three agents in process."""
+    from coordinator.broker import MosquittoBroker
+
+    tmp = tmp_path_factory.mktemp("distill-mqtt")
+    data = write_fleet_data(load_tweet_sentiment(max_samples=800, seed=1), [*PINS, "no-public"], tmp / "data",
+                            alpha=1.0, seed=1, global_per_class=20, max_per_client=120, public_size=PUBLIC)
+    public = tmp / "data" / "public.jsonl"
+    extra = {a: ["--public", str(public)] for a in PINS}
+    with MosquittoBroker(tmp / "broker") as broker, agent_processes(tmp, data, extra=extra) as agents:
+        run_federation(_config(), tmp / "run", broker=broker.address, start_agents=agents.start)
+        codes = agents.wait(60)
+        refusal = agents.log("no-public")
+    assert all(codes[a] == EXIT_FINISHED for a in PINS), {a: agents.log(a) for a in PINS}
+    specs = [AgentSpec(a, b, data.client_files[a]) for a, b in PINS.items()]
+    inprocess = run_inprocess(_config(), bundles, specs, data.global_test_file, keep_tensors=True, final_eval=False,
+                              public_file=public)
+    return tmp / "run", inprocess, codes, refusal
+
+
+def test_mqtt_rounds_give_the_inprocess_consensus_and_tensors(
+        mqtt_and_inprocess: tuple[Path, FederationRun, dict[str, int | None], str]) -> None:
+    run_dir, inprocess, _, _ = mqtt_and_inprocess
+    for round_id in (1, 2):
+        mqtt = load_state(run_dir / "tensors" / f"round-{round_id:04d}.safetensors")
+        expected = inprocess.states[round_id]
+        assert sorted(mqtt.global_tensors) == sorted(expected.global_tensors)
+        assert mqtt.global_tensors[DISTILL_PROBS].shape == (PUBLIC, 3)
+        for name, value in expected.global_tensors.items():
+            np.testing.assert_allclose(mqtt.global_tensors[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.any(load_state(run_dir / "tensors" / "round-0002.safetensors").global_tensors[DISTILL_PROBS])
+
+
+def test_a_device_without_the_run_public_set_is_refused_with_the_fix(
+        mqtt_and_inprocess: tuple[Path, FederationRun, dict[str, int | None], str]) -> None:
+    _, _, codes, log = mqtt_and_inprocess
+    assert codes["no-public"] == EXIT_REFUSED
+    assert f"public set of {PUBLIC} samples and the device holds 0" in log and "--public" in log
