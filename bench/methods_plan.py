@@ -85,6 +85,17 @@ CANDIDATES: dict[str, Candidate] = {
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
 
+def fair_baseline(method: str) -> str | None:
+    """The candidate that differs from ``method`` only in that nothing crosses a backbone group: for
+    ``heterotune-X`` it is ``group-fedavg-X`` where that exists. Their paired difference is the cross-model
+    part of a design, the question of issue 3."""
+    prefix = "heterotune-"
+    if not method.startswith(prefix):
+        return None
+    twin = "group-fedavg-" + method[len(prefix):]
+    return twin if twin in CANDIDATES else None
+
+
 @dataclass(frozen=True)
 class Regime:
     """How the data is split: label skew, data per agent, and the balanced held-out set for the global view."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt, table
-from bench.methods_plan import CANDIDATES, FULL_REGIMES
+from bench.methods_plan import CANDIDATES, FULL_REGIMES, fair_baseline
 from bench.methods_plots import plot_views
 from bench.methods_stats import OVERALL, cosine_summary, headline, mean_sd, paired, view_table
 from export.catalog import get_backbone
@@ -54,7 +54,8 @@ def summarise(raw: Mapping[str, Any]) -> dict[str, Any]:
     heads = {m: {s: headline(t, last) for s, t in seeds.items()} for m, seeds in per.items()}
     diffs: dict[str, dict[str, Any]] = {}
     for method in per:
-        for base in raw["baselines"]:
+        twin = fair_baseline(method)
+        for base in [*raw["baselines"], *([twin] if twin else [])]:
             if base == method or base not in per or f"{base}|{method}" in diffs:
                 continue  # an inverse pair (local - group-fedavg) says nothing its mirror does not
             diffs[f"{method}|{base}"] = {
@@ -191,6 +192,10 @@ def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[st
                  for view, _ in VIEWS}
             for view, _ in VIEWS:
                 out.append(_statement(name, base, d, view, n_seeds))
+    for key, d in s["paired"].items():  # the cross-model part of each design candidate
+        name, base = key.split("|")
+        if fair_baseline(name) == base:
+            out += [_statement(name, base, d, view, n_seeds) for view, _ in VIEWS]
     settings = raw["settings"]
     finals = {m: mean_sd([h["global"][OVERALL] for h in s["headline"][m].values()])[0] for m in methods}
     personals = {m: mean_sd([h["personal"][OVERALL] for h in s["headline"][m].values()])[0] for m in methods}

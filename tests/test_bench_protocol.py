@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from bench.methods import select_cells
-from bench.methods_plan import QUICK, full_sweep, method_config
+from bench.methods_plan import QUICK, fair_baseline, full_sweep, method_config
+from bench.methods_report import summarise
 from bench.methods_stats import FINAL, OVERALL, headline, paired, sign_flip_p, view_table
 
 
@@ -89,6 +90,35 @@ def test_allglobal_candidates_send_every_adapter_family_across_backbones() -> No
         "private": "local"}
     # its fair baseline shares the same families, but only within a backbone group
     assert scopes("group-fedavg-grouphead") == dict.fromkeys(everything_but_private, "group") | {"private": "local"}
+
+
+def test_distillation_candidates_and_their_fair_baselines() -> None:
+    settings = dataclasses.replace(QUICK, public_samples=50, methods=("heterotune-lightdistill", "heterotune"))
+    light, _ = method_config(settings, "heterotune-lightdistill", seed=0)
+    assert (light.method, light.distill_steps, light.public_samples) == ("heterotune", 2, 50)  # 8 local steps / 4
+    plain, _ = method_config(settings, "heterotune", seed=0)
+    assert (plain.distill_steps, plain.public_samples) == (0, 0)
+    with pytest.raises(ValueError, match="needs a public set"):  # a distilling method without the public file
+        method_config(dataclasses.replace(settings, public_samples=0), "heterotune-lightdistill", seed=0)
+    assert fair_baseline("heterotune-distill") == "group-fedavg-distill"
+    assert fair_baseline("heterotune-grouphead") == "group-fedavg-grouphead"
+    assert fair_baseline("heterotune-globalhead") is None and fair_baseline("heterotune") is None
+    assert fair_baseline("group-fedavg-distill") is None
+
+
+def test_pages_pair_each_candidate_with_its_fair_baseline() -> None:
+    def job(method: str, seed: int, personal: int) -> dict[str, Any]:
+        return {"method": method, "seed": seed, "rounds": [_row(1, "s-0", "s", (personal, 10), (5, 10))],
+                "final_global": {"s-0": {"correct": 5, "total": 10, "home_backbone": "s"}}}
+
+    raw = {"settings": {"backbones": ["s"], "rounds": 1}, "baselines": ["group-fedavg"],
+           "jobs": [job("heterotune-distill", 0, 9), job("heterotune-distill", 1, 8),
+                    job("group-fedavg-distill", 0, 6), job("group-fedavg-distill", 1, 6),
+                    job("group-fedavg", 0, 5), job("group-fedavg", 1, 5)]}
+    paired_keys = summarise(raw)["paired"]
+    cross = paired_keys["heterotune-distill|group-fedavg-distill"]["personal"][OVERALL]
+    assert cross["diffs"] == pytest.approx([30.0, 20.0])  # (9 - 6) and (8 - 6) of 10, in points
+    assert "group-fedavg-distill|heterotune-distill" not in paired_keys
 
 
 def test_full_sweep_cells_and_their_selection() -> None:
