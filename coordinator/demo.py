@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+from coordinator.datasets import PUBLIC_STEM, load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from coordinator.runner import build_bundles, run_federation
 from export.bundle import single_thread_env
@@ -61,11 +61,14 @@ def plan_for(agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit
 
 
 def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, global_test: Path,
-                  cache_dir: Path) -> list[str]:
-    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend."""
+                  cache_dir: Path, public: Path | None = None) -> list[str]:
+    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend, and
+    the run's public set when the run distils."""
     command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent.agent_id,
                "--data", str(data_file), "--global-test", str(global_test), "--max-memory", f"{agent.memory_mb:g}",
                "--threads", "1", "--cache-dir", str(cache_dir), "--max-idle", "600"]
+    if public is not None:
+        command += ["--public", str(public)]
     if agent.slowdown != 1:
         command += ["--slowdown", repr(agent.slowdown)]
     if agent.max_round_seconds is not None:
@@ -81,8 +84,11 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = samples or max(8000, 2 * len(agents) * data.samples_per_agent)
     dataset = load_tweet_sentiment(max_samples=samples, seed=seed)
+    public_size = config.public_samples if config.distill_steps else 0
     files = write_fleet_data(dataset, [a.agent_id for a in agents], out_dir / "data", alpha=data.alpha, seed=seed,
-                             global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent)
+                             global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent,
+                             public_size=public_size)
+    public = out_dir / "data" / f"{PUBLIC_STEM}.jsonl" if public_size else None
     processes: list[subprocess.Popen[bytes]] = []
 
     def start_agents(host: str, port: int) -> None:
@@ -90,7 +96,7 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
         logs.mkdir(exist_ok=True)
         for agent in agents:
             command = agent_command(agent, host, port, files.client_files[agent.agent_id], files.global_test_file,
-                                    logs / agent.agent_id)
+                                    logs / agent.agent_id, public)
             with open(logs / f"{agent.agent_id}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                   env=single_thread_env()))

@@ -254,6 +254,9 @@ def test_fleet_backend_field_reaches_the_agent_command_line() -> None:
     command = agent_command(pi, "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"), Path("cache"))
     assert command[command.index("--backend") + 1] == "torch"
     assert "--backend" not in agent_command(pc, "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"), Path("c"))
+    assert "--public" not in command  # only a run that distils hands its devices the public set
+    distilling = agent_command(pc, "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"), Path("c"), Path("p.jsonl"))
+    assert distilling[distilling.index("--public") + 1] == "p.jsonl"
     with pytest.raises(FleetError, match=r"classes\.pi\.backend"):
         parse_fleet({"classes": {"pi": {"memory_mb": 384, "backend": "tflite"}}})
 
