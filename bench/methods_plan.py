@@ -35,11 +35,13 @@ class Candidate:
     prototype_weight: float = 1.0  # lambda of the pull, when prototypes are shared
     # Consensus distillation: this many distillation steps per local step on the public set (0 = none).
     distill: float = 0.0
+    distill_local_prior: bool = False  # the consensus re-weighted to each device's own label mix
 
     def describe(self) -> str:
         changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
         if self.distill:
-            changes.append(f"consensus distillation on the public set ({self.distill:g} step per local step)")
+            prior = ", consensus re-weighted to the device's label mix" if self.distill_local_prior else ""
+            changes.append(f"consensus distillation on the public set ({self.distill:g} step per local step{prior})")
         if self.share_prototypes:
             changes.append(f"class prototypes shared and pulled towards (fedproto's term, lambda "
                            f"{self.prototype_weight:g})")
@@ -81,6 +83,10 @@ CANDIDATES: dict[str, Candidate] = {
     # costs personalised accuracy under label skew; fewer steps trade less of it.
     "heterotune-lightdistill": Candidate("heterotune", distill=0.25),
     "group-fedavg-lightdistill": Candidate("group-fedavg", distill=0.25),
+    # The consensus re-weighted to each device's own label mix (Bayes: p(y|x) pi_local / pi_fleet), so the head
+    # keeps its prior and only what the fleet knows about each input transfers.
+    "heterotune-priordistill": Candidate("heterotune", distill=1.0, distill_local_prior=True),
+    "group-fedavg-priordistill": Candidate("group-fedavg", distill=1.0, distill_local_prior=True),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -229,5 +235,6 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        dema=settings.dema or {}, pinned=agents, scopes=scopes,
                        share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight,
                        distill_steps=round(candidate.distill * settings.local_steps),
-                       public_samples=settings.public_samples if candidate.distill else 0)
+                       public_samples=settings.public_samples if candidate.distill else 0,
+                       distill_local_prior=candidate.distill_local_prior)
     return config, agents

@@ -51,6 +51,8 @@ class RunConfig(_Strict):
     # `public_samples` unlabelled samples and takes `distill_steps` steps a round on the consensus's labels.
     distill_steps: int = Field(0, ge=0)
     public_samples: int = Field(0, ge=0)
+    # Re-weight the consensus to each device's own label mix before taking its labels (keeps the head's prior).
+    distill_local_prior: bool = False
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()

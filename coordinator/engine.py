@@ -371,7 +371,8 @@ class Coordinator:
                 upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
-                prototype_weight=prototype_weight_for(self.config), distill_steps=self.distill_steps)
+                prototype_weight=prototype_weight_for(self.config), distill_steps=self.distill_steps,
+                distill_local_prior=self.config.distill_local_prior)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory

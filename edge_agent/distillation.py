@@ -35,6 +35,20 @@ def pseudo_labels(consensus: np.ndarray, public_samples: int, num_classes: int) 
     return np.argmax(consensus, axis=-1).astype(np.int64)
 
 
+def to_local_prior(consensus: np.ndarray, local_counts: np.ndarray) -> np.ndarray:
+    """The consensus re-weighted to this device's label mix: p(y|x) * pi_local(y) / pi_fleet(y), renormalised.
+
+    Why: the fleet's consensus carries the fleet's label mix, and training a device's head on it moves that
+    head's prior away from the device's own data, which is what its personalised accuracy is measured on. Bayes'
+    rule swaps the prior and keeps what the fleet knows about each input. pi_fleet is the consensus's mean row;
+    pi_local the device's training label counts, add-one smoothed so a class it never saw stays possible.
+    """
+    local = (local_counts.astype(np.float64) + 1.0) / (float(local_counts.sum()) + len(local_counts))
+    fleet = np.maximum(consensus.astype(np.float64).mean(axis=0), 1e-6)
+    adjusted = consensus.astype(np.float64) * (local / fleet)
+    return (adjusted / adjusted.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def step_order(own_steps: int, distill_steps: int) -> list[bool]:
     """Which of a round's steps are distillation steps (True), spread evenly among the own-data steps.
 

@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from edge_agent.data import Sample, batches, eval_batches, split_local
-from edge_agent.distillation import pseudo_labels, softmax, step_order
+from edge_agent.distillation import pseudo_labels, softmax, step_order, to_local_prior
 from edge_agent.inputs import BatchEncoder
 from edge_agent.limits import peak_rss_mb
 from edge_agent.prototypes import class_means, prototype_targets, prototype_upload
@@ -40,6 +40,7 @@ class RoundPlan:
     prototype_weight: float = 0.0  # fedproto's lambda; prototypes are asked for by name in upload_names
     # Consensus distillation: steps on the public set's consensus labels, interleaved with the local steps.
     distill_steps: int = 0
+    distill_local_prior: bool = False  # re-weight the consensus to this device's label mix first
 
 
 def is_exchange_only(name: str) -> bool:
@@ -185,9 +186,13 @@ class LocalLearner:
         distillation (no steps asked for, no consensus received, or an all-zero round-0 consensus)."""
         if plan.distill_steps <= 0 or consensus is None:
             return None
-        labels = pseudo_labels(np.asarray(consensus), len(self.public), len(self.manifest.task.labels))
+        classes = len(self.manifest.task.labels)
+        labels = pseudo_labels(np.asarray(consensus), len(self.public), classes)
         if labels is None:
             return None
+        if plan.distill_local_prior:
+            counts = np.bincount([example.label for example in self.train], minlength=classes)
+            labels = np.argmax(to_local_prior(np.asarray(consensus), counts), axis=-1)
         relabelled = [dataclasses.replace(sample, label=int(label))
                       for sample, label in zip(self.public, labels, strict=True)]
         return batches(relabelled, plan.batch_size, rng)

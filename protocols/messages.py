@@ -152,6 +152,7 @@ class Assignment(_Message):
     # Consensus distillation: steps on the public set's consensus labels (0 = none); the consensus arrives
     # with the weights.
     distill_steps: Annotated[int, Field(ge=0)] = 0
+    distill_local_prior: bool = False
 
 
 class UpdateReport(_Message):

@@ -100,6 +100,10 @@ def test_distillation_candidates_and_their_fair_baselines() -> None:
     assert (plain.distill_steps, plain.public_samples) == (0, 0)
     with pytest.raises(ValueError, match="needs a public set"):  # a distilling method without the public file
         method_config(dataclasses.replace(settings, public_samples=0), "heterotune-lightdistill", seed=0)
+    prior, _ = method_config(dataclasses.replace(settings, methods=("group-fedavg-priordistill",)),
+                             "group-fedavg-priordistill", seed=0)
+    assert (prior.method, prior.distill_steps, prior.distill_local_prior) == ("group-fedavg", 8, True)
+    assert not light.distill_local_prior
     assert fair_baseline("heterotune-distill") == "group-fedavg-distill"
     assert fair_baseline("heterotune-grouphead") == "group-fedavg-grouphead"
     assert fair_baseline("heterotune-globalhead") is None and fair_baseline("heterotune") is None

@@ -27,7 +27,7 @@ from coordinator.runner import build_bundles, run_federation
 from coordinator.store import load_state
 from edge_agent.agent import EXIT_FINISHED, EXIT_REFUSED
 from edge_agent.data import Sample, eval_batches, load_examples
-from edge_agent.distillation import pseudo_labels, softmax, step_order
+from edge_agent.distillation import pseudo_labels, softmax, step_order, to_local_prior
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
@@ -72,6 +72,18 @@ def test_pseudo_labels_read_the_consensus_and_refuse_what_is_not_one() -> None:
         pseudo_labels(np.array([[np.nan, 0.5, 0.5], [1.0, 0.0, 0.0]]), 2, 3)
     with pytest.raises(ValueError, match="not a table of class probabilities"):
         pseudo_labels(np.array([[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]]), 2, 3)
+
+
+def test_the_local_prior_swaps_the_fleet_label_mix_for_the_device_one() -> None:
+    consensus = np.array([[0.5, 0.5], [0.8, 0.2]], np.float32)
+    # counts [3, 1] -> pi_local (add-one) [4/6, 2/6]; pi_fleet = the consensus's mean row [0.65, 0.35]
+    weights = np.array([(4 / 6) / 0.65, (2 / 6) / 0.35])
+    expected = consensus * weights / (consensus * weights).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(to_local_prior(consensus, np.array([3, 1])), expected, rtol=1e-6)
+    # a device whose mix is the fleet's ([13, 7] / 20 after add-one) gets the consensus back
+    np.testing.assert_allclose(to_local_prior(consensus, np.array([12, 6])), consensus, rtol=1e-6)
+    # a class the device never saw stays possible, just less likely
+    assert 0 < to_local_prior(consensus, np.array([5, 0]))[1, 1] < 0.2
 
 
 def _update(agent: str, group: str, n: int, **tensors: list[Any]) -> ClientUpdate:
