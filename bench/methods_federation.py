@@ -150,7 +150,7 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
             received = decode_tensors(blobs[spec.backbone])
             plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
                              config.seed, names[spec.backbone], prototype_weight, config.distill_steps,
-                             config.distill_local_prior)
+                             config.distill_local_prior, config.distill_confident_fraction)
             outcome = learners[spec.agent_id].run_round(plan, received)
             up_blob = encode_tensors(outcome.upload)
             updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,

@@ -36,11 +36,14 @@ class Candidate:
     # Consensus distillation: this many distillation steps per local step on the public set (0 = none).
     distill: float = 0.0
     distill_local_prior: bool = False  # the consensus re-weighted to each device's own label mix
+    distill_confident_fraction: float = 1.0  # only the public samples the consensus is surest of
 
     def describe(self) -> str:
         changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
         if self.distill:
             prior = ", consensus re-weighted to the device's label mix" if self.distill_local_prior else ""
+            if self.distill_confident_fraction < 1:
+                prior += f", on the {self.distill_confident_fraction:.0%} most confident public samples"
             changes.append(f"consensus distillation on the public set ({self.distill:g} step per local step{prior})")
         if self.share_prototypes:
             changes.append(f"class prototypes shared and pulled towards (fedproto's term, lambda "
@@ -87,6 +90,9 @@ CANDIDATES: dict[str, Candidate] = {
     # keeps its prior and only what the fleet knows about each input transfers.
     "heterotune-priordistill": Candidate("heterotune", distill=1.0, distill_local_prior=True),
     "group-fedavg-priordistill": Candidate("group-fedavg", distill=1.0, distill_local_prior=True),
+    # Only the quarter of the public set the consensus is surest of (a weak teacher's confident labels).
+    "heterotune-confdistill": Candidate("heterotune", distill=1.0, distill_confident_fraction=0.25),
+    "group-fedavg-confdistill": Candidate("group-fedavg", distill=1.0, distill_confident_fraction=0.25),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -236,5 +242,6 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight,
                        distill_steps=round(candidate.distill * settings.local_steps),
                        public_samples=settings.public_samples if candidate.distill else 0,
-                       distill_local_prior=candidate.distill_local_prior)
+                       distill_local_prior=candidate.distill_local_prior,
+                       distill_confident_fraction=candidate.distill_confident_fraction)
     return config, agents

@@ -53,6 +53,8 @@ class RunConfig(_Strict):
     public_samples: int = Field(0, ge=0)
     # Re-weight the consensus to each device's own label mix before taking its labels (keeps the head's prior).
     distill_local_prior: bool = False
+    # Distil only on this fraction of the public set: the samples the consensus is most confident about.
+    distill_confident_fraction: float = Field(1.0, gt=0, le=1)
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()

@@ -372,7 +372,8 @@ class Coordinator:
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
                 prototype_weight=prototype_weight_for(self.config), distill_steps=self.distill_steps,
-                distill_local_prior=self.config.distill_local_prior)
+                distill_local_prior=self.config.distill_local_prior,
+                distill_confident_fraction=self.config.distill_confident_fraction)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory

@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from edge_agent.data import Sample, batches, eval_batches, split_local
-from edge_agent.distillation import pseudo_labels, softmax, step_order, to_local_prior
+from edge_agent.distillation import confident_rows, pseudo_labels, softmax, step_order, to_local_prior
 from edge_agent.inputs import BatchEncoder
 from edge_agent.limits import peak_rss_mb
 from edge_agent.prototypes import class_means, prototype_targets, prototype_upload
@@ -41,6 +41,7 @@ class RoundPlan:
     # Consensus distillation: steps on the public set's consensus labels, interleaved with the local steps.
     distill_steps: int = 0
     distill_local_prior: bool = False  # re-weight the consensus to this device's label mix first
+    distill_confident_fraction: float = 1.0  # distil only on the public samples the consensus is surest of
 
 
 def is_exchange_only(name: str) -> bool:
@@ -193,8 +194,8 @@ class LocalLearner:
         if plan.distill_local_prior:
             counts = np.bincount([example.label for example in self.train], minlength=classes)
             labels = np.argmax(to_local_prior(np.asarray(consensus), counts), axis=-1)
-        relabelled = [dataclasses.replace(sample, label=int(label))
-                      for sample, label in zip(self.public, labels, strict=True)]
+        kept = confident_rows(np.asarray(consensus), plan.distill_confident_fraction)
+        relabelled = [dataclasses.replace(self.public[index], label=int(labels[index])) for index in kept]
         return batches(relabelled, plan.batch_size, rng)
 
     def _public_probabilities(self, guard: RoundGuard) -> np.ndarray:

@@ -153,6 +153,7 @@ class Assignment(_Message):
     # with the weights.
     distill_steps: Annotated[int, Field(ge=0)] = 0
     distill_local_prior: bool = False
+    distill_confident_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class UpdateReport(_Message):

@@ -104,6 +104,9 @@ def test_distillation_candidates_and_their_fair_baselines() -> None:
                              "group-fedavg-priordistill", seed=0)
     assert (prior.method, prior.distill_steps, prior.distill_local_prior) == ("group-fedavg", 8, True)
     assert not light.distill_local_prior
+    confident, _ = method_config(dataclasses.replace(settings, methods=("heterotune-confdistill",)),
+                                 "heterotune-confdistill", seed=0)
+    assert (confident.distill_steps, confident.distill_confident_fraction) == (8, 0.25)
     assert fair_baseline("heterotune-distill") == "group-fedavg-distill"
     assert fair_baseline("heterotune-grouphead") == "group-fedavg-grouphead"
     assert fair_baseline("heterotune-globalhead") is None and fair_baseline("heterotune") is None

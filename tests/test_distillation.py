@@ -27,7 +27,7 @@ from coordinator.runner import build_bundles, run_federation
 from coordinator.store import load_state
 from edge_agent.agent import EXIT_FINISHED, EXIT_REFUSED
 from edge_agent.data import Sample, eval_batches, load_examples
-from edge_agent.distillation import pseudo_labels, softmax, step_order, to_local_prior
+from edge_agent.distillation import confident_rows, pseudo_labels, softmax, step_order, to_local_prior
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
@@ -84,6 +84,15 @@ def test_the_local_prior_swaps_the_fleet_label_mix_for_the_device_one() -> None:
     np.testing.assert_allclose(to_local_prior(consensus, np.array([12, 6])), consensus, rtol=1e-6)
     # a class the device never saw stays possible, just less likely
     assert 0 < to_local_prior(consensus, np.array([5, 0]))[1, 1] < 0.2
+
+
+def test_confident_rows_keep_the_samples_the_consensus_is_surest_of() -> None:
+    consensus = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]], np.float32)  # top 0.9, 0.6, 0.7, 0.5
+    np.testing.assert_array_equal(confident_rows(consensus, 0.5), [0, 2])
+    np.testing.assert_array_equal(confident_rows(consensus, 0.01), [0])  # at least one row
+    np.testing.assert_array_equal(confident_rows(consensus, 1.0), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        confident_rows(consensus, 0.0)
 
 
 def _update(agent: str, group: str, n: int, **tensors: list[Any]) -> ClientUpdate:
