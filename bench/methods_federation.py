@@ -30,7 +30,14 @@ import numpy as np
 from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
-from coordinator.methods import distillation_scope, prototype_weight_for, scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import (
+    distillation_scope,
+    prototype_weight_for,
+    public_samples_for,
+    scopes_for,
+    strategy_for,
+    uses_prototypes,
+)
 from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.local_round import LocalLearner, RoundPlan, is_exchange_only
 from edge_agent.trainers.base import EvalResult
@@ -128,13 +135,12 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     prototypes = uses_prototypes(config)
     prototype_weight = prototype_weight_for(config)  # as the engine's Assignment carries it
     strategy = strategy_for(config)
-    distill_scope = distillation_scope(config)
-    public_samples = config.public_samples if distill_scope else 0
+    public_samples = public_samples_for(config)
     if public_samples and public_file is None:
         raise ValueError(f"{config.method} with distill_steps needs the run's public file (public_file)")
     used = {a.backbone for a in agents}
     state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes,
-                          public_samples=public_samples, distill_scope=distill_scope or "global")
+                          public_samples=public_samples, distill_scope=distillation_scope(config) or "global")
     names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes, public_samples=public_samples))
              for b in used}
     learners = make_learners(config, bundles, agents, global_test_file, threads=threads,

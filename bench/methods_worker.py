@@ -14,7 +14,7 @@ from typing import Any
 from bench.methods_federation import AgentRound, AgentSpec, run_inprocess
 from bench.methods_plan import BenchSettings, Regime, method_config
 from coordinator.federation_state import full_model_bytes, payload_bytes, upload_names
-from coordinator.methods import scopes_for, uses_prototypes
+from coordinator.methods import public_samples_for, scopes_for, uses_prototypes
 from export.bundle import load_bundle
 
 
@@ -52,8 +52,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                              "backbone": agents[a]} for a, e in run.final_global.items()},
         "payload_bytes": {b: payload_bytes(bundles[b].manifest,
                                            upload_names(bundles[b].manifest, scopes, prototypes=prototypes,
-                                                        public_samples=config.public_samples),
-                                           public_samples=config.public_samples)
+                                                        public_samples=public_samples_for(config)),
+                                           public_samples=public_samples_for(config))
                           for b in config.backbones},
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},

@@ -20,6 +20,7 @@ from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
 from coordinator.datasets import PUBLIC_STEM, load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
+from coordinator.methods import public_samples_for
 from coordinator.runner import build_bundles, run_federation
 from export.bundle import single_thread_env
 
@@ -84,7 +85,7 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = samples or max(8000, 2 * len(agents) * data.samples_per_agent)
     dataset = load_tweet_sentiment(max_samples=samples, seed=seed)
-    public_size = config.public_samples if config.distill_steps else 0
+    public_size = public_samples_for(config)
     files = write_fleet_data(dataset, [a.agent_id for a in agents], out_dir / "data", alpha=data.alpha, seed=seed,
                              global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent,
                              public_size=public_size)

@@ -24,7 +24,14 @@ from coordinator.aggregation import ClientUpdate
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.methods import distillation_scope, prototype_weight_for, scopes_for, strategy_for, uses_prototypes
+from coordinator.methods import (
+    distillation_scope,
+    prototype_weight_for,
+    public_samples_for,
+    scopes_for,
+    strategy_for,
+    uses_prototypes,
+)
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -107,9 +114,7 @@ class Coordinator:
         self.on_round = on_round
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
-        distill_scope = distillation_scope(config)
-        self.public_samples = config.public_samples if distill_scope else 0
-        self.distill_steps = config.distill_steps if distill_scope else 0
+        self.public_samples = public_samples_for(config)
         self.scopes = scopes_for(config.method, config.scopes)
         self.prototypes = uses_prototypes(config)
         self.agents: dict[str, AgentRecord] = {}
@@ -121,7 +126,7 @@ class Coordinator:
         self.current_round = 0
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
-                                                    distill_scope=distill_scope or "global")
+                                                    distill_scope=distillation_scope(config) or "global")
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
         self._reconnected = threading.Event()
@@ -281,7 +286,7 @@ class Coordinator:
                               backend=profile.backend)
         pinned = self.config.pinned.get(request.agent_id)
         cards = [c for c in self.cards if c.backbone == pinned] if pinned else self.cards
-        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps + self.distill_steps,
+        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps + self.config.distill_steps,
                                    eval_samples=request.n_test + request.n_global_test + request.n_public,
                                    memory_fraction=self.config.memory_fraction,
                                    deadline_seconds=self.config.round_timeout_s)
@@ -371,7 +376,7 @@ class Coordinator:
                 upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
-                prototype_weight=prototype_weight_for(self.config), distill_steps=self.distill_steps,
+                prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
                 distill_local_prior=self.config.distill_local_prior,
                 distill_confident_fraction=self.config.distill_confident_fraction)
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),

@@ -51,6 +51,12 @@ def distillation_scope(config: RunConfig) -> str | None:
     return scope
 
 
+def public_samples_for(config: RunConfig) -> int:
+    """The public-set size a federation exchanges class probabilities over: the run's when it distils, else 0
+    (a run may name a public set and still not distil). Engine, benchmark and demo all ask here."""
+    return config.public_samples if distillation_scope(config) else 0
+
+
 def strategy_for(config: RunConfig) -> Strategy:
     """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them
     and the public set's class probabilities when it distils."""
