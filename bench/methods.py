@@ -1,6 +1,6 @@
 """The method benchmark (issue 3): every method on the same fleet, data and seeds; writes docs/results.md.
 
-    .venv/bin/python -m bench.methods --quick      # MiniLM-L3 + MiniLM-L6, tweets, 6 agents, 2 seeds (~10 min)
+    .venv/bin/python -m bench.methods --quick      # MiniLM-L3 + MiniLM-L6, tweets, 4 agents, 2 seeds (under 10 min)
     .venv/bin/python -m bench.methods --smoke      # tiny random backbones: checks the runner, not learning
 
 Federations run in process (bench/methods_federation.py: the agent's trainer, the export's bundles and the
@@ -216,7 +216,8 @@ def select_cells(cells: list[BenchSettings], patterns: str | None) -> list[Bench
 
 # The modes on the command line, in the order `--help` lists them (the settings themselves: methods_plan.MODES).
 MODE_HELP = {
-    "quick": "real MiniLM-L3/L6, tweets, 6 agents, 2 seeds, 3 rounds (about 10 minutes on 2 cores)",
+    "quick": "real MiniLM-L3/L6, tweets, 4 agents, 2 seeds, 3 rounds (under 10 minutes on 2 idle cores)",
+    "design": "the design search's fleet: as --quick with 6 agents (use with --seeds 100,101)",
     "quick-bbc": "real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds",
     "quick-vision": "real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds",
     "quick-wide": "MiniLM-L3 (384 wide) beside MPNet-base (768 wide), tweets, 4 agents, 2 seeds, 3 rounds",
