@@ -333,7 +333,8 @@ def _cmga(raw: Mapping[str, Any]) -> list[str]:
 
 
 def _data(raw: Mapping[str, Any]) -> list[str]:
-    lines = ["## Fleet data per seed (label counts neg/neu/pos of each agent's file, before its 75/25 split)", ""]
+    labels = "/".join(raw["fleets"][next(iter(raw["fleets"]))]["labels"])
+    lines = [f"## Fleet data per seed (label counts {labels} of each agent's file, before its 75/25 split)", ""]
     for seed, fleet in sorted(raw["fleets"].items(), key=lambda kv: int(kv[0])):
         parts = [f"{a} {'/'.join(map(str, c['label_counts']))}" for a, c in fleet["clients"].items()]
         lines.append(f"- seed {seed}: " + "; ".join(parts) +

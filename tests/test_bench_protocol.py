@@ -165,3 +165,13 @@ def test_every_full_sweep_cell_can_split_its_data_for_every_seed(tmp_path: Path)
         assert sorted(fleets) == [0, 1, 2, 3, 4], cell.mode
         for fleet in fleets.values():
             assert len(fleet["client_files"]) == len(cell.agents())
+
+
+def test_fleet_data_section_names_the_datasets_own_labels() -> None:
+    from bench.methods_report import _data
+
+    fleet = {"labels": ["business", "sports"], "global_test": {"label_counts": [20, 20]},
+             "clients": {"a-0": {"label_counts": [7, 3]}}}
+    lines = _data({"fleets": {"0": fleet}})
+    assert "label counts business/sports of each agent's file" in lines[0]
+    assert lines[2] == "- seed 0: a-0 7/3; held-out set 20/20"
