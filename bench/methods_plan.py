@@ -193,8 +193,8 @@ QUICK_BBC = BenchSettings(mode="quick-bbc", backbones=("minilm-l3", "minilm-l6")
 QUICK_WIDE = BenchSettings(mode="quick-wide", backbones=("minilm-l3", "mpnet-base"), agents_per_backbone=2, rounds=3,
                            local_steps=8, learning_rate=2e-3, seeds=(0, 1), regime=LOW_DATA)
 
-MODES: dict[str, BenchSettings] = {s.mode: s for s in (QUICK, DESIGN, SMOKE, QUICK_VISION, QUICK_BBC,
-                                                                  QUICK_WIDE)}
+MODES: dict[str, BenchSettings] = {
+    s.mode: s for s in (QUICK, DESIGN, SMOKE, QUICK_VISION, QUICK_BBC, QUICK_WIDE)}
 
 
 # The sweep of issue 3 (`--full`): every dataset x regime, 5 seeds, longer training than the quick modes.
