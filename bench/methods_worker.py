@@ -41,6 +41,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     home = settings.agents()  # device class = the backbone the device would get on its own
     scopes = scopes_for(config.method, config.scopes)
     prototypes = uses_prototypes(config)
+    public_samples = public_samples_for(config)
     return {
         "method": method,
         "seed": seed,
@@ -52,8 +53,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                              "backbone": agents[a]} for a, e in run.final_global.items()},
         "payload_bytes": {b: payload_bytes(bundles[b].manifest,
                                            upload_names(bundles[b].manifest, scopes, prototypes=prototypes,
-                                                        public_samples=public_samples_for(config)),
-                                           public_samples=public_samples_for(config))
+                                                        public_samples=public_samples),
+                                           public_samples=public_samples)
                           for b in config.backbones},
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},
