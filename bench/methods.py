@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, rounds=args.rounds)
     if args.local_steps:
         settings = dataclasses.replace(settings, local_steps=args.local_steps)
-    distils = any(CANDIDATES[m].distill for m in settings.methods if m in CANDIDATES)
-    public = args.public if args.public is not None else (DEFAULT_PUBLIC if distils else 0)
-    if distils and public < 1:
-        parser.error("the distillation methods need a public set: --public N with N >= 1")
+    needs_public = any(CANDIDATES[m].uses_public_set for m in settings.methods if m in CANDIDATES)
+    public = args.public if args.public is not None else (DEFAULT_PUBLIC if needs_public else 0)
+    if needs_public and public < 1:
+        parser.error("the distillation and anchoring methods need a public set: --public N with N >= 1")
     settings = dataclasses.replace(settings, public_samples=public)
     if args.dema:
         try:

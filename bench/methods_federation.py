@@ -31,9 +31,11 @@ from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
 from coordinator.methods import (
-    distillation_scope,
+    anchor_weight_for,
     prototype_weight_for,
+    public_kind_for,
     public_samples_for,
+    public_scope_for,
     scopes_for,
     strategy_for,
     uses_prototypes,
@@ -137,11 +139,14 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     strategy = strategy_for(config)
     public_samples = public_samples_for(config)
     if public_samples and public_file is None:
-        raise ValueError(f"{config.method} with distill_steps needs the run's public file (public_file)")
+        raise ValueError(f"{config.method} with a public exchange (distill_steps or anchor_steps) needs the run's "
+                         "public file (public_file)")
     used = {a.backbone for a in agents}
     state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes,
-                          public_samples=public_samples, distill_scope=distillation_scope(config) or "global")
-    names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes, public_samples=public_samples))
+                          public_samples=public_samples, distill_scope=public_scope_for(config),
+                          public_kind=public_kind_for(config))
+    names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes, public_samples=public_samples,
+                                   public_kind=public_kind_for(config)))
              for b in used}
     learners = make_learners(config, bundles, agents, global_test_file, threads=threads,
                              public_file=public_file if public_samples else None)
@@ -156,7 +161,8 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
             received = decode_tensors(blobs[spec.backbone])
             plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
                              config.seed, names[spec.backbone], prototype_weight, config.distill_steps,
-                             config.distill_local_prior, config.distill_confident_fraction)
+                             config.distill_local_prior, config.distill_confident_fraction, config.anchor_steps,
+                             anchor_weight_for(config))
             outcome = learners[spec.agent_id].run_round(plan, received)
             up_blob = encode_tensors(outcome.upload)
             updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,

@@ -37,6 +37,13 @@ class Candidate:
     distill: float = 0.0
     distill_local_prior: bool = False  # the consensus re-weighted to each device's own label mix
     distill_confident_fraction: float = 1.0  # only the public samples the consensus is surest of
+    # Public-set anchoring: this many anchor steps per local step (0 = none), at this weight.
+    anchor: float = 0.0
+    anchor_weight: float = 1.0
+
+    @property
+    def uses_public_set(self) -> bool:
+        return bool(self.distill or self.anchor)
 
     def describe(self) -> str:
         changes = [f"{family} {scope}" for family, scope in self.scopes.items()]
@@ -45,6 +52,9 @@ class Candidate:
             if self.distill_confident_fraction < 1:
                 prior += f", on the {self.distill_confident_fraction:.0%} most confident public samples"
             changes.append(f"consensus distillation on the public set ({self.distill:g} step per local step{prior})")
+        if self.anchor:
+            changes.append(f"public-set anchoring ({self.anchor:g} step per local step, weight "
+                           f"{self.anchor_weight:g})")
         if self.share_prototypes:
             changes.append(f"class prototypes shared and pulled towards (fedproto's term, lambda "
                            f"{self.prototype_weight:g})")
@@ -93,6 +103,11 @@ CANDIDATES: dict[str, Candidate] = {
     # Only the quarter of the public set the consensus is surest of (a weak teacher's confident labels).
     "heterotune-confdistill": Candidate("heterotune", distill=1.0, distill_confident_fraction=0.25),
     "group-fedavg-confdistill": Candidate("group-fedavg", distill=1.0, distill_confident_fraction=0.25),
+    # Public-set anchoring: every device pulls its r-space representation of each public sample towards the
+    # fleet's mean representation of it (no labels needed), so the same input lands on the same point of the
+    # space the shared experts work in, whichever backbone feeds it. Half an anchor step per local step.
+    "heterotune-anchor": Candidate("heterotune", anchor=0.5),
+    "group-fedavg-anchor": Candidate("group-fedavg", anchor=0.5),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 
@@ -248,7 +263,9 @@ def method_config(settings: BenchSettings, method: str, seed: int) -> tuple[RunC
                        dema=settings.dema or {}, pinned=agents, scopes=scopes,
                        share_prototypes=candidate.share_prototypes, prototype_weight=candidate.prototype_weight,
                        distill_steps=round(candidate.distill * settings.local_steps),
-                       public_samples=settings.public_samples if candidate.distill else 0,
+                       public_samples=settings.public_samples if candidate.uses_public_set else 0,
                        distill_local_prior=candidate.distill_local_prior,
-                       distill_confident_fraction=candidate.distill_confident_fraction)
+                       distill_confident_fraction=candidate.distill_confident_fraction,
+                       anchor_steps=round(candidate.anchor * settings.local_steps),
+                       anchor_weight=candidate.anchor_weight)
     return config, agents

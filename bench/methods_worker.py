@@ -14,7 +14,7 @@ from typing import Any
 from bench.methods_federation import AgentRound, AgentSpec, run_inprocess
 from bench.methods_plan import BenchSettings, Regime, method_config
 from coordinator.federation_state import full_model_bytes, payload_bytes, upload_names
-from coordinator.methods import public_samples_for, scopes_for, uses_prototypes
+from coordinator.methods import public_kind_for, public_samples_for, scopes_for, uses_prototypes
 from export.bundle import load_bundle
 
 
@@ -35,13 +35,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     bundles = {b: load_bundle(Path(job["bundle_dirs"][b])) for b in config.backbones}
     files = {a: Path(p) for a, p in job["client_files"].items()}
     specs = [AgentSpec(a, backbone, files[a]) for a, backbone in agents.items()]
-    public = job.get("public_file")
+    public_file = job.get("public_file")
     run = run_inprocess(config, bundles, specs, Path(job["global_test_file"]), threads=1, final_eval=True,
-                        public_file=Path(public) if public else None)
+                        public_file=Path(public_file) if public_file else None)
     home = settings.agents()  # device class = the backbone the device would get on its own
     scopes = scopes_for(config.method, config.scopes)
     prototypes = uses_prototypes(config)
-    public_samples = public_samples_for(config)
+    public: dict[str, Any] = {"public_samples": public_samples_for(config), "public_kind": public_kind_for(config)}
     return {
         "method": method,
         "seed": seed,
@@ -53,8 +53,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                              "backbone": agents[a]} for a, e in run.final_global.items()},
         "payload_bytes": {b: payload_bytes(bundles[b].manifest,
                                            upload_names(bundles[b].manifest, scopes, prototypes=prototypes,
-                                                        public_samples=public_samples),
-                                           public_samples=public_samples)
+                                                        **public),
+                                           **public)
                           for b in config.backbones},
         "full_model_bytes": {b: full_model_bytes(bundles[b].manifest) for b in config.backbones},
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},

@@ -55,6 +55,10 @@ class RunConfig(_Strict):
     distill_local_prior: bool = False
     # Distil only on this fraction of the public set: the samples the consensus is most confident about.
     distill_confident_fraction: float = Field(1.0, gt=0, le=1)
+    # Public-set anchoring (coordinator/aggregation/with_anchors.py): `anchor_steps` steps a round pulling each
+    # public sample's representation towards the fleet's mean representation of it, at weight `anchor_weight`.
+    anchor_steps: int = Field(0, ge=0)
+    anchor_weight: float = Field(1.0, gt=0)
     backbones: tuple[str, ...] = ("minilm-l3", "minilm-l6")
     task: TaskConfig = TaskConfig()
     dema: DemaSettings = DemaSettings()
@@ -106,10 +110,14 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _distillation_has_public_data(self) -> RunConfig:
-        if self.distill_steps > 0 and self.public_samples == 0:
-            raise ValueError("distill_steps needs a public set: set public_samples to the size of the public "
-                             "file every device holds (or distill_steps = 0)")
+    def _public_exchange_has_public_data(self) -> RunConfig:
+        for option, steps in (("distill_steps", self.distill_steps), ("anchor_steps", self.anchor_steps)):
+            if steps > 0 and self.public_samples == 0:
+                raise ValueError(f"{option} needs a public set: set public_samples to the size of the public "
+                                 f"file every device holds (or {option} = 0)")
+        if self.distill_steps > 0 and self.anchor_steps > 0:
+            raise ValueError("a run exchanges one table over its public set: set distill_steps (consensus "
+                             "distillation) or anchor_steps (public-set anchoring), not both")
         return self
 
     @field_validator("scopes")

@@ -25,9 +25,11 @@ from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
 from coordinator.methods import (
-    distillation_scope,
+    anchor_weight_for,
     prototype_weight_for,
+    public_kind_for,
     public_samples_for,
+    public_scope_for,
     scopes_for,
     strategy_for,
     uses_prototypes,
@@ -115,6 +117,7 @@ class Coordinator:
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
         self.public_samples = public_samples_for(config)
+        self.public_kind = public_kind_for(config)
         self.scopes = scopes_for(config.method, config.scopes)
         self.prototypes = uses_prototypes(config)
         self.agents: dict[str, AgentRecord] = {}
@@ -126,7 +129,8 @@ class Coordinator:
         self.current_round = 0
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
-                                                    distill_scope=distillation_scope(config) or "global")
+                                                    distill_scope=public_scope_for(config),
+                                                    public_kind=self.public_kind)
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
         self._reconnected = threading.Event()
@@ -142,7 +146,7 @@ class Coordinator:
 
     def upload_names(self, backbone: str) -> list[str]:
         return federation_state.upload_names(self.bundles[backbone].manifest, self.scopes, prototypes=self.prototypes,
-                                             public_samples=self.public_samples)
+                                             public_samples=self.public_samples, public_kind=self.public_kind)
 
     # --- run ---------------------------------------------------------------------------------------
 
@@ -286,14 +290,16 @@ class Coordinator:
                               backend=profile.backend)
         pinned = self.config.pinned.get(request.agent_id)
         cards = [c for c in self.cards if c.backbone == pinned] if pinned else self.cards
-        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps + self.config.distill_steps,
+        extra_steps = self.config.distill_steps + self.config.anchor_steps  # steps on the public set
+        decision = assign_backbone(budget, cards, local_steps=self.config.local_steps + extra_steps,
                                    eval_samples=request.n_test + request.n_global_test + request.n_public,
                                    memory_fraction=self.config.memory_fraction,
                                    deadline_seconds=self.config.round_timeout_s)
         inbox = topics.agent_inbox(request.agent_id)
         if decision.backbone is not None and self.public_samples and request.n_public != self.public_samples:
             decision = dataclasses.replace(decision, backbone=None, reason=(
-                f"this run distils on a public set of {self.public_samples} samples and the device holds "
+                f"this run exchanges a table over a public set of {self.public_samples} samples and the device "
+                f"holds "
                 f"{request.n_public}; start it with --public pointing at the run's public file"))
         if decision.backbone is None:
             self.refused[request.agent_id] = decision.reason
@@ -378,7 +384,9 @@ class Coordinator:
                 deadline_unix=deadline, seed=self.config.seed,
                 prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
                 distill_local_prior=self.config.distill_local_prior,
-                distill_confident_fraction=self.config.distill_confident_fraction)
+                distill_confident_fraction=self.config.distill_confident_fraction,
+                anchor_steps=self.config.anchor_steps,
+                anchor_weight=anchor_weight_for(self.config))
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
@@ -487,7 +495,8 @@ class Coordinator:
         try:
             tensors = decode_tensors(assembler.assemble())
             manifest = self.bundles[backbone].manifest
-            expected = {n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples), "float32")
+            expected = {n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples,
+                                                          public_kind=self.public_kind), "float32")
                         for n in self.upload_names(backbone)}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
             update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from coordinator.aggregation.base import FederatedState, TensorDict
+from protocols.anchors import anchor_shapes, is_anchor_name
 from protocols.bundle_manifest import BundleManifest
 from protocols.distillation import distillation_shapes, is_distillation_name
 from protocols.prototypes import is_prototype_name, prototype_shapes
@@ -46,24 +47,37 @@ def prototypes_of(manifest: BundleManifest) -> dict[str, tuple[int, ...]]:
     return prototype_shapes(len(manifest.task.labels), int(manifest.dema["rank"]))
 
 
+def public_table_shapes(manifest: BundleManifest, public_samples: int, public_kind: str = "distill"
+                        ) -> dict[str, tuple[int, ...]]:
+    """The table a run exchanges over its ``public_samples`` public samples (none without a public set):
+    class probabilities (P, classes) for ``public_kind`` "distill", representations (P, r) for "anchor"."""
+    if public_kind == "anchor":
+        return anchor_shapes(public_samples, int(manifest.dema["rank"]))
+    if public_kind == "distill":
+        return distillation_shapes(public_samples, len(manifest.task.labels))
+    raise ValueError(f"unknown public exchange {public_kind!r}; expected 'distill' or 'anchor'")
+
+
 def upload_names(manifest: BundleManifest, scopes: Mapping[str, str], *, prototypes: bool = False,
-                 public_samples: int = 0) -> list[str]:
+                 public_samples: int = 0, public_kind: str = "distill") -> list[str]:
     """What an agent on this backbone uploads each round: every global and group tensor, with ``prototypes``
-    (fedproto) its class prototypes and their counts, and with ``public_samples`` (consensus distillation) its
-    class probabilities on the public set, sorted."""
+    (fedproto) its class prototypes and their counts, and with ``public_samples`` its table over the public set
+    (``public_kind``: class probabilities for distillation, representations for anchoring), sorted."""
     names = names_in_scope(manifest, scopes, "global") + names_in_scope(manifest, scopes, "group")
     names += list(prototypes_of(manifest)) if prototypes else []
-    names += list(distillation_shapes(public_samples, len(manifest.task.labels)))
+    names += list(public_table_shapes(manifest, public_samples, public_kind))
     return sorted(names)
 
 
-def tensor_shape(manifest: BundleManifest, name: str, *, public_samples: int = 0) -> tuple[int, ...]:
+def tensor_shape(manifest: BundleManifest, name: str, *, public_samples: int = 0, public_kind: str = "distill"
+                 ) -> tuple[int, ...]:
     """The shape of anything an agent on this backbone may upload: a trainable tensor, a prototype tensor or
-    the distillation probabilities (on a run's ``public_samples`` public samples)."""
-    if is_distillation_name(name):
-        shapes = distillation_shapes(public_samples, len(manifest.task.labels))
+    the run's public table (on its ``public_samples`` public samples)."""
+    if is_distillation_name(name) or is_anchor_name(name):
+        shapes = public_table_shapes(manifest, public_samples, public_kind)
         if name not in shapes:
-            raise KeyError(f"{name!r} is sent only in a run with a public set (consensus distillation)")
+            raise KeyError(f"{name!r} is not sent in this run (its public exchange: {public_kind}, "
+                           f"{public_samples} public samples)")
         return shapes[name]
     if is_prototype_name(name):
         shapes = prototypes_of(manifest)
@@ -74,8 +88,8 @@ def tensor_shape(manifest: BundleManifest, name: str, *, public_samples: int = 0
 
 
 def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], *,
-                  prototypes: bool = False, public_samples: int = 0, distill_scope: str = "global"
-                  ) -> FederatedState:
+                  prototypes: bool = False, public_samples: int = 0, distill_scope: str = "global",
+                  public_kind: str = "distill") -> FederatedState:
     """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
 
     Tensors exported as global must start identical on every backbone (export seeds them by name); a mismatch
@@ -88,8 +102,9 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
     i.e. "no prototype yet": agents train with plain cross-entropy until a class has one. The r-space must be
     the same on every backbone.
 
-    With ``public_samples`` (consensus distillation) the state holds a zero consensus, "none yet", in
-    ``distill_scope``: "global" (one consensus over the fleet) or "group" (one per backbone group).
+    With ``public_samples`` the state holds the run's public table (``public_kind``: the distillation
+    consensus or the anchors) at zero, "none yet", in ``distill_scope``: "global" (one table over the fleet) or
+    "group" (one per backbone group). Every backbone must give it the same shape (one label set; one r-space).
     """
     global_tensors: TensorDict = {}
     groups: dict[str, TensorDict] = {}
@@ -116,14 +131,16 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
                              + ", ".join(f"{b}: r = {bundles[b].manifest.dema['rank']}" for b in shapes) + ")")
         global_tensors.update({name: np.zeros(shape, np.float32) for name, shape in first.items()})
     if public_samples > 0:
-        classes = {len(bundles[backbone].manifest.task.labels) for backbone in bundles}
-        if len(classes) != 1 or distill_scope not in SHARED_SCOPES:
-            raise ValueError(f"consensus distillation needs one label set ({sorted(classes)} classes here) and a "
-                             f"shared scope, one of {SHARED_SCOPES} (got {distill_scope!r})")
-        consensus = {n: np.zeros(shape, np.float32) for n, shape in distillation_shapes(public_samples,
-                                                                                        classes.pop()).items()}
+        tables = {backbone: public_table_shapes(bundles[backbone].manifest, public_samples, public_kind)
+                  for backbone in sorted(bundles)}
+        distinct = {tuple(t.items()) for t in tables.values()}
+        if len(distinct) != 1 or distill_scope not in SHARED_SCOPES:
+            raise ValueError(f"the public exchange ({public_kind}) needs one table shape on every backbone "
+                             f"({', '.join(f'{b}: {t}' for b, t in tables.items())}) and a shared scope, one of "
+                             f"{SHARED_SCOPES} (got {distill_scope!r})")
+        zero = {n: np.zeros(shape, np.float32) for n, shape in distinct.pop()}
         for tensors in ([global_tensors] if distill_scope == "global" else list(groups.values())):
-            tensors.update({n: v.copy() for n, v in consensus.items()})
+            tensors.update({n: v.copy() for n, v in zero.items()})
     return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 
 
@@ -132,10 +149,12 @@ def weights_for(state: FederatedState, backbone: str) -> TensorDict:
     return {**state.global_tensors, **state.group_tensors.get(backbone, {})}
 
 
-def payload_bytes(manifest: BundleManifest, names: list[str], *, public_samples: int = 0) -> int:
+def payload_bytes(manifest: BundleManifest, names: list[str], *, public_samples: int = 0,
+                  public_kind: str = "distill") -> int:
     """Raw float32 bytes of the named tensors (without any container or transport framing)."""
-    return BYTES_PER_FLOAT32 * sum(int(np.prod(tensor_shape(manifest, n, public_samples=public_samples)))
-                                   for n in names)
+    return BYTES_PER_FLOAT32 * sum(
+        int(np.prod(tensor_shape(manifest, n, public_samples=public_samples, public_kind=public_kind)))
+        for n in names)
 
 
 def full_model_bytes(manifest: BundleManifest) -> int:

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 from coordinator.aggregation import make_strategy
 from coordinator.aggregation.base import Strategy
-from coordinator.aggregation.with_distillation import WithDistillation
+from coordinator.aggregation.with_anchors import with_anchors
+from coordinator.aggregation.with_distillation import with_distillation
 from coordinator.aggregation.with_prototypes import WithPrototypes
 from coordinator.config import RunConfig
 from export.dema.config import FAMILIES, resolve_scopes
@@ -39,32 +40,60 @@ def prototype_weight_for(config: RunConfig) -> float:
     return config.prototype_weight if uses_prototypes(config) else 0.0
 
 
+def anchor_weight_for(config: RunConfig) -> float:
+    """The anchor weight a round's Assignment carries: the run's where it anchors, else 0 (no term)."""
+    return config.anchor_weight if config.anchor_steps else 0.0
+
+
 def distillation_scope(config: RunConfig) -> str | None:
     """How far the consensus travels: as far as the run's experts do (global for heterotune, group for
     group-fedavg), or None without distillation. A method that shares no experts has no fleet to agree with."""
-    if config.distill_steps == 0:
+    return _public_scope(config, config.distill_steps, "distill_steps", "a consensus to distil from")
+
+
+def anchoring_scope(config: RunConfig) -> str | None:
+    """How far the anchors travel: as far as the run's experts do, or None without anchoring (why align the
+    r-space of devices that share no experts?)."""
+    return _public_scope(config, config.anchor_steps, "anchor_steps", "experts to align the r-space for")
+
+
+def _public_scope(config: RunConfig, steps: int, option: str, what: str) -> str | None:
+    if steps == 0:
         return None
     scope = scopes_for(config.method, config.scopes)["experts"]
     if scope == "local":
-        raise ValueError(f"method {config.method!r} shares no experts, so it has no consensus to distil from; "
-                         "use distill_steps = 0 or a sharing method")
+        raise ValueError(f"method {config.method!r} shares no experts, so it has no {what}; use {option} = 0 or "
+                         "a sharing method")
     return scope
 
 
+def public_kind_for(config: RunConfig) -> str:
+    """Which table a run exchanges over its public set: "anchor" (representations) or "distill" (class
+    probabilities, also the answer for a run without a public exchange)."""
+    return "anchor" if config.anchor_steps > 0 else "distill"
+
+
+def public_scope_for(config: RunConfig) -> str:
+    """How far the run's public table travels ("global" when it has none: the value is then never used)."""
+    return distillation_scope(config) or anchoring_scope(config) or "global"
+
+
 def public_samples_for(config: RunConfig) -> int:
-    """The public-set size a federation exchanges class probabilities over: the run's when it distils, else 0
-    (a run may name a public set and still not distil). Engine, benchmark and demo all ask here."""
-    return config.public_samples if distillation_scope(config) else 0
+    """The public-set size a federation exchanges a table over: the run's when it distils or anchors, else 0
+    (a run may name a public set and use neither). Engine, benchmark and demo all ask here."""
+    return config.public_samples if distillation_scope(config) or anchoring_scope(config) else 0
 
 
 def strategy_for(config: RunConfig) -> Strategy:
-    """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them
-    and the public set's class probabilities when it distils."""
+    """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them,
+    the public set's class probabilities when it distils and its representations when it anchors."""
     strategy = make_strategy(config.method, **config.method_options)
     if config.share_prototypes and config.method not in PROTOTYPE_METHODS:
         strategy = WithPrototypes(strategy)
     if distillation_scope(config) is not None:
-        strategy = WithDistillation(strategy)
+        strategy = with_distillation(strategy)
+    if anchoring_scope(config) is not None:
+        strategy = with_anchors(strategy)
     return strategy
 
 

@@ -135,7 +135,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},
             "payload_bytes_per_round": {name: payload_bytes(bundles[name].manifest, coordinator.upload_names(name),
-                                                               public_samples=coordinator.public_samples)
+                                                               public_samples=coordinator.public_samples,
+                                                               public_kind=coordinator.public_kind)
                                         for name in bundles},
             "wall_seconds": time.time() - started,
             "per_round": rounds_overview(rows),

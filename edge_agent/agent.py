@@ -300,7 +300,7 @@ class EdgeAgent:
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
                          a.prototype_weight, a.distill_steps, a.distill_local_prior,
-                         a.distill_confident_fraction)
+                         a.distill_confident_fraction, a.anchor_steps, a.anchor_weight)
         learner.guard = DeviceLimits(self.config.max_memory_mb if self.config.enforce_memory else None,
                                      self.config.slowdown)
         try:

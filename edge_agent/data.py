@@ -49,6 +49,7 @@ Sample = Example | ImageExample
 """Anything an agent trains on; the local round dispatches on the concrete type."""
 
 S = TypeVar("S", bound=Sample)
+T = TypeVar("T")  # anything batched: samples, or indices into the public set
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class TextEncoder:
 # -------------------------------------------------------------------------------------------- batching
 
 
-def batches(examples: Sequence[S], batch_size: int, rng: np.random.Generator) -> Iterator[list[S]]:
+def batches(examples: Sequence[T], batch_size: int, rng: np.random.Generator) -> Iterator[list[T]]:
     """Endless shuffled batches for k local steps: a fresh permutation each epoch.
 
     Every example is seen once per epoch and never twice in one batch; the last batch of an epoch may be

@@ -16,12 +16,14 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from edge_agent.anchors import anchor_table, anchor_targets
 from edge_agent.data import Sample, batches, eval_batches, split_local
 from edge_agent.distillation import confident_rows, pseudo_labels, softmax, step_order, to_local_prior
 from edge_agent.inputs import BatchEncoder
 from edge_agent.limits import peak_rss_mb
 from edge_agent.prototypes import class_means, prototype_targets, prototype_upload
 from edge_agent.trainers.base import Batch, EvalResult, TrainerBackend
+from protocols.anchors import ANCHOR_REPR, NO_LABEL, is_anchor_name
 from protocols.bundle_manifest import BundleManifest
 from protocols.distillation import DISTILL_PROBS, is_distillation_name
 from protocols.prototypes import is_prototype_name
@@ -42,11 +44,16 @@ class RoundPlan:
     distill_steps: int = 0
     distill_local_prior: bool = False  # re-weight the consensus to this device's label mix first
     distill_confident_fraction: float = 1.0  # distil only on the public samples the consensus is surest of
+    # Public-set anchoring: steps pulling the public samples' representations towards the received anchors,
+    # interleaved with the local steps like distillation's (a run uses one or the other), at this weight.
+    anchor_steps: int = 0
+    anchor_weight: float = 0.0
 
 
 def is_exchange_only(name: str) -> bool:
-    """Tensors that shape training but are not part of the model: prototypes and the distillation consensus."""
-    return is_prototype_name(name) or is_distillation_name(name)
+    """Tensors that shape training but are not part of the model: prototypes, the distillation consensus and
+    the public-set anchors."""
+    return is_prototype_name(name) or is_distillation_name(name) or is_anchor_name(name)
 
 
 class RoundGuard(Protocol):
@@ -120,9 +127,13 @@ class LocalLearner:
         Consensus distillation: ``plan.distill_steps`` steps on the public set labelled by the received
         consensus are interleaved with the local steps, and the upload carries this device's class
         probabilities on the public set, computed after them (edge_agent/distillation.py).
+        Public-set anchoring: the same, with ``plan.anchor_steps`` steps pulling the public samples'
+        representations towards the received anchors, and the upload carrying this device's representation of
+        every public sample (edge_agent/anchors.py).
         """
         global_prototypes = {k: v for k, v in received.items() if is_prototype_name(k)}
         consensus = received.get(DISTILL_PROBS)
+        anchors = received.get(ANCHOR_REPR)
         received = {k: v for k, v in received.items() if not is_exchange_only(k)}
         unknown = sorted(set(received) - set(self.kept))
         if unknown:
@@ -147,15 +158,18 @@ class LocalLearner:
 
         rng = np.random.default_rng([plan.seed, plan.round_id, zlib.crc32(self.agent_id.encode())])
         stream = batches(self.train, plan.batch_size, rng)
-        public_stream = self._consensus_batches(plan, consensus, rng)
-        distill_steps = plan.distill_steps if public_stream is not None else 0
+        public_stream, public_steps = self._consensus_batches(plan, consensus, rng), plan.distill_steps
+        if public_stream is None:
+            # Its own rng: anchoring must not change which own batches a round draws (paired comparisons).
+            anchor_rng = np.random.default_rng([plan.seed, plan.round_id, zlib.crc32(self.agent_id.encode()), 1])
+            public_stream, public_steps = self._anchor_batches(plan, anchors, anchor_rng), plan.anchor_steps
         train_start = time.perf_counter()
-        losses = []  # own-data steps only, so a round's loss means the same with and without distillation
-        for distilling in step_order(plan.local_steps, distill_steps):
-            batch = self._encode(next(public_stream if distilling and public_stream is not None else stream))
+        losses = []  # own-data steps only, so a round's loss means the same with and without the public set
+        for public in step_order(plan.local_steps, public_steps if public_stream is not None else 0):
+            batch = next(public_stream) if public and public_stream is not None else self._encode(next(stream))
             step_start = time.perf_counter()
             loss = self.trainer.train_step(batch)
-            if not distilling:
+            if not public:
                 losses.append(loss)
             guard.after("train", time.perf_counter() - step_start)
         train_seconds = time.perf_counter() - train_start
@@ -165,7 +179,9 @@ class LocalLearner:
         wants_prototypes = any(is_prototype_name(name) for name in plan.upload_names)
         exchanged = self._class_prototypes(guard) if wants_prototypes else {}
         if DISTILL_PROBS in plan.upload_names:
-            exchanged[DISTILL_PROBS] = self._public_probabilities(guard)
+            exchanged[DISTILL_PROBS] = softmax(self.trainer.predict(self._public_batches(guard)))
+        if ANCHOR_REPR in plan.upload_names:
+            exchanged[ANCHOR_REPR] = self.trainer.represent(self._public_batches(guard))
         eval_seconds += time.perf_counter() - eval_start
 
         after = self.trainer.read_tensors(self.kept)
@@ -182,7 +198,7 @@ class LocalLearner:
         return prototype_upload(*class_means(representations, labels, len(self.manifest.task.labels)))
 
     def _consensus_batches(self, plan: RoundPlan, consensus: np.ndarray | None, rng: np.random.Generator
-                           ) -> Iterator[list[Sample]] | None:
+                           ) -> Iterator[Batch] | None:
         """Endless batches of the public set under the consensus's labels, or None when this round has no
         distillation (no steps asked for, no consensus received, or an all-zero round-0 consensus)."""
         if plan.distill_steps <= 0 or consensus is None:
@@ -196,13 +212,32 @@ class LocalLearner:
             labels = np.argmax(to_local_prior(np.asarray(consensus), counts), axis=-1)
         kept = confident_rows(np.asarray(consensus), plan.distill_confident_fraction)
         relabelled = [dataclasses.replace(self.public[index], label=int(labels[index])) for index in kept]
-        return batches(relabelled, plan.batch_size, rng)
+        return (self._encode(chunk) for chunk in batches(relabelled, plan.batch_size, rng))
 
-    def _public_probabilities(self, guard: RoundGuard) -> np.ndarray:
+    def _anchor_batches(self, plan: RoundPlan, anchors: np.ndarray | None, rng: np.random.Generator
+                        ) -> Iterator[Batch] | None:
+        """Endless batches of public samples (no labels) carrying their anchors, or None when this round has no
+        anchoring (no steps asked for, no anchors received, or an all-zero round-0 table)."""
+        if plan.anchor_steps <= 0 or anchors is None:
+            return None
+        table = anchor_table(anchors, len(self.public), int(self.manifest.dema["rank"]))
+        if table is None:
+            return None
+        return self._anchored(table, plan, rng)
+
+    def _anchored(self, table: np.ndarray, plan: RoundPlan, rng: np.random.Generator) -> Iterator[Batch]:
+        unlabelled = [dataclasses.replace(sample, label=NO_LABEL) for sample in self.public]
+        for indices in batches(list(range(len(unlabelled))), plan.batch_size, rng):
+            anchors, weights = anchor_targets(table, np.asarray(indices, np.int64), plan.anchor_weight)
+            batch = self._encode([unlabelled[i] for i in indices])
+            yield dataclasses.replace(batch, anchors=anchors, anchor_weights=weights)
+
+    def _public_batches(self, guard: RoundGuard) -> Iterator[Batch]:
         if not self.public:
-            raise ValueError("the coordinator asks for class probabilities on the public set (consensus "
-                             "distillation), but this device holds no public data; give it the run's public file")
-        return softmax(self.trainer.predict(self._batches(self.public, guard)))
+            raise ValueError("the coordinator asks for this device's outputs on the public set (consensus "
+                             "distillation or anchoring), but this device holds no public data; give it the "
+                             "run's public file")
+        return self._batches(self.public, guard)
 
     def _encode(self, examples: Sequence[Sample]) -> Batch:
         return self.encoder.encode(examples)

@@ -35,8 +35,9 @@ from protocols.bundle_manifest import (
 )
 from protocols.chunks import BlobRef
 
-RECIPE_VERSION = 5  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too;
+RECIPE_VERSION = 6  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too;
 # 5: the graphs compute their own loss and take FedProto's prototype inputs (labels, prototypes, prototype_weights)
+# 6: and the public-set anchors (anchors, anchor_weights); label -100 marks an unlabelled sample
 ARCHIVE_NAME = "bundle.tar"
 TORCH_BACKBONE_FILE = "backbone.safetensors"
 # Architectures the PyTorch trainer backend re-implements (edge_agent/trainers/torch_model.py, torch_vit.py), and

@@ -29,18 +29,21 @@ class ExportError(RuntimeError):
 
 
 # The training and eval graphs' inputs after the model's own, and their outputs (training_loss in dema/model.py).
-OBJECTIVE_INPUTS = ("labels", "prototypes", "prototype_weights")
+OBJECTIVE_INPUTS = ("labels", "prototypes", "prototype_weights", "anchors", "anchor_weights")
 GRAPH_OUTPUTS = ("loss", "logits", "representation")
 
 
 def graph_inputs(model: AdapterClassifier, *, batch_size: int, seq_len: int
                  ) -> tuple[tuple[torch.Tensor, ...], dict[str, dict[int, str]]]:
     """Example inputs to trace with, and their dynamic axes, in the graph's input order: the model's inputs,
-    then labels [B], prototypes [classes, r] and prototype weights [classes]."""
+    then labels [B], prototypes [classes, r], prototype weights [classes], anchors [B, r] and anchor weights
+    [B]."""
     classes, rank = model.head.out_features, model.config.rank
     objective = (torch.arange(batch_size, dtype=torch.long) % classes, torch.zeros(classes, rank),
-                 torch.zeros(classes))
-    objective_axes: dict[str, dict[int, str]] = dict(zip(OBJECTIVE_INPUTS, ({0: "batch"}, {}, {}), strict=True))
+                 torch.zeros(classes), torch.zeros(batch_size, rank), torch.zeros(batch_size))
+    batch_axis = {0: "batch"}
+    objective_axes: dict[str, dict[int, str]] = dict(zip(OBJECTIVE_INPUTS, (batch_axis, {}, {}, batch_axis,
+                                                                             batch_axis), strict=True))
     model_inputs, model_axes = _model_inputs(model, batch_size=batch_size, seq_len=seq_len)
     return (*model_inputs, *objective), {**model_axes, **objective_axes}
 

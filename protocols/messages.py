@@ -154,6 +154,10 @@ class Assignment(_Message):
     distill_steps: Annotated[int, Field(ge=0)] = 0
     distill_local_prior: bool = False
     distill_confident_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Public-set anchoring: steps pulling the public samples' representations towards the anchors (0 = none),
+    # at this weight; the anchors arrive with the weights.
+    anchor_steps: Annotated[int, Field(ge=0)] = 0
+    anchor_weight: Annotated[float, Field(ge=0)] = 0.0
 
 
 class UpdateReport(_Message):

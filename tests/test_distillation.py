@@ -133,7 +133,8 @@ def test_a_table_that_is_not_probabilities_is_refused_with_the_agent_named() -> 
     strategy = strategy_for(RunConfig(method="heterotune-noalign", distill_steps=1, public_samples=1))
     state = FederatedState({DISTILL_PROBS: np.zeros((1, 2), np.float32)}, {"s": {}})
     good = _update("a", "s", 1, probs=[[0.5, 0.5]])
-    for bad, why in ((_update("nan-agent", "s", 1, probs=[[np.nan, 1.0]]), "not a table of class probabilities"),
+    for bad, why in ((_update("nan-agent", "s", 1, probs=[[np.nan, 1.0]]), "non-finite value"),
+                     (_update("nan-agent", "s", 1, probs=[[0.7, 0.7]]), "not a table of class probabilities"),
                      (_update("nan-agent", "s", 1, probs=[[0.5, 0.5], [0.5, 0.5]]), r"expected \(1, 2\)")):
         with pytest.raises(ValueError, match=f"nan-agent.*{why}"):
             strategy.aggregate(state, [good, bad], 1)

@@ -64,9 +64,10 @@ def test_training_loss_on_hand_computed_tensors() -> None:
     prototypes = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
     cross_entropy = (math.log(1 + math.exp(-1)) + math.log(2)) / 2  # 0.50320443
     # sample 0: class 0, mean((1-0)², (2-0)²) = 2.5, weight 0.5 -> 1.25; sample 1: mean(0², 2²) = 2, weight 2 -> 4
-    loss = training_loss(logits, representation, labels, prototypes, torch.tensor([0.5, 2.0]))
+    no_anchors = (torch.zeros(2, 2), torch.zeros(2))
+    loss = training_loss(logits, representation, labels, prototypes, torch.tensor([0.5, 2.0]), *no_anchors)
     assert float(loss) == pytest.approx(cross_entropy + (1.25 + 4.0) / 2, rel=1e-6)
-    off = training_loss(logits, representation, labels, prototypes, torch.zeros(2))
+    off = training_loss(logits, representation, labels, prototypes, torch.zeros(2), *no_anchors)
     assert float(off) == pytest.approx(cross_entropy, rel=1e-6)  # zero weights: exactly cross-entropy
 
 

@@ -110,7 +110,11 @@ def _ort_eval_logits(bundle: Bundle, values: dict[str, np.ndarray], batches: lis
     module.eval()
     classes, rank = len(bundle.manifest.task.labels), int(bundle.manifest.dema["rank"])
     no_prototypes = (np.zeros((classes, rank), np.float32), np.zeros(classes, np.float32))
-    return [np.asarray(module(*b.inputs, b.labels, *no_prototypes)[1]) for b in batches]
+
+    def no_anchors(b: Batch) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((len(b.labels), rank), np.float32), np.zeros(len(b.labels), np.float32)
+
+    return [np.asarray(module(*b.inputs, b.labels, *no_prototypes, *no_anchors(b))[1]) for b in batches]
 
 
 def test_exported_eval_graph_matches_pytorch_at_a_new_batch_and_length(bundle: Bundle, batch: Batch) -> None:

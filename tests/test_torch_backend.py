@@ -123,6 +123,45 @@ def test_gradients_and_first_adamw_step_match_ort_and_the_hf_formula(minilm_bund
         assert rel_diff(torch_after[n], ort_after[n]) <= RTOL, n
 
 
+def test_an_anchored_batch_with_unlabelled_rows_trains_the_same_on_both_backends(minilm_bundle: Bundle) -> None:
+    """Public-set anchoring's batches: half the rows unlabelled (-100) with anchors, prototypes set too. Both
+    backends must give the same loss and gradients, and the loss must be CE over the labelled rows plus the
+    pulls computed by hand from the representation (so a graph that ignored either input would fail)."""
+    start = perturbed(minilm_bundle.initial_tensors(), seed=9)
+    names = list(start)
+    (plain,) = make_batches(1, seed=13)
+    rank = start["adapters.0.w_in.weight"].shape[0]
+    rng = np.random.default_rng(4)
+    labels = plain.labels.copy()
+    labels[::2] = -100
+    anchors = rng.normal(0.0, 1.0, (len(labels), rank)).astype(np.float32)
+    weights = np.where(labels < 0, 2.0, 0.0).astype(np.float32)
+    batch = Batch(plain.inputs, labels, anchors, weights)
+    prototypes = rng.normal(0.0, 1.0, (3, rank)).astype(np.float32)
+    proto_weights = np.array([0.5, 1.0, 0.0], np.float32)
+    losses, grads = {}, {}
+    for trainer in (OrtTrainer(minilm_bundle.directory, threads=1), TorchTrainer(minilm_bundle.directory, threads=1)):
+        trainer.start_round(start, LR)
+        reps = trainer.represent([batch])
+        logits = trainer.predict([batch])
+        trainer.set_prototypes(prototypes, proto_weights)
+        losses[trainer.name] = trainer.forward_backward(batch)
+        grads[trainer.name] = trainer.read_gradients(names)
+    known = labels >= 0
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    cross_entropy = -log_probs[known, labels[known]].mean()
+    pull = np.where(known, proto_weights[np.maximum(labels, 0)], 0.0) * ((reps - prototypes[np.maximum(labels, 0)])
+                                                                          ** 2).mean(axis=1)
+    anchored = weights * ((reps - anchors) ** 2).mean(axis=1)
+    expected = cross_entropy + pull.mean() + anchored.mean()
+    assert anchored.mean() > 0.1 * expected  # the anchor term is a real part of the loss, not a rounding error
+    for name, loss in losses.items():
+        assert abs(loss - expected) <= 1e-4 * abs(expected), (name, loss, expected)
+    for n in names:
+        assert rel_diff(grads["torch"][n], grads["ort"][n]) <= RTOL, n
+
+
 def test_rounds_restart_with_fresh_moments(tiny_bundle: Bundle) -> None:
     """A second start_round must equal a fresh trainer (ORT reloads its checkpoint for the same reason)."""
     start = perturbed(tiny_bundle.initial_tensors(), seed=1)

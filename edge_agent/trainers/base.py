@@ -14,10 +14,15 @@ class Batch:
     """The exported graph's inputs in its input order, and int64 labels [B].
 
     Text: (input_ids, attention_mask), int64 [B, S]. Images: (pixel_values,), float32 [B, 3, H, W].
+    A public sample's label is -100 (`export.dema.model.NO_LABEL`): it trains only through its anchor, the
+    fleet's mean representation of it (``anchors`` [B, r], weighted per sample by ``anchor_weights`` [B]; both
+    None when the batch has no anchor pull).
     """
 
     inputs: tuple[np.ndarray, ...]
     labels: np.ndarray
+    anchors: np.ndarray | None = None
+    anchor_weights: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,22 @@ def checked_prototypes(prototypes: np.ndarray, weights: np.ndarray, shape: tuple
     if not (np.isfinite(prototypes).all() and np.isfinite(weights).all()) or (weights < 0).any():
         raise ValueError("prototypes and their weights must be finite, weights >= 0")
     return prototypes, weights
+
+
+def anchor_inputs(batch: Batch, rank: int, *, pull: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The graphs' anchor inputs for ``batch``: its anchors and weights as contiguous float32, or zeros (no pull)
+    when it has none or ``pull`` is off (an evaluation). A ValueError names what does not fit."""
+    size = int(np.shape(batch.labels)[0])
+    if batch.anchors is None or batch.anchor_weights is None or not pull:
+        return np.zeros((size, rank), np.float32), np.zeros(size, np.float32)
+    anchors = np.ascontiguousarray(batch.anchors, dtype=np.float32)
+    weights = np.ascontiguousarray(batch.anchor_weights, dtype=np.float32)
+    if anchors.shape != (size, rank) or weights.shape != (size,):
+        raise ValueError(f"anchors {anchors.shape} and weights {weights.shape} do not fit a batch of {size} "
+                         f"with r = {rank}")
+    if not (np.isfinite(anchors).all() and np.isfinite(weights).all()) or (weights < 0).any():
+        raise ValueError("anchors and their weights must be finite, weights >= 0")
+    return anchors, weights
 
 
 def accumulate(results: Iterable[tuple[float, np.ndarray, np.ndarray]]) -> EvalResult:

@@ -21,6 +21,7 @@ from edge_agent.trainers.base import (
     Batch,
     EvalResult,
     accumulate,
+    anchor_inputs,
     checked_prototypes,
     prototype_shape,
     zero_prototypes,
@@ -140,11 +141,13 @@ class OrtTrainer:
         self._require_module().lazy_reset_grad()
 
     def _feeds(self, batch: Batch, *, pull: bool = True) -> tuple[np.ndarray, ...]:
-        """The graphs' inputs in order: the model's, labels, prototypes [classes, r], prototype weights. Without
-        ``pull`` the weights are zero: an evaluation's loss is cross-entropy alone, the pull is a training term."""
+        """The graphs' inputs in order: the model's, labels, prototypes [classes, r], prototype weights, anchors
+        [B, r], anchor weights [B]. Without ``pull`` the weights are zero: an evaluation's loss is cross-entropy
+        alone, the pulls are training terms."""
         assert self._prototypes is not None  # set by start_round, which _require_module has checked
         prototypes, weights = self._prototypes
-        return (*batch.inputs, batch.labels, prototypes, weights if pull else np.zeros_like(weights))
+        anchors = anchor_inputs(batch, self._prototype_input_shape()[1], pull=pull)
+        return (*batch.inputs, batch.labels, prototypes, weights if pull else np.zeros_like(weights), *anchors)
 
     def _prototype_input_shape(self) -> tuple[int, int]:
         """(classes, r) of the graphs' prototype inputs, from the checkpoint's head and W_in (read once)."""

@@ -3,9 +3,10 @@
 No onnxruntime-training wheel exists for Linux aarch64 (Raspberry Pi, Jetson), so there the agent trains with
 torch. The coordinator must not be able to tell the backends apart, so this backend reproduces ORT's training
 graph exactly: the bundle's frozen weights (its torch part), the manifest's DeMA tensors, the graph's loss (mean
-cross-entropy plus FedProto's prototype term, export/dema/model.py `training_loss`), and ORT's `AdamWOptimizer`
-in adam_mode 1 (Hugging Face AdamW: bias correction folded into the learning rate, eps added to sqrt(v), no weight
-decay), restarted with fresh moments each round (reference/ort-training.md §4-5).
+cross-entropy plus FedProto's prototype term and the public-set anchors' pull, export/dema/model.py
+`training_loss`), and ORT's `AdamWOptimizer` in adam_mode 1 (Hugging Face AdamW: bias correction folded into the
+learning rate, eps added to sqrt(v), no weight decay), restarted with fresh moments each round
+(reference/ort-training.md §4-5).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from edge_agent.trainers.base import (
     Batch,
     EvalResult,
     accumulate,
+    anchor_inputs,
     checked_prototypes,
     prototype_shape,
     zero_prototypes,
@@ -35,6 +37,7 @@ from edge_agent.trainers.torch_model import (
     read_backbone_file,
 )
 from edge_agent.trainers.torch_vit import VIT_FORMAT, AdapterVitClassifier, VitShape
+from protocols.anchors import NO_LABEL
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 
 # ORT's AdamW block defaults (onnxruntime.training.onnxblock.optim.AdamW), as float32 like its kernel.
@@ -203,11 +206,21 @@ class TorchTrainer:
         return self.model.classify(self.params, *(x.to(self.dtype) if x.is_floating_point() else x for x in inputs))
 
     def _loss(self, logits: Any, representation: Any, batch: Batch) -> Any:
-        """export/dema/model.py `training_loss`: CE + mean_i w[y_i] · mean_r (rep_i - P[y_i])²."""
+        """export/dema/model.py `training_loss` (not imported: the agent never loads the exporter):
+        CE over labelled samples + mean_i w[y_i]·[y_i labelled]·mean_r (rep_i - P[y_i])²
+        + mean_i a_i·mean_r (rep_i - A_i)²."""
         torch, labels = self.torch, self._labels(batch)
         prototypes, weights = (torch.from_numpy(x).to(self.dtype) for x in self.prototypes)
-        distance = (representation - prototypes[labels]).pow(2).mean(dim=-1)
-        return torch.nn.functional.cross_entropy(logits, labels) + (weights[labels] * distance).mean()
+        anchors, anchor_weights = (torch.from_numpy(x).to(self.dtype)
+                                   for x in anchor_inputs(batch, self.prototype_shape[1]))
+        labelled = labels >= 0
+        known = torch.where(labelled, labels, torch.zeros_like(labels))
+        distance = (representation - prototypes[known]).pow(2).mean(dim=-1)
+        pull = (weights[known] * labelled.to(distance.dtype) * distance).mean()
+        anchored = (anchor_weights * (representation - anchors).pow(2).mean(dim=-1)).mean()
+        cross_entropy = (torch.nn.functional.cross_entropy(logits, labels, ignore_index=NO_LABEL, reduction="sum")
+                         / labelled.sum().clamp(min=1).to(logits.dtype))
+        return cross_entropy + pull + anchored
 
     def _labels(self, batch: Batch) -> Any:
         return self.torch.tensor(np.asarray(batch.labels), dtype=self.torch.int64)  # a copy: labels may be read-only

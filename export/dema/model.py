@@ -18,6 +18,7 @@ from torch import nn
 from export.catalog import BackboneSpec
 from export.dema.config import DemaConfig, family_of, resolve_scopes, slot_blocks
 from export.dema.layer import DemaAdapter
+from protocols.anchors import NO_LABEL
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,30 @@ class TensorSpec:
 
 
 def training_loss(logits: torch.Tensor, representation: torch.Tensor, labels: torch.Tensor,
-                  prototypes: torch.Tensor, prototype_weights: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy plus FedProto's pull towards the global class prototypes:
+                  prototypes: torch.Tensor, prototype_weights: torch.Tensor, anchors: torch.Tensor,
+                  anchor_weights: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, FedProto's pull towards the global class prototypes, and the public-set anchors' pull:
 
         loss = CE(logits, y) + mean_i  w[y_i] · mean_r (representation_i - prototypes[y_i])²
+                             + mean_i  a_i · mean_r (representation_i - anchors_i)²
 
     ``prototypes`` is [classes, r], ``prototype_weights`` [classes]: lambda where the class has a global
-    prototype, 0 elsewhere. Every method other than fedproto feeds zero weights, so its loss, gradients and
-    updates are plain cross-entropy's (the term is exactly 0.0 and so is its gradient).
+    prototype, 0 elsewhere. ``anchors`` is [B, r], ``anchor_weights`` [B]: a public sample's fleet-mean
+    representation and its weight (edge_agent/anchors.py). A sample labelled ``NO_LABEL`` (-100, cross-entropy's
+    ignore index) adds no cross-entropy and no prototype pull: a batch of public samples trains only through its
+    anchors (its CE is 0, not the NaN of a mean over nothing). A method without either pull feeds zero weights,
+    so its loss, gradients and updates are plain cross-entropy's (both terms are exactly 0.0 and so are their
+    gradients).
     """
-    cross_entropy = nn.functional.cross_entropy(logits, labels)
-    distance = (representation - prototypes[labels]).pow(2).mean(dim=-1)
-    return cross_entropy + (prototype_weights[labels] * distance).mean()
+    labelled = labels >= 0
+    # The mean over labelled samples, 0 (not NaN) for a batch of public samples only.
+    cross_entropy = (nn.functional.cross_entropy(logits, labels, ignore_index=NO_LABEL, reduction="sum")
+                     / labelled.sum().clamp(min=1).to(logits.dtype))
+    known = torch.where(labelled, labels, torch.zeros_like(labels))
+    distance = (representation - prototypes[known]).pow(2).mean(dim=-1)
+    pull = (prototype_weights[known] * labelled.to(distance.dtype) * distance).mean()
+    anchored = (anchor_weights * (representation - anchors).pow(2).mean(dim=-1)).mean()
+    return cross_entropy + pull + anchored
 
 
 class TrainingObjective(nn.Module):
@@ -120,10 +133,11 @@ class AdapterClassifier(nn.Module):
 
     def objective(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the training graph computes: (loss, logits, representation) from (*inputs, labels, prototypes,
-        prototype_weights); see `training_loss`."""
-        *inputs, labels, prototypes, prototype_weights = args
+        prototype_weights, anchors, anchor_weights); see `training_loss`."""
+        *inputs, labels, prototypes, prototype_weights, anchors, anchor_weights = args
         logits, representation = self.classify(*inputs)
-        return training_loss(logits, representation, labels, prototypes, prototype_weights), logits, representation
+        loss = training_loss(logits, representation, labels, prototypes, prototype_weights, anchors, anchor_weights)
+        return loss, logits, representation
 
     # --- trainable tensors -------------------------------------------------------------------------
 
