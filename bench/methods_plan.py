@@ -108,6 +108,10 @@ CANDIDATES: dict[str, Candidate] = {
     # space the shared experts work in, whichever backbone feeds it. Half an anchor step per local step.
     "heterotune-anchor": Candidate("heterotune", anchor=0.5),
     "group-fedavg-anchor": Candidate("group-fedavg", anchor=0.5),
+    # Twice the anchor steps at ten times the weight: Adam's moments mix the anchor and own-data gradients, so the
+    # weight sets how far an anchor step moves the adapters relative to an own step.
+    "heterotune-stronganchor": Candidate("heterotune", anchor=1.0, anchor_weight=10.0),
+    "group-fedavg-stronganchor": Candidate("group-fedavg", anchor=1.0, anchor_weight=10.0),
 }
 BASELINES: tuple[str, ...] = ("group-fedavg", "local")  # paired differences are reported against these
 

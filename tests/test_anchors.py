@@ -21,8 +21,7 @@ from pydantic import ValidationError
 
 from bench.methods_federation import AgentSpec, run_inprocess
 from coordinator.aggregation import ClientUpdate, FederatedState
-from coordinator.config import RunConfig, TaskConfig
-from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, payload_bytes, upload_names
 from coordinator.methods import anchoring_scope, public_samples_for, scopes_for, strategy_for
 from coordinator.runner import build_bundles, run_federation
@@ -30,22 +29,26 @@ from coordinator.store import load_state
 from edge_agent.agent import EXIT_FINISHED
 from edge_agent.anchors import anchor_table, anchor_targets
 from edge_agent.data import Sample, eval_batches, load_examples
-from edge_agent.local_round import LocalLearner, RoundPlan
-from edge_agent.trainers.ort import OrtTrainer
+from edge_agent.local_round import RoundPlan
 from export.bundle import Bundle
 from export.dema import training_loss
 from protocols.anchors import ANCHOR_REPR, NO_LABEL
 from tests.harness import agent_processes
-
-LABELS = ("negative", "neutral", "positive")
-PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}
-PUBLIC = 24
+from tests.public_set import (
+    LABELS,
+    PINS,
+    PUBLIC,
+    assert_round_one_is_plain_and_round_two_is_not,
+    assert_rounds_commit_weighted_tables,
+    device_learner,
+    fleet_with_public,
+    public_config,
+    public_file,
+)
 
 
 def _config(method: str = "heterotune", anchor_steps: int = 2) -> RunConfig:
-    return RunConfig(run_name="anchor", method=method, backbones=("tiny-3", "tiny-6"), rounds=2, local_steps=4,
-                     min_agents=len(PINS), pinned=PINS, task=TaskConfig(max_length=32, batch_size=8),
-                     learning_rate=5e-3, seed=3, anchor_steps=anchor_steps, public_samples=PUBLIC)
+    return public_config("anchor", method, anchor_steps=anchor_steps)
 
 
 # ------------------------------------------------------------------------------------------ pure arithmetic
@@ -173,24 +176,13 @@ def test_state_and_uploads_carry_one_representation_table(bundles: dict[str, Bun
     assert all(t[ANCHOR_REPR].shape == (PUBLIC, rank) for t in grouped.group_tensors.values())
 
 
-def _fleet(tmp: Path) -> Any:
-    return write_fleet_data(load_tweet_sentiment(max_samples=600, seed=1), list(PINS), tmp / "data", alpha=1.0,
-                            seed=1, global_per_class=20, max_per_client=120, public_size=PUBLIC)
-
-
 @pytest.fixture(scope="module")
 def device_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Sample], list[Sample]]:
-    data = _fleet(tmp_path_factory.mktemp("device"))
-    return (load_examples(data.client_files["a1"], LABELS),
-            load_examples(data.global_test_file.parent / "public.jsonl", LABELS))
+    data = fleet_with_public(tmp_path_factory.mktemp("device") / "data")
+    return load_examples(data.client_files["a1"], LABELS), load_examples(public_file(data), LABELS)
 
 
 # ------------------------------------------------------------------------------------------- the device
-
-
-def _learner(bundle: Bundle, examples: list[Sample], public: list[Sample]) -> LocalLearner:
-    return LocalLearner("a1", bundle.directory, bundle.manifest, OrtTrainer(bundle.directory, threads=1), examples,
-                        public=public)
 
 
 def test_anchor_steps_pull_the_public_representations_towards_the_anchors(
@@ -200,14 +192,14 @@ def test_anchor_steps_pull_the_public_representations_towards_the_anchors(
     rank = int(bundle.manifest.dema["rank"])
     names = tuple(upload_names(bundle.manifest, scopes_for("heterotune"), public_samples=PUBLIC,
                                public_kind="anchor"))
-    probe = _learner(bundle, examples, public)
+    probe = device_learner(bundle, examples, public)
     probe.trainer.start_round(probe.kept, 5e-3)
     # Anchors a fleet could agree on: this device's own representation of the public set, moved by 0.5
     before = probe.trainer.represent(probe.encoder.encode(c) for c in eval_batches(public, 8))
     anchors = (before + 0.5).astype(np.float32)
     outcomes = {}
     for steps, table in ((0, anchors), (6, anchors), (6, np.zeros_like(anchors))):
-        learner = _learner(bundle, examples, public)
+        learner = device_learner(bundle, examples, public)
         outcome = learner.run_round(RoundPlan(1, 6, 8, 5e-3, 0, names, anchor_steps=steps, anchor_weight=1.0),
                                     {ANCHOR_REPR: table})
         reps = outcome.upload[ANCHOR_REPR]
@@ -231,7 +223,7 @@ def test_a_device_without_the_public_set_says_what_is_missing(
     names = tuple(upload_names(bundle.manifest, scopes_for("heterotune"), public_samples=PUBLIC,
                                public_kind="anchor"))
     with pytest.raises(ValueError, match="holds no public data"):
-        _learner(bundle, device_data[0], []).run_round(RoundPlan(1, 2, 8, 5e-3, 0, names, anchor_steps=2), {})
+        device_learner(bundle, device_data[0], []).run_round(RoundPlan(1, 2, 8, 5e-3, 0, names, anchor_steps=2), {})
 
 
 # ------------------------------------------------------------------------------------------ a federation
@@ -240,30 +232,15 @@ def test_a_device_without_the_public_set_says_what_is_missing(
 @pytest.mark.parametrize("method", ["heterotune", "group-fedavg"])
 def test_inprocess_rounds_commit_the_weighted_anchors(method: str, bundles: dict[str, Bundle],
                                                       tmp_path: Path) -> None:
-    data = _fleet(tmp_path)
+    data = fleet_with_public(tmp_path / "data")
     specs = [AgentSpec(a, b, data.client_files[a]) for a, b in PINS.items()]
     run = run_inprocess(_config(method), bundles, specs, data.global_test_file, keep_tensors=True,
-                        final_eval=False, public_file=data.global_test_file.parent / "public.jsonl")
-    for round_id in (1, 2):
-        uploads, state = run.updates[round_id], run.states[round_id]
-        n = {r.agent_id: r.n_train for r in run.rounds if r.round == round_id}
-        for group, members in {"all": list(PINS), "tiny-3": ["a1"], "tiny-6": ["a2", "a3"]}.items():
-            if (group == "all") != (method == "heterotune"):
-                continue
-            expected = sum(n[a] * uploads[a][ANCHOR_REPR].astype(np.float64) for a in members) / sum(
-                n[a] for a in members)
-            got = state.global_tensors[ANCHOR_REPR] if group == "all" else state.group_tensors[group][ANCHOR_REPR]
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"{group} round {round_id}")
-    # Round 1 has no anchors yet, so it trains exactly as without anchoring (its own batches are unchanged: the
-    # public batches draw from their own rng); round 2 anchors, so it differs.
+                        final_eval=False, public_file=public_file(data))
+    assert_rounds_commit_weighted_tables(run, ANCHOR_REPR, method)
+    # The public batches draw from their own rng, so round 1's own batches are those of the plain run.
     plain = run_inprocess(_config(method, anchor_steps=0), bundles, specs, data.global_test_file,
                           keep_tensors=True, final_eval=False)
-    for agent in PINS:
-        model = list(plain.updates[1][agent])
-        assert ANCHOR_REPR not in model
-        for name in model:
-            np.testing.assert_array_equal(run.updates[1][agent][name], plain.updates[1][agent][name], err_msg=name)
-        assert any(not np.array_equal(run.updates[2][agent][n], plain.updates[2][agent][n]) for n in model), agent
+    assert_round_one_is_plain_and_round_two_is_not(run, plain, ANCHOR_REPR)
 
 
 # ------------------------------------------------------------------------------------------- over MQTT
@@ -275,8 +252,8 @@ def test_mqtt_rounds_give_the_inprocess_anchors_and_tensors(bundles: dict[str, B
     tensor equals the in-process run's."""
     from coordinator.broker import MosquittoBroker
 
-    data = _fleet(tmp_path)
-    public = data.global_test_file.parent / "public.jsonl"
+    data = fleet_with_public(tmp_path / "data")
+    public = public_file(data)
     with MosquittoBroker(tmp_path / "broker") as broker, \
             agent_processes(tmp_path, data, extra={a: ["--public", str(public)] for a in PINS}) as agents:
         run_federation(_config(), tmp_path / "run", broker=broker.address, start_agents=agents.start)

@@ -19,8 +19,7 @@ from pydantic import ValidationError
 
 from bench.methods_federation import AgentSpec, FederationRun, run_inprocess
 from coordinator.aggregation import ClientUpdate, FederatedState
-from coordinator.config import RunConfig, TaskConfig
-from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, payload_bytes, upload_names
 from coordinator.methods import distillation_scope, scopes_for, strategy_for
 from coordinator.runner import build_bundles, run_federation
@@ -28,21 +27,25 @@ from coordinator.store import load_state
 from edge_agent.agent import EXIT_FINISHED, EXIT_REFUSED
 from edge_agent.data import Sample, eval_batches, load_examples
 from edge_agent.distillation import confident_rows, pseudo_labels, softmax, step_order, to_local_prior
-from edge_agent.local_round import LocalLearner, RoundPlan
-from edge_agent.trainers.ort import OrtTrainer
+from edge_agent.local_round import RoundPlan
 from export.bundle import Bundle
 from protocols.distillation import DISTILL_PROBS
 from tests.harness import agent_processes
-
-LABELS = ("negative", "neutral", "positive")
-PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}
-PUBLIC = 24
+from tests.public_set import (
+    LABELS,
+    PINS,
+    PUBLIC,
+    assert_round_one_is_plain_and_round_two_is_not,
+    assert_rounds_commit_weighted_tables,
+    device_learner,
+    fleet_with_public,
+    public_config,
+    public_file,
+)
 
 
 def _config(method: str = "heterotune", distill_steps: int = 3) -> RunConfig:
-    return RunConfig(run_name="distill", method=method, backbones=("tiny-3", "tiny-6"), rounds=2, local_steps=3,
-                     min_agents=len(PINS), pinned=PINS, task=TaskConfig(max_length=32, batch_size=8),
-                     learning_rate=5e-3, seed=3, distill_steps=distill_steps, public_samples=PUBLIC)
+    return public_config("distill", method, distill_steps=distill_steps)
 
 
 # ------------------------------------------------------------------------------------------ pure arithmetic
@@ -173,14 +176,9 @@ def test_state_and_uploads_carry_one_probability_table(bundles: dict[str, Bundle
         initial_state(bundles, scopes, public_samples=PUBLIC, distill_scope="local")
 
 
-def _fleet(tmp: Path, public_size: int) -> Any:
-    return write_fleet_data(load_tweet_sentiment(max_samples=600, seed=1), list(PINS), tmp / f"data-{public_size}",
-                            alpha=1.0, seed=1, global_per_class=20, max_per_client=120, public_size=public_size)
-
-
 def test_the_public_set_is_held_out_from_every_agent_and_the_global_test(tmp_path: Path) -> None:
-    data = _fleet(tmp_path, PUBLIC)
-    public = {e.text for e in cast(list[Any], load_examples(tmp_path / "data-24" / "public.jsonl", LABELS))}
+    data = fleet_with_public(tmp_path / "data")
+    public = {e.text for e in cast(list[Any], load_examples(public_file(data), LABELS))}
     assert len(public) == PUBLIC
     for path in [*data.client_files.values(), data.global_test_file]:
         held = {e.text for e in cast(list[Any], load_examples(path, LABELS))}
@@ -190,16 +188,10 @@ def test_the_public_set_is_held_out_from_every_agent_and_the_global_test(tmp_pat
 # ------------------------------------------------------------------------------------------- the device
 
 
-def _learner(bundle: Bundle, examples: list[Sample], public: list[Sample]) -> LocalLearner:
-    return LocalLearner("a1", bundle.directory, bundle.manifest, OrtTrainer(bundle.directory, threads=1), examples,
-                        public=public)
-
-
 @pytest.fixture(scope="module")
 def device_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Sample], list[Sample]]:
-    data = _fleet(tmp_path_factory.mktemp("device"), PUBLIC)
-    public_file = data.global_test_file.parent / "public.jsonl"
-    return load_examples(data.client_files["a1"], LABELS), load_examples(public_file, LABELS)
+    data = fleet_with_public(tmp_path_factory.mktemp("device") / "data")
+    return load_examples(data.client_files["a1"], LABELS), load_examples(public_file(data), LABELS)
 
 
 def test_the_device_sends_its_probabilities_and_never_reads_public_labels(
@@ -209,7 +201,7 @@ def test_the_device_sends_its_probabilities_and_never_reads_public_labels(
     names = tuple(upload_names(bundle.manifest, scopes_for("heterotune"), public_samples=PUBLIC))
     consensus = np.tile(np.array([[0.1, 0.2, 0.7]], np.float32), (PUBLIC, 1))
     plan = RoundPlan(1, 3, 8, 5e-3, 0, names, distill_steps=3)
-    learner = _learner(bundle, examples, public)
+    learner = device_learner(bundle, examples, public)
     outcome = learner.run_round(plan, {DISTILL_PROBS: consensus})
     probs = outcome.upload[DISTILL_PROBS]
     assert probs.shape == (PUBLIC, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
@@ -217,7 +209,7 @@ def test_the_device_sends_its_probabilities_and_never_reads_public_labels(
     np.testing.assert_allclose(probs, softmax(logits), rtol=1e-5)  # after the round, on the public set
     # The same round with the public file's labels shuffled: the very same upload (only the consensus labels)
     relabelled = [dataclasses.replace(s, label=(s.label + 1) % 3) for s in public]
-    again = _learner(bundle, examples, relabelled).run_round(plan, {DISTILL_PROBS: consensus})
+    again = device_learner(bundle, examples, relabelled).run_round(plan, {DISTILL_PROBS: consensus})
     for name in names:
         np.testing.assert_array_equal(again.upload[name], outcome.upload[name], err_msg=name)
 
@@ -230,7 +222,7 @@ def test_distillation_steps_pull_the_device_towards_the_consensus_and_none_witho
     everything_neutral = np.tile(np.array([[0.0, 1.0, 0.0]], np.float32), (PUBLIC, 1))
     shares = {}
     for steps, consensus in ((0, everything_neutral), (6, everything_neutral), (6, np.zeros_like(everything_neutral))):
-        learner = _learner(bundle, examples, public)
+        learner = device_learner(bundle, examples, public)
         outcome = learner.run_round(RoundPlan(1, 6, 8, 5e-3, 0, names, distill_steps=steps),
                                     {DISTILL_PROBS: consensus})
         shares[steps, bool(consensus.any())] = (float(np.mean(outcome.upload[DISTILL_PROBS][:, 1])), outcome)
@@ -246,7 +238,7 @@ def test_a_device_without_the_public_set_says_what_is_missing(
     bundle = bundles["tiny-3"]
     names = tuple(upload_names(bundle.manifest, scopes_for("heterotune"), public_samples=PUBLIC))
     with pytest.raises(ValueError, match="holds no public data"):
-        _learner(bundle, device_data[0], []).run_round(RoundPlan(1, 2, 8, 5e-3, 0, names, distill_steps=2), {})
+        device_learner(bundle, device_data[0], []).run_round(RoundPlan(1, 2, 8, 5e-3, 0, names, distill_steps=2), {})
 
 
 # ------------------------------------------------------------------------------------------ a federation
@@ -255,29 +247,14 @@ def test_a_device_without_the_public_set_says_what_is_missing(
 @pytest.mark.parametrize("method", ["heterotune", "group-fedavg"])
 def test_inprocess_rounds_commit_the_weighted_consensus(method: str, bundles: dict[str, Bundle],
                                                         tmp_path: Path) -> None:
-    data = _fleet(tmp_path, PUBLIC)
+    data = fleet_with_public(tmp_path / "data")
     specs = [AgentSpec(a, b, data.client_files[a]) for a, b in PINS.items()]
     run = run_inprocess(_config(method), bundles, specs, data.global_test_file, keep_tensors=True,
-                        final_eval=False, public_file=data.global_test_file.parent / "public.jsonl")
-    for round_id in (1, 2):
-        uploads, state = run.updates[round_id], run.states[round_id]
-        n = {r.agent_id: r.n_train for r in run.rounds if r.round == round_id}
-        for group, members in {"all": list(PINS), "tiny-3": ["a1"], "tiny-6": ["a2", "a3"]}.items():
-            if (group == "all") != (method == "heterotune"):
-                continue
-            expected = sum(n[a] * uploads[a][DISTILL_PROBS].astype(np.float64) for a in members) / sum(
-                n[a] for a in members)
-            got = state.global_tensors[DISTILL_PROBS] if group == "all" else state.group_tensors[group][DISTILL_PROBS]
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7, err_msg=f"{group} round {round_id}")
-    # Round 1 has no consensus yet, so it trains exactly as without distillation; round 2 distils, so it differs.
+                        final_eval=False, public_file=public_file(data))
+    assert_rounds_commit_weighted_tables(run, DISTILL_PROBS, method)
     plain = run_inprocess(_config(method, distill_steps=0), bundles, specs, data.global_test_file, keep_tensors=True,
                           final_eval=False)
-    for agent in PINS:
-        model = [n for n in plain.updates[1][agent]]
-        assert DISTILL_PROBS not in model
-        for name in model:
-            np.testing.assert_array_equal(run.updates[1][agent][name], plain.updates[1][agent][name], err_msg=name)
-        assert any(not np.array_equal(run.updates[2][agent][n], plain.updates[2][agent][n]) for n in model), agent
+    assert_round_one_is_plain_and_round_two_is_not(run, plain, DISTILL_PROBS)
 
 
 # ------------------------------------------------------------------------------------------- over MQTT
@@ -291,9 +268,8 @@ def mqtt_and_inprocess(tmp_path_factory: pytest.TempPathFactory, bundles: dict[s
     from coordinator.broker import MosquittoBroker
 
     tmp = tmp_path_factory.mktemp("distill-mqtt")
-    data = write_fleet_data(load_tweet_sentiment(max_samples=800, seed=1), [*PINS, "no-public"], tmp / "data",
-                            alpha=1.0, seed=1, global_per_class=20, max_per_client=120, public_size=PUBLIC)
-    public = tmp / "data" / "public.jsonl"
+    data = fleet_with_public(tmp / "data", [*PINS, "no-public"], max_samples=800)
+    public = public_file(data)
     extra = {a: ["--public", str(public)] for a in PINS}
     with MosquittoBroker(tmp / "broker") as broker, agent_processes(tmp, data, extra=extra) as agents:
         run_federation(_config(), tmp / "run", broker=broker.address, start_agents=agents.start)
