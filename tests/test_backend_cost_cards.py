@@ -64,7 +64,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
 
 
 def test_versions_say_the_cards_changed() -> None:
-    assert PROBE_VERSION == 6 and RECIPE_VERSION == 5  # bundles measured with one card only must be rebuilt
+    # Recipe 4 added the torch card: bundles from before it, measured with one card only, must be rebuilt.
+    assert PROBE_VERSION == 6 and RECIPE_VERSION >= 4
 
 
 def test_bundle_has_an_ort_and_a_torch_card(tiny_bundle: Bundle) -> None:
