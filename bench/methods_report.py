@@ -175,8 +175,29 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
     return "\n".join(lines) + "\n"
 
 
+def verdict_lines(s: Mapping[str, Any], n_seeds: int) -> list[str]:
+    """The issue's question in one line: does sharing across backbones beat sharing within a group, here? A view
+    counts only when every seed moves the same way (sign-flip p at its floor for 5 seeds, 0.0625)."""
+    pair = s["paired"].get("heterotune|group-fedavg")
+    if pair is None:
+        return []
+    wins = [view for view, _ in VIEWS if pair[view][OVERALL]["mean"] > 0 and pair[view][OVERALL]["p"] <= 0.0625]
+    losses = [view for view, _ in VIEWS if pair[view][OVERALL]["mean"] < 0 and pair[view][OVERALL]["p"] <= 0.0625]
+    if wins:
+        head = f"`heterotune` beats `group-fedavg` on the {' and '.join(wins)} view here (sign-flip p <= 0.06)"
+    elif losses:
+        head = f"`group-fedavg` beats `heterotune` on the {' and '.join(losses)} view here (sign-flip p <= 0.06)"
+    else:
+        head = "`heterotune` does not measurably beat `group-fedavg` here"
+    floor = (f"; with {n_seeds} seeds the sign-flip test cannot go below p = {2 / 2 ** n_seeds:.2f}"
+             if 2 / 2 ** n_seeds > 0.0625 else "")
+    return [f"- **Plainly: {head}** (sharing adapters across backbones against sharing them only within a "
+            f"backbone group, both views, overall{floor}). The designs tried to make cross-backbone sharing pay "
+            "off, and what each measured, are in `docs/design-search/README.md`."]
+
+
 def _findings(s: Mapping[str, Any], raw: Mapping[str, Any], methods: Sequence[str], n_seeds: int) -> list[str]:
-    out = []
+    out = verdict_lines(s, n_seeds)
     for name, base in (("heterotune", "group-fedavg"), ("heterotune", "local"), ("heterotune", "smallest-common"),
                        ("heterotune", "heterotune-noalign"), ("heterotune", "fedproto"), ("fedproto", "local"),
                        ("group-fedavg", "local")):

@@ -12,7 +12,7 @@ import pytest
 
 from bench.methods import select_cells
 from bench.methods_plan import QUICK, fair_baseline, full_sweep, method_config
-from bench.methods_report import summarise
+from bench.methods_report import summarise, verdict_lines
 from bench.methods_stats import FINAL, OVERALL, headline, paired, sign_flip_p, view_table
 
 
@@ -175,3 +175,27 @@ def test_fleet_data_section_names_the_datasets_own_labels() -> None:
     lines = _data({"fleets": {"0": fleet}})
     assert "label counts business/sports of each agent's file" in lines[0]
     assert lines[2] == "- seed 0: a-0 7/3; held-out set 20/20"
+
+
+def test_the_page_says_plainly_whether_heterotune_beats_group_fedavg() -> None:
+    seeds = range(5)
+
+    def summary(personal: list[float], global_: list[float]) -> dict[str, Any]:
+        zero = dict.fromkeys(seeds, 0.0)
+        return {"paired": {"heterotune|group-fedavg": {
+            "personal": {OVERALL: paired(dict(zip(seeds, personal, strict=True)), zero)},
+            "global": {OVERALL: paired(dict(zip(seeds, global_, strict=True)), zero)}}}}
+
+    # every seed higher on the global view (p 0.0625, the floor for 5 seeds); personal mixed
+    assert "`heterotune` beats `group-fedavg` on the global view" in verdict_lines(
+        summary([1, -1, 1, -1, 0.5], [0.2, 0.4, 1, 2, 0.1]), 5)[0]
+    assert "`group-fedavg` beats `heterotune` on the personal view" in verdict_lines(
+        summary([-1, -2, -1, -1, -0.5], [1, -1, 1, -1, 0]), 5)[0]
+    # 4 of 5 seeds higher is not enough (p 0.19), and 2 seeds can never show it
+    plain = verdict_lines(summary([1, 1, 1, 1, -1], [1, 1, 1, 1, -0.5]), 5)[0]
+    assert "does not measurably beat" in plain and "cannot go below" not in plain
+    two = {"paired": {"heterotune|group-fedavg": {v: {OVERALL: paired({0: 3.0, 1: 4.0}, {0: 0.0, 1: 0.0})}
+                                                  for v in ("personal", "global")}}}
+    (line,) = verdict_lines(two, 2)
+    assert "does not measurably beat" in line and "cannot go below p = 0.50" in line
+    assert verdict_lines({"paired": {}}, 5) == []  # a page without both methods says nothing
