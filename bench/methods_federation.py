@@ -141,12 +141,13 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     if public_samples and public_file is None:
         raise ValueError(f"{config.method} with a public exchange (distill_steps or anchor_steps) needs the run's "
                          "public file (public_file)")
+    public_kind = public_kind_for(config)
     used = {a.backbone for a in agents}
     state = initial_state({b: bundles[b] for b in sorted(used)}, scopes, prototypes=prototypes,
-                          public_samples=public_samples, distill_scope=public_scope_for(config),
-                          public_kind=public_kind_for(config))
+                          public_samples=public_samples, public_scope=public_scope_for(config),
+                          public_kind=public_kind)
     names = {b: tuple(upload_names(bundles[b].manifest, scopes, prototypes=prototypes, public_samples=public_samples,
-                                   public_kind=public_kind_for(config)))
+                                   public_kind=public_kind))
              for b in used}
     learners = make_learners(config, bundles, agents, global_test_file, threads=threads,
                              public_file=public_file if public_samples else None)

@@ -129,7 +129,7 @@ class Coordinator:
         self.current_round = 0
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
-                                                    distill_scope=public_scope_for(config),
+                                                    public_scope=public_scope_for(config),
                                                     public_kind=self.public_kind)
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]

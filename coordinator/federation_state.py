@@ -88,7 +88,7 @@ def tensor_shape(manifest: BundleManifest, name: str, *, public_samples: int = 0
 
 
 def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], *,
-                  prototypes: bool = False, public_samples: int = 0, distill_scope: str = "global",
+                  prototypes: bool = False, public_samples: int = 0, public_scope: str = "global",
                   public_kind: str = "distill") -> FederatedState:
     """The round-0 state: global tensors once, group tensors per backbone (an empty dict when there are none).
 
@@ -103,7 +103,7 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
     the same on every backbone.
 
     With ``public_samples`` the state holds the run's public table (``public_kind``: the distillation
-    consensus or the anchors) at zero, "none yet", in ``distill_scope``: "global" (one table over the fleet) or
+    consensus or the anchors) at zero, "none yet", in ``public_scope``: "global" (one table over the fleet) or
     "group" (one per backbone group). Every backbone must give it the same shape (one label set; one r-space).
     """
     global_tensors: TensorDict = {}
@@ -134,12 +134,12 @@ def initial_state(bundles: Mapping[str, BundleLike], scopes: Mapping[str, str], 
         tables = {backbone: public_table_shapes(bundles[backbone].manifest, public_samples, public_kind)
                   for backbone in sorted(bundles)}
         distinct = {tuple(t.items()) for t in tables.values()}
-        if len(distinct) != 1 or distill_scope not in SHARED_SCOPES:
+        if len(distinct) != 1 or public_scope not in SHARED_SCOPES:
             raise ValueError(f"the public exchange ({public_kind}) needs one table shape on every backbone "
                              f"({', '.join(f'{b}: {t}' for b, t in tables.items())}) and a shared scope, one of "
-                             f"{SHARED_SCOPES} (got {distill_scope!r})")
+                             f"{SHARED_SCOPES} (got {public_scope!r})")
         zero = {n: np.zeros(shape, np.float32) for n, shape in distinct.pop()}
-        for tensors in ([global_tensors] if distill_scope == "global" else list(groups.values())):
+        for tensors in ([global_tensors] if public_scope == "global" else list(groups.values())):
             tensors.update({n: v.copy() for n, v in zero.items()})
     return FederatedState(global_tensors=global_tensors, group_tensors=groups)
 

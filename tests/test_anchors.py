@@ -170,7 +170,7 @@ def test_state_and_uploads_carry_one_representation_table(bundles: dict[str, Bun
     assert extra == 4 * PUBLIC * rank
     fleet = initial_state(bundles, scopes, public_samples=PUBLIC, public_kind="anchor")
     np.testing.assert_array_equal(fleet.global_tensors[ANCHOR_REPR], np.zeros((PUBLIC, rank)))
-    grouped = initial_state(bundles, scopes_for("group-fedavg"), public_samples=PUBLIC, distill_scope="group",
+    grouped = initial_state(bundles, scopes_for("group-fedavg"), public_samples=PUBLIC, public_scope="group",
                             public_kind="anchor")
     assert ANCHOR_REPR not in grouped.global_tensors
     assert all(t[ANCHOR_REPR].shape == (PUBLIC, rank) for t in grouped.group_tensors.values())

@@ -169,11 +169,11 @@ def test_state_and_uploads_carry_one_probability_table(bundles: dict[str, Bundle
     assert payload_bytes(manifest, names, public_samples=PUBLIC) - payload_bytes(manifest, plain) == 4 * PUBLIC * 3
     fleet = initial_state(bundles, scopes, public_samples=PUBLIC)
     np.testing.assert_array_equal(fleet.global_tensors[DISTILL_PROBS], np.zeros((PUBLIC, 3)))
-    grouped = initial_state(bundles, scopes_for("group-fedavg"), public_samples=PUBLIC, distill_scope="group")
+    grouped = initial_state(bundles, scopes_for("group-fedavg"), public_samples=PUBLIC, public_scope="group")
     assert DISTILL_PROBS not in grouped.global_tensors
     assert all(t[DISTILL_PROBS].shape == (PUBLIC, 3) for t in grouped.group_tensors.values())
     with pytest.raises(ValueError, match="a shared scope"):
-        initial_state(bundles, scopes, public_samples=PUBLIC, distill_scope="local")
+        initial_state(bundles, scopes, public_samples=PUBLIC, public_scope="local")
 
 
 def test_the_public_set_is_held_out_from_every_agent_and_the_global_test(tmp_path: Path) -> None:
