@@ -24,11 +24,21 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_OUT, REPO, git_commit, log, machine_facts, read_json, write_json
-from bench.methods_plan import BASELINES, CANDIDATES, METHODS, MODES, QUICK, BenchSettings, full_sweep
+from bench.methods_plan import (
+    BASELINES,
+    CANDIDATES,
+    METHODS,
+    MODES,
+    QUICK,
+    SWEEP_BUDGETS,
+    BenchSettings,
+    full_sweep,
+)
 from bench.methods_report import render, render_index
 from bench.methods_worker import run_job
 
@@ -84,38 +94,30 @@ def settings_key(settings: BenchSettings) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_jobs(jobs: list[dict[str, Any]], workers: int, job_dir: Path, reuse: bool) -> list[dict[str, Any]]:
-    """Run the federations in a spawned pool; each finished one is saved at once (a crash keeps the rest)."""
-    results: list[dict[str, Any]] = []
-    todo = []
-    for job in jobs:
-        path = job_dir / f"{job['method']}-s{job['seed']}-{job['key']}.json"
-        if reuse and path.exists():
-            log(f"reusing {path.name}")
-            results.append(read_json(path))
-        else:
-            todo.append((job, path))
-    if not todo:
-        return results
-    context = multiprocessing.get_context("spawn")  # ORT sessions and fork do not mix
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(run_job, job): (job, path) for job, path in todo}
-        for future in as_completed(futures):
-            job, path = futures[future]
-            result = future.result()
-            write_json(path, result)
-            results.append(result)
-            log(f"done {job['method']} seed {job['seed']} in {result['wall_seconds']:.0f} s")
-    return results
+@dataclass
+class CellPlan:
+    """One settings' federations, ready to run: its bundles, fleets and jobs, and where its page goes."""
+
+    settings: BenchSettings
+    out: Path
+    results_md: Path
+    command: str
+    started: float
+    load_before: list[float]
+    bundle_seconds: float
+    bundles: dict[str, Any]
+    fleets: dict[int, dict[str, Any]]
+    jobs: list[tuple[dict[str, Any], Path]]  # (job, the file its result is kept in)
 
 
-def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, workers: int, reuse: bool,
-                 command: str, job_dir: Path | None = None) -> dict[str, Any]:
-    """Every method x seed of one settings: raw results to ``out`` and beside the page, then the page and its PNG."""
+def plan_cell(settings: BenchSettings, out: Path, results_md: Path, *, command: str,
+              job_dir: Path | None = None) -> CellPlan:
+    """Build (or load) the bundles, write each seed's fleet, and list every method x seed federation."""
     started = time.time()
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"mode {settings.mode}: {len(settings.methods)} methods x {len(settings.seeds)} seeds -> {out}")
     bundles = prepare_bundles(settings)
+    bundle_seconds = time.time() - started
     fleets = prepare_fleets(settings, out)
     key = settings_key(settings)
     settings_dict = settings.to_dict()
@@ -126,70 +128,158 @@ def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, worker
              "public_file": fleets[s]["public_file"]}
             for m in settings.methods for s in settings.seeds]
     jobs.sort(key=lambda j: -job_cost(settings, j["method"]))
-    results = run_jobs(jobs, workers, job_dir or out / "jobs", reuse)
+    jobs_dir = job_dir or out / "jobs"
+    return CellPlan(settings, out, results_md, command, started, load_before, bundle_seconds, bundles, fleets,
+                    [(job, jobs_dir / f"{job['method']}-s{job['seed']}-{job['key']}.json") for job in jobs])
+
+
+def run_jobs(plans: list[CellPlan], workers: int, reuse: bool,
+             on_cell_done: Callable[[CellPlan, list[dict[str, Any]]], None]) -> None:
+    """Run every plan's federations in one spawned pool; each finished one is saved at once (a crash keeps the
+    rest), and ``on_cell_done`` gets a plan's results as soon as its last federation is in.
+
+    One pool for all cells: a pool per cell idled one core while each cell's last federation ran. A reused
+    federation is marked ``reused`` in the results (not in its stored file), so a sweep can say whether its
+    wall time covers every federation it reports."""
+    results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plans))}
+    todo: list[tuple[int, dict[str, Any], Path]] = []
+    for i, plan in enumerate(plans):
+        for job, path in plan.jobs:
+            if reuse and path.exists():
+                log(f"reusing {path.name}")
+                results[i].append(read_json(path) | {"reused": True})
+            else:
+                todo.append((i, job, path))
+
+    def collect(i: int, result: dict[str, Any]) -> None:
+        results[i].append(result)
+        if len(results[i]) == len(plans[i].jobs):
+            on_cell_done(plans[i], results[i])
+
+    for i, plan in enumerate(plans):
+        if plan.jobs and len(results[i]) == len(plan.jobs):
+            on_cell_done(plan, results[i])
+    if not todo:
+        return
+    context = multiprocessing.get_context("spawn")  # ORT sessions and fork do not mix
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job): (i, job, path) for i, job, path in todo}
+        for future in as_completed(futures):
+            i, job, path = futures[future]
+            result = future.result()
+            write_json(path, result)
+            log(f"done {plans[i].settings.mode} {job['method']} seed {job['seed']} in {result['wall_seconds']:.0f} s")
+            collect(i, result)
+
+
+def finish_cell(plan: CellPlan, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """One settings' raw results to ``plan.out`` and beside its page, then the page and its PNG."""
+    settings = plan.settings
     order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
-    results.sort(key=lambda r: order[(r["method"], r["seed"])])
+    results = sorted(results, key=lambda r: order[(r["method"], r["seed"])])
     regime = dataclasses.asdict(settings.regime) | {
         "per_agent_test": settings.regime.per_agent_file - settings.regime.train_per_agent}
     raw = {
-        "command": command,
+        "command": plan.command,
         "commit": git_commit(),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
-        "wall_seconds": time.time() - started,
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(plan.started)),
+        "wall_seconds": time.time() - plan.started,
+        "bundle_seconds": plan.bundle_seconds,  # building (first run) or loading the bundles, inside wall_seconds
         "workers": workers,
-        "load_before": load_before,
+        "load_before": plan.load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "machine": machine_facts(),
-        "settings": settings_dict | {"regime": regime, "smallest": settings.smallest()},
+        "settings": settings.to_dict() | {"regime": regime, "smallest": settings.smallest()},
         "baselines": list(BASELINES),
         "cost_cards": {b: (bundle.manifest.cost_card.model_dump() if bundle.manifest.cost_card else {})
-                       for b, bundle in bundles.items()},
-        "fleets": {str(s): f["summary"] for s, f in fleets.items()},
+                       for b, bundle in plan.bundles.items()},
+        "fleets": {str(s): f["summary"] for s, f in plan.fleets.items()},
         "jobs": results,
     }
-    write_json(out / "results.json", raw)
-    write_json(results_md.with_suffix(".json"), raw)  # beside the page, in git: --render-from reproduces it
-    results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text(render(raw, plot=plot_path(results_md)))
-    log(f"wrote {results_md} and {out / 'results.json'} in {raw['wall_seconds']:.0f} s")
+    write_json(plan.out / "results.json", raw)
+    write_json(plan.results_md.with_suffix(".json"), raw)  # beside the page, in git: --render-from reproduces it
+    plan.results_md.parent.mkdir(parents=True, exist_ok=True)
+    plan.results_md.write_text(render(raw, plot=plot_path(plan.results_md)))
+    log(f"wrote {plan.results_md} and {plan.out / 'results.json'} in {raw['wall_seconds']:.0f} s")
     return raw
 
 
-FULL_PAGES = REPO / "docs" / "results-full"
+def run_settings(settings: BenchSettings, out: Path, results_md: Path, *, workers: int, reuse: bool,
+                 command: str) -> dict[str, Any]:
+    """Every method x seed of one settings, then its page."""
+    plan = plan_cell(settings, out, results_md, command=command)
+    raws: list[dict[str, Any]] = []
+    run_jobs([plan], workers, reuse, lambda done, results: raws.append(finish_cell(done, results, workers)))
+    return raws[0]
+
+
 DEFAULT_PUBLIC = 100  # public unlabelled samples per run when a method distils (--public)
 
 
-def run_full(settings_list: list[BenchSettings], *, workers: int, command: str) -> int:
-    """The sweep (datasets x regimes), one page per cell under docs/results-full/, then the index page.
+def sweep_pages(budget: str) -> Path:
+    """Where a sweep budget's cell pages and kept federations live (docs/results-full/ for the standard one)."""
+    return REPO / "docs" / SWEEP_BUDGETS[budget].pages
 
-    A sweep takes hours, more than one session, so it always resumes: each finished federation is kept in git
-    under docs/results-full/jobs/CELL/ and reused while its settings are unchanged (the settings key in its
-    file name); the index covers every cell whose page exists, whichever invocation produced it.
+
+def sweep_flags(budget: str) -> str:
+    return "--full" if budget == "standard" else f"--full --{budget}"
+
+
+def run_full(settings_list: list[BenchSettings], *, budget: str, workers: int, command: str, every_cell: bool,
+             pages: Path | None = None, out: Path = DEFAULT_OUT / "full") -> int:
+    """The sweep (datasets x regimes), one page per cell under the budget's pages, then the index page.
+
+    A sweep may take more than one session, so it always resumes: each finished federation is kept in git
+    under docs/<pages>/jobs/CELL/ and reused while its settings are unchanged (the settings key in its file
+    name); the index covers every cell whose page exists, whichever invocation produced it. An invocation that
+    ran every cell records its own wall time in docs/<pages>/sweep.json: the number issue 3 budgets (2 h).
     """
-    for settings in settings_list:
-        page = FULL_PAGES / f"{settings.mode}.md"
-        run_settings(settings, DEFAULT_OUT / "full" / settings.mode, page, workers=workers, reuse=True,
-                     command=command, job_dir=FULL_PAGES / "jobs" / settings.mode)
-        write_index(FULL_PAGES)  # after every cell: a long sweep shows progress
+    pages = pages or sweep_pages(budget)
+    started = time.time()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    plans = [plan_cell(settings, out / budget / settings.mode, pages / f"{settings.mode}.md",
+                       command=command, job_dir=pages / "jobs" / settings.mode)
+             for settings in settings_list]
+    raws: list[dict[str, Any]] = []
+
+    def cell_done(plan: CellPlan, results: list[dict[str, Any]]) -> None:
+        raws.append(finish_cell(plan, results, workers))
+        write_index(pages, budget)  # after every cell: a long sweep shows progress
+
+    run_jobs(plans, workers, True, cell_done)
+    if every_cell:
+        jobs = [job for raw in raws for job in raw["jobs"]]
+        write_json(pages / "sweep.json", {
+            "command": command, "commit": git_commit(), "workers": workers,
+            "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+            "wall_seconds": time.time() - started,
+            "bundle_seconds": sum(plan.bundle_seconds for plan in plans),
+            "federations_run": sum(not job.get("reused") for job in jobs),
+            "federations_reused": sum(bool(job.get("reused")) for job in jobs),
+            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+            "machine": machine_facts()})
+        write_index(pages, budget)
     return 0
 
 
-def render_full(pages: Path) -> int:
+def render_full(pages: Path, budget: str) -> int:
     """Redraw every finished cell's page (and PNG) under ``pages`` from its stored JSON, then the index."""
-    for cell in full_sweep():
+    for cell in full_sweep(budget=budget):
         stored = pages / f"{cell.mode}.json"
         if stored.exists():
-            rerender(stored, pages / f"{cell.mode}.md", "--full --render-from")
-    write_index(pages)
+            rerender(stored, pages / f"{cell.mode}.md", f"{sweep_flags(budget)} --render-from")
+    write_index(pages, budget)
     return 0
 
 
-def write_index(pages: Path) -> None:
+def write_index(pages: Path, budget: str) -> None:
     """The sweep's index beside ``pages`` (docs/results-full.md), over every cell whose stored JSON exists."""
-    planned = full_sweep()
+    planned = full_sweep(budget=budget)
     done = [read_json(pages / f"{cell.mode}.json") for cell in planned if (pages / f"{cell.mode}.json").exists()]
+    sweep = read_json(pages / "sweep.json") if (pages / "sweep.json").exists() else None
     index = pages.parent / f"{pages.name}.md"
-    index.write_text(render_index(done, len(planned)))
+    index.write_text(render_index(done, len(planned), pages=pages.name, flags=sweep_flags(budget), sweep=sweep,
+                                  budget=SWEEP_BUDGETS[budget]))
     log(f"wrote {index} ({len(done)} of {len(planned)} cells)")
 
 
@@ -221,7 +311,8 @@ MODE_HELP = {
     "quick-bbc": "real MiniLM-L3/L6, BBC News topics, 6 agents, 2 seeds, 3 rounds",
     "quick-vision": "real DINOv2-S/14 at depths 4/8/12, Fashion-MNIST, 9 agents, 2 seeds, 3 rounds",
     "quick-wide": "MiniLM-L3 (384 wide) beside MPNet-base (768 wide), tweets, 4 agents, 2 seeds, 3 rounds",
-    "full": "the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds, one page per cell + an index",
+    "full": "the sweep of issue 3: 3 datasets x 3 regimes x 5 seeds x 6 methods, 4-6 agents, 3 rounds x 8 steps, "
+            "one page per cell + an index (about 2 h on 2 idle cores; --long for the 9 h budget)",
     "smoke": "tiny random backbones: checks the runner end to end in about a minute",
 }
 
@@ -268,16 +359,21 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {DEFAULT_PUBLIC} when a method distils, else none)")
     parser.add_argument("--cells", help="--full only: comma-separated parts of cell names to run (e.g. "
                         "tweet-sentiment,bbc-news-low-data); the index still covers every finished cell")
+    parser.add_argument("--long", action="store_true", help="--full only: the long budget (3 agents per backbone, "
+                        "5 rounds x 10 steps, ~9 h on 2 cores; pages in docs/results-long)")
     parser.add_argument("--workers", type=int, default=2, help="federations run at once (one core each)")
     parser.add_argument("--out", type=Path, help="raw results directory (default runs/bench/methods-MODE)")
     parser.add_argument("--results", type=Path, help="the page to write (default docs/results.md)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished federations with identical settings")
     parser.add_argument("--render-from", type=Path, metavar="RESULTS_JSON",
                         help="only re-render the page from a stored results.json (no training); with --full, the "
-                        "directory of the cells' pages (docs/results-full)")
+                        "directory of the cells' pages (docs/results-full, or docs/results-long with --long)")
     args = parser.parse_args(argv)
+    if args.long and args.mode != "full":
+        parser.error("--long is a budget of the sweep: use it with --full")
+    budget = "long" if args.long else "standard"
     if args.render_from and args.mode == "full":
-        return render_full(args.render_from)
+        return render_full(args.render_from, budget)
     if args.render_from:
         rerender(args.render_from, args.results or REPO / "docs" / "results.md", "--render-from")
         return 0
@@ -316,12 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m bench.methods " + " ".join(shlex.quote(a) for a in given)
     if args.mode == "full":
-        cells = full_sweep(settings.seeds if args.seeds else None, settings.methods if args.methods else None)
+        every = full_sweep(settings.seeds if args.seeds else None, settings.methods if args.methods else None,
+                           budget=budget)
         try:
-            cells = select_cells(cells, args.cells)
+            cells = select_cells(every, args.cells)
         except ValueError as error:
             parser.error(str(error))
-        return run_full(cells, workers=args.workers, command=command)
+        whole = cells == every and not (args.seeds or args.methods)
+        return run_full(cells, budget=budget, workers=args.workers, command=command, every_cell=whole)
     out = args.out or DEFAULT_OUT / f"methods-{settings.mode}"
     results_md = args.results or REPO / "docs" / "results.md"
     run_settings(settings, out, results_md, workers=args.workers, reuse=args.reuse, command=command)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from bench.common import read_json
 from bench.methods import select_cells
-from bench.methods_plan import QUICK, fair_baseline, full_sweep, method_config
-from bench.methods_report import summarise, verdict_lines
+from bench.methods_plan import QUICK, SWEEP_BUDGETS, fair_baseline, full_sweep, method_config
+from bench.methods_report import render_index, summarise, verdict_lines
 from bench.methods_stats import FINAL, OVERALL, headline, paired, sign_flip_p, view_table
 
 
@@ -132,6 +133,12 @@ def test_full_sweep_cells_and_their_selection() -> None:
     cells = full_sweep()
     assert len(cells) == 9 and all(c.seeds == (0, 1, 2, 3, 4) for c in cells)
     assert {c.dataset for c in cells} == {"tweet-sentiment", "bbc-news", "fashion-mnist"}
+    # the 2-hour budget trains what --quick and the design search train; --long is the first sweep's budget
+    assert {(c.agents_per_backbone, c.rounds, c.local_steps) for c in cells} == {(2, 3, 8)}
+    long = full_sweep(budget="long")
+    assert {(c.agents_per_backbone, c.rounds, c.local_steps) for c in long} == {(3, 5, 10)}
+    # ... and nothing else differs, so the long sweep's kept federations stay reusable (same settings key)
+    assert [dataclasses.replace(c, agents_per_backbone=3, rounds=5, local_steps=10) for c in cells] == long
     chosen = select_cells(cells, "bbc-news,fashion-mnist-low")
     assert [c.mode for c in chosen] == ["full-bbc-news-dirichlet-0.3", "full-bbc-news-dirichlet-1.0",
                                         "full-bbc-news-low-data", "full-fashion-mnist-low-data"]
@@ -160,8 +167,8 @@ def test_every_full_sweep_cell_can_split_its_data_for_every_seed(tmp_path: Path)
     alpha 0.3 did, with 200 training articles per agent); the split itself takes seconds, so check it here."""
     from bench.methods import prepare_fleets
 
-    for cell in full_sweep():
-        fleets = prepare_fleets(cell, tmp_path / cell.mode)
+    for cell in (*full_sweep(), *full_sweep(budget="long")):
+        fleets = prepare_fleets(cell, tmp_path / f"{cell.mode}-{cell.agents_per_backbone}")
         assert sorted(fleets) == [0, 1, 2, 3, 4], cell.mode
         for fleet in fleets.values():
             assert len(fleet["client_files"]) == len(cell.agents())
@@ -199,3 +206,58 @@ def test_the_page_says_plainly_whether_heterotune_beats_group_fedavg() -> None:
     (line,) = verdict_lines(two, 2)
     assert "does not measurably beat" in line and "cannot go below p = 0.50" in line
     assert verdict_lines({"paired": {}}, 5) == []  # a page without both methods says nothing
+
+
+def test_the_sweep_index_gives_its_own_wall_time_only_for_a_whole_run() -> None:
+    def job(method: str, seed: int, personal: int) -> dict[str, Any]:
+        return {"method": method, "seed": seed, "commit": "abc", "wall_seconds": 90.0,
+                "rounds": [_row(1, "s-0", "s", (personal, 10), (5, 10))],
+                "final_global": {"s-0": {"correct": 5, "total": 10, "home_backbone": "s"}}}
+
+    raw = {"settings": {"backbones": ["s"], "rounds": 1, "mode": "full-x-low-data"}, "baselines": ["group-fedavg"],
+           "machine": {"cpu": "EPYC", "cores": 2},
+           "jobs": [job(m, s, 5 + (m == "heterotune")) for m in ("heterotune", "group-fedavg") for s in (0, 1)]}
+    budget = SWEEP_BUDGETS["standard"]
+    piecemeal = render_index([raw], 9, pages="results-full", flags="--full", sweep=None, budget=budget)
+    assert "no single invocation has run every cell" in piecemeal
+    assert "Done cells: 6 min in all, about 3 min of wall time" in piecemeal  # 4 federations x 90 s
+    assert "[full-x-low-data](results-full/full-x-low-data.md)" in piecemeal
+    assert "+10.0 (p 0.50)" in piecemeal  # heterotune 6/10 against 5/10 in both seeds
+    sweep = {"command": "python -m bench.methods --full", "commit": "0123456789abcdef", "workers": 2,
+             "started_utc": "2026-12-05 01:00", "wall_seconds": 6000.0, "bundle_seconds": 70.0,
+             "federations_run": 270, "federations_reused": 0, "load_before": [0.1], "load_after": [2.0],
+             "machine": {"cores": 2}}
+    whole = render_index([raw], 9, pages="results-full", flags="--full", sweep=sweep, budget=budget)
+    assert "whole sweep, one invocation: 100 min wall" in whole and "ran 270 federations and reused 0" in whole
+    assert "2 agents per backbone, 3 rounds x 8 local steps" in whole
+    long = render_index([raw], 9, pages="results-long", flags="--full --long", sweep=None,
+                        budget=SWEEP_BUDGETS["long"])
+    assert "was `--full` until 2026-12-05" in long and "(results-long/full-x-low-data.md)" in long
+
+
+def test_a_sweep_runs_its_cells_in_one_pool_records_its_wall_time_and_resumes(tmp_path: Path) -> None:
+    """Two sweep cells on tiny random backbones (plumbing, not learning): pages, index and the sweep's own
+    record are written; a second invocation reruns nothing and reports the same numbers."""
+    from bench.methods import run_full
+    from bench.methods_plan import SMOKE
+
+    cells = [dataclasses.replace(cell, backbones=SMOKE.backbones, max_length=32, batch_size=8, rounds=1,
+                                 local_steps=2, methods=("heterotune", "group-fedavg"), seeds=(0, 1),
+                                 regime=dataclasses.replace(cell.regime, train_per_agent=30, global_per_class=5,
+                                                            dataset_samples=1500))
+             for cell in full_sweep()[:2]]
+    pages = tmp_path / "results-full"
+
+    def sweep() -> tuple[dict[str, Any], dict[str, Any]]:
+        run_full(cells, budget="standard", workers=2, command="test", every_cell=True, pages=pages,
+                 out=tmp_path / "raw")
+        return read_json(pages / "sweep.json"), read_json(pages / f"{cells[1].mode}.json")
+
+    first, cell = sweep()
+    assert (first["federations_run"], first["federations_reused"]) == (8, 0)
+    assert all((pages / "jobs" / c.mode).is_dir() and (pages / f"{c.mode}.md").exists() for c in cells)
+    index = (tmp_path / "results-full.md").read_text()
+    assert "2 of 9 cells done" in index and "whole sweep, one invocation" in index
+    again, cell_again = sweep()
+    assert (again["federations_run"], again["federations_reused"]) == (0, 8)
+    assert [job["rounds"] for job in cell_again["jobs"]] == [job["rounds"] for job in cell["jobs"]]
