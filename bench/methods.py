@@ -172,9 +172,19 @@ def run_jobs(plans: list[CellPlan], workers: int, reuse: bool,
             collect(i, result)
 
 
-def finish_cell(plan: CellPlan, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
-    """One settings' raw results to ``plan.out`` and beside its page, then the page and its PNG."""
+def finish_cell(plan: CellPlan, results: list[dict[str, Any]], workers: int, *, in_sweep: bool = False
+                ) -> dict[str, Any]:
+    """One settings' raw results to ``plan.out`` and beside its page, then the page and its PNG.
+
+    A sweep's cell shares one pool with the other cells, so the time since it was planned (at the sweep's
+    start) says nothing about it; its wall time is then the span of the federations it ran, first start to last
+    end (a neighbouring cell's federation may run beside its first and last ones)."""
     settings = plan.settings
+    started, wall = plan.started, time.time() - plan.started
+    ran = [r for r in results if not r.get("reused") and "started_at" in r]
+    if in_sweep and ran:
+        started = min(r["started_at"] for r in ran)
+        wall = max(r["started_at"] + r["wall_seconds"] for r in ran) - started
     order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in settings.methods for s in settings.seeds)}
     results = sorted(results, key=lambda r: order[(r["method"], r["seed"])])
     regime = dataclasses.asdict(settings.regime) | {
@@ -182,9 +192,10 @@ def finish_cell(plan: CellPlan, results: list[dict[str, Any]], workers: int) -> 
     raw = {
         "command": plan.command,
         "commit": git_commit(),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(plan.started)),
-        "wall_seconds": time.time() - plan.started,
-        "bundle_seconds": plan.bundle_seconds,  # building (first run) or loading the bundles, inside wall_seconds
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+        "wall_seconds": wall,
+        "wall_scope": "federations" if in_sweep and ran else "run",
+        "bundle_seconds": plan.bundle_seconds,  # building (first run) or loading the bundles
         "workers": workers,
         "load_before": plan.load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -243,7 +254,7 @@ def run_full(settings_list: list[BenchSettings], *, budget: str, workers: int, c
     raws: list[dict[str, Any]] = []
 
     def cell_done(plan: CellPlan, results: list[dict[str, Any]]) -> None:
-        raws.append(finish_cell(plan, results, workers))
+        raws.append(finish_cell(plan, results, workers, in_sweep=True))
         write_index(pages, budget)  # after every cell: a long sweep shows progress
 
     run_jobs(plans, workers, True, cell_done)

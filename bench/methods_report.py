@@ -107,7 +107,9 @@ def render(raw: Mapping[str, Any], note: str | None = None, *, plot: Path | None
         *([note] if note else []),
         "",
         f"- commit `{raw['commit']}`, started {raw['started_utc']} UTC, wall time {raw['wall_seconds']:.0f} s "
-        f"({raw['workers']} worker processes, one ONNX Runtime thread each)" + _job_commits(raw),
+        + ("(first federation start to last end, inside the sweep's one pool; "
+           if raw.get("wall_scope") == "federations" else "(")
+        + f"{raw['workers']} worker processes, one ONNX Runtime thread each)" + _job_commits(raw),
         f"- machine: {facts['cpu']}, {facts['cores']} cores, {facts['ram_gb']} GB RAM, Python {facts['python']}, "
         f"onnxruntime-training {facts['versions'].get('onnxruntime-training-cpu')}; load average "
         f"{raw['load_before']} before and {raw['load_after']} after (the machine is shared, so wall times are "

@@ -60,6 +60,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "diagnostics": {str(k): _compact(v) for k, v in run.diagnostics.items()},
         "seconds": run.seconds,
         "commit": job["commit"],  # a resumed sweep mixes federations from several commits: each says its own
+        "started_at": started,  # epoch seconds: a sweep cell's span is its federations' first start to last end
         "wall_seconds": time.time() - started,
     }
 

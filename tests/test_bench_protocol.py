@@ -255,6 +255,10 @@ def test_a_sweep_runs_its_cells_in_one_pool_records_its_wall_time_and_resumes(tm
 
     first, cell = sweep()
     assert (first["federations_run"], first["federations_reused"]) == (8, 0)
+    # a cell's wall time is its own federations' span, not the time since the sweep planned it
+    jobs = cell["jobs"]
+    span = max(j["started_at"] + j["wall_seconds"] for j in jobs) - min(j["started_at"] for j in jobs)
+    assert cell["wall_scope"] == "federations" and cell["wall_seconds"] == pytest.approx(span)
     assert all((pages / "jobs" / c.mode).is_dir() and (pages / f"{c.mode}.md").exists() for c in cells)
     index = (tmp_path / "results-full.md").read_text()
     assert "2 of 9 cells done" in index and "whole sweep, one invocation" in index
