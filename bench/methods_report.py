@@ -455,7 +455,8 @@ def render_index(raws: Sequence[Mapping[str, Any]], cells_planned: int, *, pages
         "per-round curves, bytes, costs, timing).",
         "",
         f"- budget `{budget.name}`: {budget.agents_per_backbone} agents per backbone, {budget.rounds} rounds x "
-        f"{budget.local_steps} local steps, 5 seeds, every method on the same fleets and seeds",
+        f"{budget.local_steps} local steps, {len(first['settings']['seeds'])} seeds, every method on the same fleets "
+        "and seeds",
         f"- federations from commits {', '.join(f'`{c}`' for c in commits)}; machine: {first['machine']['cpu']}, "
         f"{first['machine']['cores']} cores",
         "- cell = one dataset x one regime; numbers are paired per-seed differences, mean over seeds in pp "
@@ -492,7 +493,8 @@ def _sweep_time(sweep: Mapping[str, Any] | None, federation_minutes: Sequence[fl
     """The sweep's time: its own wall clock when one invocation ran every cell, else the federations' sum."""
     lines = ["- *federation time* = the wall times of the cell's federations added up; the sweep runs two at once on "
              f"2 cores. Done cells: {sum(federation_minutes):.0f} min in all, about {sum(federation_minutes) / 2:.0f} "
-             "min of wall time at two workers."]
+             "min of wall time at two workers (each cell page gives the machine's load; on a busy machine these are "
+             "upper bounds)."]
     if sweep is None:
         return [*lines, "- no single invocation has run every cell yet (cells resumed across sessions), so the "
                 "sweep has no wall time of its own"]

@@ -214,7 +214,8 @@ def test_the_sweep_index_gives_its_own_wall_time_only_for_a_whole_run() -> None:
                 "rounds": [_row(1, "s-0", "s", (personal, 10), (5, 10))],
                 "final_global": {"s-0": {"correct": 5, "total": 10, "home_backbone": "s"}}}
 
-    raw = {"settings": {"backbones": ["s"], "rounds": 1, "mode": "full-x-low-data"}, "baselines": ["group-fedavg"],
+    raw = {"settings": {"backbones": ["s"], "rounds": 1, "mode": "full-x-low-data", "seeds": [0, 1]},
+           "baselines": ["group-fedavg"],
            "machine": {"cpu": "EPYC", "cores": 2},
            "jobs": [job(m, s, 5 + (m == "heterotune")) for m in ("heterotune", "group-fedavg") for s in (0, 1)]}
     budget = SWEEP_BUDGETS["standard"]
@@ -229,7 +230,7 @@ def test_the_sweep_index_gives_its_own_wall_time_only_for_a_whole_run() -> None:
              "machine": {"cores": 2}}
     whole = render_index([raw], 9, pages="results-full", flags="--full", sweep=sweep, budget=budget)
     assert "whole sweep, one invocation: 100 min wall" in whole and "ran 270 federations and reused 0" in whole
-    assert "2 agents per backbone, 3 rounds x 8 local steps" in whole
+    assert "2 agents per backbone, 3 rounds x 8 local steps, 2 seeds" in whole
     long = render_index([raw], 9, pages="results-long", flags="--full --long", sweep=None,
                         budget=SWEEP_BUDGETS["long"])
     assert "was `--full` until 2026-12-05" in long and "(results-long/full-x-low-data.md)" in long
