@@ -249,12 +249,15 @@ class SweepBudget:
     rounds: int
     local_steps: int
     pages: str  # docs/<pages>/ holds the cells' pages and kept federations, docs/<pages>.md the index
+    history: str = ""  # what a reader of its pages must know about how they were made, said on the index
 
 
 SWEEP_BUDGETS: dict[str, SweepBudget] = {
     "standard": SweepBudget("standard", agents_per_backbone=2, rounds=3, local_steps=8, pages="results-full"),
-    # `--full` until 2026-12-05: ~9 h on 2 cores (1,098 federation-minutes at two workers).
-    "long": SweepBudget("long", agents_per_backbone=3, rounds=5, local_steps=10, pages="results-long"),
+    # ~9 h on 2 cores (1,098 federation-minutes at two workers).
+    "long": SweepBudget("long", agents_per_backbone=3, rounds=5, local_steps=10, pages="results-long",
+                        history="This budget was `--full` until 2026-12-05; its cell pages name the command as it "
+                                "was then."),
 }
 
 
