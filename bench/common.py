@@ -74,6 +74,11 @@ def python_env(threads: int | None = 1) -> dict[str, str]:
     return env
 
 
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded: pages print them beside wall times (a busy machine)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def git_commit(repo: Path = REPO) -> str:
     """The checked-out commit, read from .git without running git (the lead owns the repository).
 
@@ -141,7 +146,7 @@ def machine_facts() -> dict[str, Any]:
         "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": load_average(),
         "fd_limit": _fd_limit(),
         "versions": {name: _version(name) for name in
                      ("onnxruntime-training-cpu", "torch", "transformers", "paho-mqtt", "numpy")}

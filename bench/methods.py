@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_OUT, REPO, git_commit, log, machine_facts, read_json, write_json
+from bench.common import DEFAULT_OUT, REPO, git_commit, load_average, log, machine_facts, read_json, write_json
 from bench.methods_plan import (
     BASELINES,
     CANDIDATES,
@@ -114,7 +114,7 @@ def plan_cell(settings: BenchSettings, out: Path, results_md: Path, *, command: 
               job_dir: Path | None = None) -> CellPlan:
     """Build (or load) the bundles, write each seed's fleet, and list every method x seed federation."""
     started = time.time()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     log(f"mode {settings.mode}: {len(settings.methods)} methods x {len(settings.seeds)} seeds -> {out}")
     bundles = prepare_bundles(settings)
     bundle_seconds = time.time() - started
@@ -198,7 +198,7 @@ def finish_cell(plan: CellPlan, results: list[dict[str, Any]], workers: int, *, 
         "bundle_seconds": plan.bundle_seconds,  # building (first run) or loading the bundles
         "workers": workers,
         "load_before": plan.load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "load_after": load_average(),
         "machine": machine_facts(),
         "settings": settings.to_dict() | {"regime": regime, "smallest": settings.smallest()},
         "baselines": list(BASELINES),
@@ -247,7 +247,7 @@ def run_full(settings_list: list[BenchSettings], *, budget: str, workers: int, c
     """
     pages = pages or sweep_pages(budget)
     started = time.time()
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     plans = [plan_cell(settings, out / budget / settings.mode, pages / f"{settings.mode}.md",
                        command=command, job_dir=pages / "jobs" / settings.mode)
              for settings in settings_list]
@@ -267,7 +267,7 @@ def run_full(settings_list: list[BenchSettings], *, budget: str, workers: int, c
             "bundle_seconds": sum(plan.bundle_seconds for plan in plans),
             "federations_run": sum(not job.get("reused") for job in jobs),
             "federations_reused": sum(bool(job.get("reused")) for job in jobs),
-            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+            "load_before": load_before, "load_after": load_average(),
             "machine": machine_facts()})
         write_index(pages, budget)
     return 0
