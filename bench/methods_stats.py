@@ -1,6 +1,6 @@
 """From per-agent rows to the numbers of the evaluation protocol: both views, per device group and overall.
 
-Why these definitions (DESIGN.md, "Evaluation protocol"):
+Why these definitions (docs/design.md, "Evaluation protocol"):
 - personalised accuracy of a group in round r = correct / total over its agents' own local test splits, after
   their local training in round r (pooled, i.e. the sample-weighted mean over agents);
 - global accuracy of a group in round r = the same pooling on the balanced held-out set, of the model each

@@ -202,13 +202,13 @@ class TimedCoordinator(Coordinator):
             self.current.weights_published = time.time()
         return refs
 
-    def _pump(self, timeout: float) -> None:
+    def _pump(self, timeout: float) -> str | None:
         current = self.current
         if current is not None:
             current.pumps += 1
             if current.weights_published and not current.assignments_sent:
                 current.assignments_sent = time.time()  # the engine pumps right after the last assignment
-        super()._pump(timeout)
+        return super()._pump(timeout)  # the engine finalises the round of the agent it names
 
     def _on_chunk(self, agent_id: str, round_text: str | None, payload: bytes, *args: Any, **kwargs: Any) -> None:
         super()._on_chunk(agent_id, round_text, payload, *args, **kwargs)

@@ -11,7 +11,7 @@ it used. That fallback is only for bundles a backend *can* train: a bundle with 
 device's backend (MPNet has no torch part, because the PyTorch backend implements only BERT and DINOv2) is not a
 candidate for that device at all, and the explanation says so (``CostCard.trainable_by``).
 
-Rule (DESIGN.md, "Profiles and assignment"):
+Rule (docs/design.md, "Profiles and assignment"):
 
 * memory: ``card.peak_train_rss_mb <= memory_fraction x device.memory_budget_mb`` (default 0.8; the
   rest is headroom for the OS, the MQTT client and allocator fragmentation, which the builder's

@@ -69,7 +69,7 @@ class RunConfig(_Strict):
     min_agents: int = Field(1, ge=1)  # rounds start once this many agents have joined
     join_timeout_s: float = Field(300.0, gt=0)
     round_timeout_s: float = Field(600.0, gt=0)
-    # Selection (DESIGN.md "Round engine"): aim for `agents_per_round` reports (None = every live agent), invite
+    # Selection (docs/design.md "Round engine"): aim for `agents_per_round` reports (None = every live agent), invite
     # `over_selection` times as many, close the round at the target; stragglers past the deadline are ignored.
     agents_per_round: int | None = Field(None, ge=1)
     over_selection: float = Field(1.3, ge=1.0, le=5.0)

