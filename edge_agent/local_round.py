@@ -119,6 +119,17 @@ class LocalLearner:
         # abandoned, or the coordinator crashed and resumed) starts from the same state and gives the same result.
         self._before: tuple[int, dict[str, np.ndarray]] | None = None
 
+    def restore(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Continue from saved tensors (a restarted device, edge_agent/round_state.py): every kept tensor, each
+        with its shape, or a ValueError and the learner unchanged."""
+        wrong = sorted(name for name in self.kept
+                       if name not in tensors or np.shape(tensors[name]) != self.kept[name].shape)
+        wrong += sorted(set(tensors) - set(self.kept))
+        if wrong:
+            raise ValueError(f"saved tensors do not fit this bundle: {wrong[:3]}")
+        self.kept = {name: np.array(tensors[name], dtype=self.kept[name].dtype, copy=True) for name in self.kept}
+        self._before = None
+
     def run_round(self, plan: RoundPlan, received: Mapping[str, np.ndarray]) -> RoundOutcome:
         """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out.
 
