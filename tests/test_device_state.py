@@ -209,3 +209,18 @@ def test_missing_state_dir_is_no_state(tmp_path: Path) -> None:
     with pytest.raises(NoDeviceState, match="no device state"):
         load_model(tmp_path / "nothing")
     assert list_models(tmp_path / "nothing") == []
+
+
+def test_demo_names_each_device_model_and_a_command_to_try_it(tmp_path: Path) -> None:
+    from coordinator.demo import agent_command, device_state_dir, model_locations
+    from coordinator.fleet import EmulatedAgent
+
+    assert model_locations(tmp_path, ["pi4-a"]) == []  # nothing trained, nothing claimed
+    save_model(device_state_dir(tmp_path, "pi4-a"), _model(1))
+    save_model(device_state_dir(tmp_path, "orin-a"), _model(1))
+    lines = model_locations(tmp_path, ["pi4-a", "orin-a", "refused-1"])
+    assert f"  orin-a: {tmp_path / 'devices' / 'orin-a'}" in lines and "refused-1" not in "\n".join(lines)
+    assert lines[-1].startswith(f"try one: edge-agent predict --state-dir {tmp_path / 'devices' / 'orin-a'} --text ")
+    command = agent_command(EmulatedAgent("pi4-a", 384), "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"),
+                            Path("cache"), state_dir=device_state_dir(tmp_path, "pi4-a"))
+    assert command[command.index("--state-dir") + 1] == str(tmp_path / "devices" / "pi4-a")
