@@ -35,7 +35,7 @@ def resume_learner(learner: LocalLearner, state_dir: Path, run_id: str | None, b
     except DeviceStateError as exc:
         log.warning("starting from the bundle's initial tensors and the received global ones: %s", exc)
         return None
-    learner.restore(model.tensors)
+    learner.restore(model.tensors, model.round_id, model.before)
     log.info("resumed run %s from the device state of round %d in %s", run_id, model.round_id, state_dir)
     return model.round_id
 
@@ -48,10 +48,14 @@ def save_round(state_dir: Path, *, learner: LocalLearner, run_id: str, round_id:
     (`TrainerBackend.start_round`), so there is none that carries from one round to the next.
     """
     personal, global_ = outcome.personal, outcome.global_
+    shared = {name for name in received if not is_exchange_only(name)}
+    start = learner.round_start
+    before = ({name: value for name, value in start[1].items() if name not in shared}
+              if start is not None and start[0] == round_id else {})
     model = DeviceModel(
         agent_id=learner.agent_id, run_id=run_id, round_id=round_id, bundle_sha=bundle_sha, bundle_dir=bundle_dir,
         backbone=learner.manifest.backbone, labels=tuple(learner.manifest.task.labels), tensors=dict(learner.kept),
-        received={name: value for name, value in received.items() if not is_exchange_only(name)}, optimizer={},
+        received={name: received[name] for name in shared}, optimizer={}, before=before,
         metrics={"personal_accuracy": personal.accuracy, "personal_loss": personal.loss, "n_test": personal.total,
                  "global_accuracy": global_.accuracy if global_ else None,
                  "n_global_test": global_.total if global_ else 0, "n_train": outcome.n_train,

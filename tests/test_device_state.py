@@ -44,14 +44,16 @@ def _model(round_id: int, *, run_id: str = "run-1", bundle_sha: str = BUNDLE_A, 
                        optimizer={}, metrics={"personal_accuracy": 0.5 + round_id / 100, "global_accuracy": None,
                                               "n_train": 30, "n_test": 10, "train_loss": float("nan"),
                                               "backend": "ort"},
-                       saved_unix=saved_unix + round_id)
+                       saved_unix=saved_unix + round_id, before={"head.bias": tensors["head.bias"] - 1})
 
 
 def _same(a: DeviceModel, b: DeviceModel) -> bool:
     return (a.round_id == b.round_id and a.tensors.keys() == b.tensors.keys()
             and all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
             and a.received.keys() == b.received.keys()
-            and all(np.array_equal(a.received[k], b.received[k]) for k in a.received))
+            and all(np.array_equal(a.received[k], b.received[k]) for k in a.received)
+            and a.before.keys() == b.before.keys()
+            and all(np.array_equal(a.before[k], b.before[k]) for k in a.before))
 
 
 def _tensor_file(slot: Path, json_name: str = CURRENT) -> Path:
@@ -164,7 +166,7 @@ def test_foreign_bundle_or_run_is_kept_apart(tmp_path: Path) -> None:
     save_model(tmp_path, _model(2, bundle_sha=BUNDLE_B))
     with pytest.raises(NoDeviceState, match="kept apart"):
         load_model(tmp_path, "run-1", bundle_sha=BUNDLE_A)
-    with pytest.raises(NoDeviceState):
+    with pytest.raises(NoDeviceState, match=r"other runs \(run-1\) are kept apart"):
         load_model(tmp_path, "run-2", bundle_sha=BUNDLE_B)
     save_model(tmp_path, _model(1, bundle_sha=BUNDLE_A, saved_unix=0.0))
     assert load_model(tmp_path, "run-1", bundle_sha=BUNDLE_A).bundle_sha == BUNDLE_A
@@ -179,6 +181,10 @@ def test_state_that_does_not_fit_the_bundle_graph_is_refused(tmp_path: Path) -> 
     save_model(tmp_path, _model(1))
     with pytest.raises(DeviceStateError, match="do not fit the bundle"):
         load_model(tmp_path, expected={**SHAPES, "head.weight": (5, 8)})
+    odd = dataclasses.replace(_model(2), before={"head.bias": np.zeros(4, np.float32)})
+    save_model(tmp_path / "odd", odd)
+    with pytest.raises(DeviceStateError, match="do not fit the bundle"):  # the pre-round head is checked too
+        load_model(tmp_path / "odd", expected=SHAPES)
 
 
 def test_most_recent_run_is_the_default_and_list_models_reports_all(tmp_path: Path) -> None:
