@@ -118,8 +118,7 @@ def merge_graph(eval_model: bytes, parameters: Mapping[str, np.ndarray], inputs:
     """Pure graph surgery on the bundle's eval graph: parameter inputs -> initializers, only ``logits`` out,
     inference Dropouts and unused LayerNorm statistics removed, dead nodes pruned. Deterministic."""
     onnx = load_onnx()
-    from onnx import numpy_helper
-
+    numpy_helper = onnx.numpy_helper
     model = onnx.load_from_string(eval_model)
     graph = model.graph
     graph_inputs = [i.name for i in graph.input]

@@ -163,7 +163,7 @@ def copy_package(package: Path, target: Path) -> Path:
 def test_a_missing_or_foreign_file_or_a_newer_format_is_refused_with_the_fix(package: Path, tmp_path: Path) -> None:
     missing = copy_package(package, tmp_path / "missing")
     (missing / TOKENIZER).unlink()
-    with pytest.raises(PackageError, match="missing tokenizer.json: copy the whole exported directory"):
+    with pytest.raises(PackageError, match=r"missing tokenizer\.json: copy the whole exported directory"):
         open_package(missing)
     foreign = copy_package(package, tmp_path / "foreign")
     data = bytearray((foreign / MODEL).read_bytes())
@@ -199,7 +199,7 @@ def test_a_text_over_the_maximum_length_is_truncated_and_said_once(package: Path
 
 def test_export_refuses_a_state_that_does_not_fit_and_a_missing_state(
         device: tuple[Path, Path, LocalLearner, RoundOutcome], tmp_path: Path) -> None:
-    state, _, learner, _ = device
+    _, _, learner, _ = device
     result = cli("export", "--state-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "no device state" in result.stderr
     bundle = uncosted_bundle("minilm-l3")
