@@ -11,8 +11,11 @@ bundle's initial tensors), recomputed here from the run directory's stored globa
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ from coordinator.federation_state import weights_for
 from coordinator.runner import build_bundles
 from coordinator.store import RunStore, load_state
 from edge_agent.bundle_store import BundleStore
-from edge_agent.data import load_examples
+from edge_agent.data import Example, load_examples, split_local
 from edge_agent.device_state import CURRENT, PREVIOUS, DeviceModel, DeviceStateError, load_model
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
@@ -221,3 +224,25 @@ def test_final_model_stays_with_the_metrics_of_its_last_round(federation: Federa
     # The shared tensors it saved are the ones it uploaded in that round.
     for name, value in _stored_update(federation, agent_id, last.round).items():
         np.testing.assert_array_equal(final.tensors[name], value)
+
+
+@pytest.mark.parametrize("agent_id", ["intact", "steady"])
+def test_predict_on_its_own_test_split_gives_the_accuracy_it_reported(federation: Federation, agent_id: str,
+                                                                     tmp_path: Path) -> None:
+    """`edge-agent predict --state-dir --file` with the device's final model on its own test split (the split
+    LocalLearner evaluates on) gives the personal accuracy the device reported in its last round."""
+    state_dir = _state_dir(federation.tmp, agent_id)
+    final = load_model(state_dir)
+    examples = load_examples(federation.data.client_files[agent_id], final.labels)
+    test = [e for e in split_local(examples, test_fraction=0.25, seed=0).test if isinstance(e, Example)]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"text": e.text, "label": final.labels[e.label]}) + "\n" for e in test))
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "predict", "--state-dir", str(state_dir),
+                             "--file", str(test_file), "--json"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    last = max((r for r in RunStore(federation.tmp / "run").metrics() if r.agent_id == agent_id),
+               key=lambda r: r.round)
+    assert len(doc["predictions"]) == len(test) == last.n_test
+    assert doc["accuracy"] == pytest.approx(last.personal_accuracy, abs=1e-9)
