@@ -36,7 +36,7 @@ from edge_agent.device_state import CURRENT, PREVIOUS, DeviceModel, DeviceStateE
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
 from tests.harness import agent_processes, fleet_data
-from tests.test_faults import finish, run_in_thread, wait_for
+from tests.test_faults import committed_rounds, finish, run_in_thread, wait_for
 
 PINS = {"intact": "tiny-3", "truncated": "tiny-6", "flipped": "tiny-3", "both": "tiny-6", "steady": "tiny-3"}
 VICTIMS = ("intact", "truncated", "flipped", "both")
@@ -116,8 +116,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     offsets: dict[str, int] = {}
     with MosquittoBroker(tmp / "broker") as broker, agent_processes(tmp, data, extra=extra) as agents:
         thread, outcome = run_in_thread(config, tmp / "run", broker, agents)
-        wait_for(lambda: all(_current_round(_state_dir(tmp, v)) >= 2 for v in VICTIMS), 400,
-                 "every victim to save two rounds")
+        wait_for(lambda: all(_current_round(_state_dir(tmp, v)) >= 2 for v in VICTIMS)
+                 and committed_rounds(tmp / "run") >= 2, 400, "every victim to save two rounds")
+        time.sleep(0.3)  # round 3 is under way: the victims are training, not in the middle of a save
         for victim in VICTIMS:
             agents.kill(victim)
         for victim in VICTIMS:
