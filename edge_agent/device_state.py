@@ -178,7 +178,8 @@ def meta_problems(meta: Any) -> list[str]:
         return ["its metadata checksum does not match (the json was changed or corrupted)"]
     kinds: dict[str, type | tuple[type, ...]] = {
         "agent_id": str, "run_id": str, "round_id": int, "bundle_sha": str, "bundle_dir": str, "backbone": str,
-        "labels": list, "metrics": dict, "saved_unix": (int, float), "tensor_file": str, "tensor_sha256": str}
+        "labels": list, "metrics": dict, "saved_unix": (int, float), "tensor_file": str, "tensor_sha256": str,
+        "tensor_bytes": int}
     bad = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
     if bad:
         return [f"its metadata lacks or mistypes {bad}"]
@@ -327,6 +328,10 @@ def _load_copy(slot: Path, json_name: str, run_id: str | None, bundle_sha: str |
                                f"{bundle_sha[:12]}")
     tensor_path = slot / meta["tensor_file"]
     try:
+        size = tensor_path.stat().st_size
+        if size != meta["tensor_bytes"]:  # checked before reading: a damaged file may be of any size
+            raise DeviceStateError(f"{tensor_path.name} has {size} bytes, not {meta['tensor_bytes']} (truncated or "
+                                   "corrupted)")
         blob = tensor_path.read_bytes()
     except OSError as exc:
         raise DeviceStateError(f"{tensor_path.name} is not readable ({exc})") from None
