@@ -35,7 +35,12 @@ def resume_learner(learner: LocalLearner, state_dir: Path, run_id: str | None, b
     except DeviceStateError as exc:
         log.warning("starting from the bundle's initial tensors and the received global ones: %s", exc)
         return None
-    learner.restore(model.tensors, model.round_id, model.before)
+    try:
+        learner.restore(model.tensors, model.round_id, model.before)
+    except ValueError as exc:  # verified against these very shapes above; kept as the last line of defence
+        log.warning("starting from the bundle's initial tensors: the device state in %s does not fit (%s)",
+                    state_dir, exc)
+        return None
     log.info("resumed run %s from the device state of round %d in %s", run_id, model.round_id, state_dir)
     return model.round_id
 
