@@ -41,6 +41,9 @@ def join(
              "Raspberry Pi and Jetson, where no ORT training wheel exists), auto (ort where it loads, else torch)"),
     ] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="bundle cache")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="where this device keeps its trained model, saved after every round and resumed after a restart "
+             "(default: heterotune-state/ID beside --data)", file_okay=False)] = None,
     max_idle: Annotated[float, typer.Option(help="give up after this many seconds without messages")] = 900.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (defaults to none)")] = None,
     password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
@@ -72,7 +75,7 @@ def join(
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,
-                         slowdown=slowdown)
+                         slowdown=slowdown, state_dir=state_dir)
     try:
         code = EdgeAgent(config).run()
     except BrokerUnavailable as exc:
@@ -98,6 +101,71 @@ def profile(
     measured = profile_device(max_memory_mb=max_memory, max_round_seconds=max_round_seconds,
                               backend=None if backend == "auto" else backend)
     typer.echo(json.dumps(measured, indent=2) if as_json else format_profile_table(measured))
+
+
+def _state_dir(state_dir: Path | None, data: Path | None, agent_id: str | None) -> Path | None:
+    """--state-dir, else the default `join` uses for --data and --id, else None."""
+    if state_dir is not None:
+        return state_dir
+    if data is not None and agent_id is not None:
+        from edge_agent.device_state import default_state_dir
+
+        return default_state_dir(data, agent_id)
+    return None
+
+
+StateDirOption = Annotated[Path | None, typer.Option(help="the device state directory (default: beside --data, "
+                                                          "for --id, as `join` uses)")]
+DataOption = Annotated[Path | None, typer.Option(help="the data file the agent joined with (locates the state)")]
+IdOption = Annotated[str | None, typer.Option("--id", help="the agent id the device joined with")]
+RunOption = Annotated[str | None, typer.Option(help="run id (default: the most recently saved run)")]
+
+
+@app.command()
+def predict(
+    model: Annotated[Path | None, typer.Option(help="an exported model directory (`edge-agent export --out`)")] = None,
+    state_dir: StateDirOption = None,
+    data: DataOption = None,
+    agent_id: IdOption = None,
+    run: RunOption = None,
+    text: Annotated[list[str] | None, typer.Option(help="a text to classify (repeatable)")] = None,
+    file: Annotated[Path | None, typer.Option(help="JSONL/CSV of texts or .npz of images (labels optional: "
+                                                   "accuracy is printed when every input has one)")] = None,
+    image: Annotated[list[Path] | None, typer.Option(help="an image file to classify (repeatable; needs Pillow)")
+                     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    batch_size: Annotated[int, typer.Option(help="inputs per inference call")] = 16,
+    threads: Annotated[int, typer.Option(help="compute threads (0 = onnxruntime's default)")] = 1,
+    int8: Annotated[bool, typer.Option("--int8", help="use the package's int8 model")] = False,
+) -> None:
+    """Classify texts or images with this device's fine-tuned model (onnxruntime inference only)."""
+    from edge_agent.predict_cli import run_predict
+
+    raise typer.Exit(run_predict(model=model, state_dir=_state_dir(state_dir, data, agent_id), run=run,
+                                 texts=text or [], file=file, images=image or [], as_json=as_json,
+                                 batch_size=batch_size, threads=threads, int8=int8))
+
+
+@app.command("export")
+def export_model(
+    out: Annotated[Path, typer.Option(help="directory to write the inference package into")],
+    state_dir: StateDirOption = None,
+    data: DataOption = None,
+    agent_id: IdOption = None,
+    run: RunOption = None,
+    int8: Annotated[bool, typer.Option("--int8", help="also write a dynamic int8 model, its size and accuracy "
+                                                      "change (on this device's test split of --data) measured")
+                    ] = False,
+    threads: Annotated[int, typer.Option(help="compute threads for the int8 measurement")] = 1,
+) -> None:
+    """Export this device's fine-tuned model as a self-contained inference package."""
+    from edge_agent.predict_cli import EXIT_BAD_INPUT, run_export
+
+    where = _state_dir(state_dir, data, agent_id)
+    if where is None:
+        typer.echo("error: give --state-dir, or --data and --id as given to `edge-agent join`", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    raise typer.Exit(run_export(state_dir=where, run=run, out=out, int8=int8, data=data, threads=threads))
 
 
 if __name__ == "__main__":

@@ -313,6 +313,11 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), both int64 of shape [batch, longest sequence in the batch]."""
+        ids, mask, _truncated = self.encode_counting(texts)
+        return ids, mask
+
+    def encode_counting(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """`encode`, plus how many texts were cut at ``max_length`` (prediction says so once)."""
         if isinstance(texts, str):
             raise TypeError("encode takes a sequence of texts, not a single string; wrap it in a list")
         if not texts:
@@ -320,7 +325,7 @@ class TextEncoder:
         encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return ids, mask
+        return ids, mask, sum(1 for e in encodings if e.overflowing)
 
 
 # -------------------------------------------------------------------------------------------- batching

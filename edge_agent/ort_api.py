@@ -52,3 +52,19 @@ def _register_shim() -> None:
     package.__path__ = [os.path.join(os.path.dirname(spec.origin), "training")]
     sys.modules["onnxruntime.training"] = package
     sys.modules["onnxruntime.training.ortmodule"] = None  # type: ignore[assignment]
+
+
+def load_inference_runtime() -> types.ModuleType:
+    """The `onnxruntime` module for inference only (`InferenceSession`): the plain package or the training build.
+
+    The training build's import-time probe would otherwise import its training modules (and onnx, and torch where
+    installed); the same stand-in as for training keeps prediction to the inference API alone.
+    """
+    _register_shim()
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError("onnxruntime is not installed; for prediction alone: pip install onnxruntime (it has "
+                          "Linux x86_64 and aarch64 wheels); never install it beside onnxruntime-training") from exc
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
