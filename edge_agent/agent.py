@@ -68,6 +68,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None
+    tls_cert: Path | None = None  # client certificate + key (brokers provisioned with client certificates)
+    tls_key: Path | None = None
     # Emulated devices (edge_agent/limits.py): abort a round whose RSS crosses max_memory_mb, and run
     # `slowdown` times slower than this machine (sleeps after each step, GFLOP/s reported divided by it).
     enforce_memory: bool = True
@@ -127,6 +129,8 @@ class EdgeAgent:
             config.agent_id, config.host, config.port,
             username=config.username, password=config.password,
             tls_ca=str(config.tls_ca) if config.tls_ca else None,
+            tls_cert=str(config.tls_cert) if config.tls_cert else None,
+            tls_key=str(config.tls_key) if config.tls_key else None,
             keepalive=config.keepalive, session_expiry=3600,
             will=Will(topics.agent_status(config.agent_id),
                       encode_message(AgentStatus(agent_id=config.agent_id, state="lost")),
