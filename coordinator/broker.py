@@ -114,7 +114,7 @@ def mosquitto_pid_running(pid: int, config_path: Path) -> bool:
     if pid <= 0 or not _process_alive(pid):
         return False
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:
         return False
     return (len(argv) >= 3 and Path(os.fsdecode(argv[0])).name == "mosquitto"

@@ -120,6 +120,7 @@ class EdgeAgent:
         self.bundle_sha: str | None = None
         # round -> (update blob, report) kept until the coordinator acknowledges it, for resends
         self.pending_uploads: dict[int, tuple[bytes, bytes]] = {}
+        self._assignment_nonce: str | None = None  # the last assignment handled: a resent copy is not trained twice
         self._last_upload = 0.0
         self.bytes_down = 0
         self._join_wanted = threading.Event()
@@ -294,6 +295,9 @@ class EdgeAgent:
         if time.time() > a.deadline_unix:
             log.warning("round %d arrived after its deadline; skipping it", a.round)
             return
+        if a.nonce == self._assignment_nonce:
+            log.info("round %d: assignment received again (coordinator resent it); already handled", a.round)
+            return
         self.pending_uploads = {}  # a new assignment supersedes anything not yet acknowledged
         learner = self._ensure_bundle(a.bundle)
         try:
@@ -301,6 +305,7 @@ class EdgeAgent:
         except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
             log.warning("round %d skipped: %s", a.round, exc)
             return
+        self._assignment_nonce = a.nonce  # from here on this assignment is handled (trained, declined or aborted)
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
                          a.prototype_weight, a.distill_steps, a.distill_local_prior,

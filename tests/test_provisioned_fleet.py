@@ -42,8 +42,8 @@ def free_port() -> int:
 def provision_cli(directory: Path, *extra: str) -> tuple[Path, int]:
     """`coordinator provision` as a user runs it; returns (its directory, the TLS port)."""
     port = free_port()
-    result = CliRunner().invoke(app, ["provision", "--out", str(directory), *(a for x in AGENTS for a in ("--agent", x)),
-                                      "--tls-port", str(port), *extra])
+    agents = [word for agent in AGENTS for word in ("--agent", agent)]
+    result = CliRunner().invoke(app, ["provision", "--out", str(directory), *agents, "--tls-port", str(port), *extra])
     assert result.exit_code == 0, result.output
     assert f"mosquitto -c {directory.resolve() / 'broker' / 'mosquitto.conf'}" in result.output
     return directory.resolve(), port
