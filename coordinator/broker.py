@@ -197,7 +197,9 @@ class ConfiguredMosquitto:
         with open(out_path, "ab") as out:
             self._proc = subprocess.Popen([exe, "-c", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True)
-        probe_host = DEFAULT_HOST if self.host in ("0.0.0.0", "::", "") else self.host
+        # Every listener the config opens (mosquitto opens them one after the other), else the one we were told.
+        wanted = {(self._probe_host(bind), port) for port, bind in listeners_of(self.config_path.read_text())}
+        waiting = wanted or {(self._probe_host(self.host), self.port)}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -206,14 +208,22 @@ class ConfiguredMosquitto:
                 tail = out_path.read_text(errors="replace").splitlines()[-10:]
                 raise BrokerStartError(f"mosquitto -c {self.config_path} exited with code {code}:\n"
                                        + "\n".join(tail) + "\nfix the config or free the port")
-            try:
-                socket.create_connection((probe_host, self.port), timeout=0.2).close()
+            for target in list(waiting):
+                try:
+                    socket.create_connection(target, timeout=0.2).close()
+                    waiting.discard(target)
+                except OSError:
+                    pass
+            if not waiting:
                 return
-            except OSError:
-                time.sleep(0.02)
+            time.sleep(0.02)
         self.stop()
-        raise BrokerStartError(f"mosquitto -c {self.config_path} did not listen on port {self.port} within "
+        raise BrokerStartError(f"mosquitto -c {self.config_path} did not listen on {sorted(waiting)} within "
                                f"{timeout:g} s")
+
+    @staticmethod
+    def _probe_host(bind: str | None) -> str:
+        return DEFAULT_HOST if bind in (None, "", "0.0.0.0") else ("::1" if bind == "::" else bind)
 
     def stop(self) -> None:
         if self._proc is not None:
