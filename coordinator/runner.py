@@ -132,6 +132,10 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             console.print(f"[bold]coordinator[/] broker {record.address}, method {config.method}, "
                           f"{config.rounds} rounds, backbones {', '.join(config.backbones)}")
 
+            if record.unauthenticated_network:
+                log.warning("INSECURE: this run's broker %s accepts anyone on the network without a password "
+                            "(started with --insecure)", record.address)
+
             def show(result: RoundResult) -> None:
                 print_round(console, result.round_id, result.metrics, result.seconds)
                 if record.unauthenticated_network:

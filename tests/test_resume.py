@@ -37,9 +37,9 @@ def coordinator(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT)
 
 
-def write_config(path: Path) -> Path:
+def write_config(path: Path, local_steps: int = 150) -> Path:
     path.write_text(
-        f'run_name = "resume"\nbackbones = ["tiny-3"]\nrounds = {ROUNDS}\nlocal_steps = 150\n'
+        f'run_name = "resume"\nbackbones = ["tiny-3"]\nrounds = {ROUNDS}\nlocal_steps = {local_steps}\n'
         f"min_agents = {len(PINS)}\nround_timeout_s = 120\njoin_timeout_s = 180\nlearning_rate = 0.005\n"
         '[task]\nmax_length = 32\nbatch_size = 8\n[pinned]\n' + "".join(f'{a} = "{b}"\n' for a, b in PINS.items()))
     return path
@@ -176,3 +176,4 @@ def test_an_open_broker_without_passwords_is_refused_unless_insecure(tmp_path: P
     assert result.returncode == 2, result.stderr
     assert "--insecure" in result.stderr and "coordinator provision" in result.stderr
     assert not run_dir.exists()  # refused before anything was written
+
