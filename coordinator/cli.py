@@ -222,5 +222,26 @@ def provision(
                f"--data FILE (DIR = agents/ID)")
 
 
+@app.command("broker")
+def broker_command(
+    config: Annotated[Path, typer.Option(
+        help="directory written by `coordinator provision` (or a mosquitto.conf)", exists=True)],
+) -> None:
+    """Run mosquitto in the foreground with exactly the provisioned configuration (the same as
+    `mosquitto -c DIR/broker/mosquitto.conf`, but finds the binary in sbin directories too)."""
+    from coordinator.broker import MosquittoNotFound, find_mosquitto
+
+    path = config / "broker" / "mosquitto.conf" if config.is_dir() else config
+    if not path.is_file():
+        typer.echo(f"error: {path} does not exist; give the directory `coordinator provision --out` wrote", err=True)
+        raise typer.Exit(2)
+    try:
+        exe = find_mosquitto()
+    except MosquittoNotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.execv(exe, [exe, "-c", str(path.resolve())])  # the broker replaces this process: signals reach it directly
+
+
 if __name__ == "__main__":
     app()

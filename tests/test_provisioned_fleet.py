@@ -342,3 +342,25 @@ def test_provisioned_files_keep_secrets_apart(tmp_path: Path) -> None:
     for option in ("per_listener_settings", "allow_anonymous false", "password_file", "acl_file"):
         assert config.index(option) < first_listener, option
     assert config.index("use_username_as_clientid") > first_listener
+
+
+def test_coordinator_broker_runs_exactly_the_provisioned_config(tmp_path: Path) -> None:
+    """`coordinator broker --config DIR` is `mosquitto -c DIR/broker/mosquitto.conf` in place (same PID)."""
+    creds = provision(tmp_path / "security", ["a1"], tls_port=free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "broker", "--config", str(creds.directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not listening_ports(proc.pid):  # python until the exec, then mosquitto opening its listener
+            assert proc.poll() is None and time.monotonic() < deadline, "the broker did not start"
+            time.sleep(0.1)
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[1:3] == [
+            b"-c", str(creds.config_path).encode()]
+        assert listening_ports(proc.pid) == {(HOST, creds.tls_port)}
+        a1 = MqttEndpoint("a1", HOST, creds.tls_port, username="a1", password=creds.passwords["a1"],
+                          tls_ca=str(creds.party_dir("a1") / "ca.crt"), clean_start=True)
+        a1.start(timeout=5)
+        a1.stop()
+    finally:
+        proc.terminate()
+        proc.wait(10)
