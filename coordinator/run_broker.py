@@ -87,7 +87,7 @@ def load_record(broker_dir: Path) -> BrokerRecord | None:
                               config=None if raw.get("config") is None else str(raw["config"]),
                               unauthenticated_network=bool(raw.get("unauthenticated_network", False)))
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is damaged ({exc}); give the broker with --broker HOST:PORT") from None
+        raise NoRecordedBroker(f"{path} is damaged ({exc}); give the broker with --broker HOST:PORT") from None
     return record
 
 
@@ -104,14 +104,28 @@ def check_listen(listen: str, insecure: bool) -> None:
 def run_broker(broker_dir: Path, *, address: str | None, resume: bool, listen: str = "127.0.0.1",
                insecure: bool = False) -> Iterator[BrokerRecord]:
     """The run's broker for the duration of the block (see the module docstring for the cases)."""
+    try:
+        recorded = load_record(broker_dir) if resume else None
+    except NoRecordedBroker:
+        if not address:
+            raise
+        recorded = None  # a damaged record does not matter when the broker is given
     if address:
         host, port = parse_broker_address(address)
+        if recorded is not None and recorded.embedded and (recorded.host, recorded.port) == (host, port):
+            with _resumed_embedded(broker_dir, recorded) as record:  # --broker named the run's own broker
+                yield record
+            return
+        if recorded is not None and recorded.embedded and recorded.pid is not None and recorded.config \
+                and mosquitto_pid_running(recorded.pid, Path(recorded.config)):
+            log.warning("the run's own broker %s (pid %d) is still running but --broker names %s; it is left "
+                        "running for its agents: stop it with kill %d", recorded.address, recorded.pid, address,
+                        recorded.pid)
         record = BrokerRecord(embedded=False, host=host, port=port)
         save_record(broker_dir, record)
         yield record
         return
     if resume:
-        recorded = load_record(broker_dir)
         if recorded is None:
             raise NoRecordedBroker(f"{broker_dir.parent} records no broker ({broker_dir / RECORD_FILE} is missing); "
                                    "give the one the agents use with --broker HOST:PORT")

@@ -92,7 +92,8 @@ def connection_options(store: RunStore, given: dict[str, Any] | None, *, resume:
     given = {k: v for k, v in (given or {}).items() if v is not None}
     stored = (store.meta(CONNECTION_META) or {}) if resume else {}
     options = {**{k: v for k, v in stored.items() if k in _STORED_OPTIONS and v is not None}, **given}
-    store.set_meta(CONNECTION_META, {k: str(options[k]) for k in _STORED_OPTIONS if k in options})
+    store.set_meta(CONNECTION_META, {k: str(options[k] if k == "username" else Path(options[k]).resolve())
+                                     for k in _STORED_OPTIONS if k in options})  # paths: resumable from any cwd
     password_file = options.pop("password_file", None)
     options["password"] = resolve_password(options.get("password"), Path(password_file) if password_file else None)
     return {k: (str(v) if k in ("tls_ca", "tls_cert", "tls_key") else v) for k, v in options.items()}

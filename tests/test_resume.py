@@ -177,3 +177,20 @@ def test_an_open_broker_without_passwords_is_refused_unless_insecure(tmp_path: P
     assert "--insecure" in result.stderr and "coordinator provision" in result.stderr
     assert not run_dir.exists()  # refused before anything was written
 
+
+
+def test_resume_without_a_recorded_broker_says_what_to_do(tmp_path: Path) -> None:
+    """A run directory that records no broker (e.g. from an older version): exit 2 naming --broker, no traceback."""
+    from coordinator.config import RunConfig
+    from coordinator.store import RunStore
+
+    run_dir = tmp_path / "run"
+    store = RunStore(run_dir)
+    store.set_meta("config", RunConfig(backbones=("tiny-3",)).model_dump(mode="json"))
+    store.set_meta("run_id", "old-run")
+    store.close()
+    result = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", "--resume", str(run_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "records no broker" in result.stderr and "--broker HOST:PORT" in result.stderr
+    assert "Traceback" not in result.stderr
