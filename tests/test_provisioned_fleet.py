@@ -364,3 +364,22 @@ def test_coordinator_broker_runs_exactly_the_provisioned_config(tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_password_files_must_be_private_and_non_empty(tmp_path: Path) -> None:
+    from protocols.credentials import CredentialError, read_password_file, resolve_password
+
+    path = tmp_path / "password"
+    path.write_text("s3cret\n")
+    path.chmod(0o600)
+    assert read_password_file(path) == "s3cret"
+    assert resolve_password(None, path) == "s3cret"
+    path.chmod(0o644)
+    with pytest.raises(CredentialError, match="chmod 600"):
+        read_password_file(path)
+    path.write_text("\n")
+    path.chmod(0o600)
+    with pytest.raises(CredentialError, match="empty"):
+        read_password_file(path)
+    with pytest.raises(CredentialError, match="cannot read"):
+        read_password_file(tmp_path / "missing")
