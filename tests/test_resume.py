@@ -172,6 +172,23 @@ def test_sigterm_and_ctrl_c_stop_the_runs_broker(tmp_path: Path, sig: signal.Sig
             proc.wait(10)
 
 
+def test_an_error_stops_the_runs_broker(tmp_path: Path) -> None:
+    """The run fails (no agent joins within join_timeout_s): the coordinator exits non-zero and its broker is gone."""
+    run_dir, log = tmp_path / "run", tmp_path / "coordinator.log"
+    config = write_config(tmp_path / "run.toml")
+    config.write_text(config.read_text().replace("join_timeout_s = 180", "join_timeout_s = 2"))
+    proc = coordinator(["--config", str(config), "--out", str(run_dir)], log)
+    try:
+        record = recorded_broker(run_dir)
+        assert proc.wait(120) != 0
+        assert "no agent joined within 2 s" in log.read_text()
+        wait_for(lambda: dead(record.pid or 0), 10, "the broker to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_an_open_broker_without_passwords_is_refused_unless_insecure(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", "--config",
