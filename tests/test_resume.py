@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.broker import mosquitto_pid_running
+from coordinator.broker import mosquitto_pid_running, stop_pid
 from coordinator.run_broker import BrokerRecord, load_record
 from coordinator.store import load_state
 from tests.harness import agent_processes, assert_rounds_follow_the_rule, fleet_data
@@ -50,6 +50,14 @@ def recorded_broker(run_dir: Path) -> BrokerRecord:
     record = load_record(run_dir / "broker")
     assert record is not None and record.embedded and record.pid is not None and record.config is not None
     return record
+
+
+def stop_recorded_broker(run_dir: Path) -> None:
+    """Never leave a broker behind, even when a test fails before the coordinator stopped it (by its PID, and only
+    if that PID still is mosquitto with this run's config)."""
+    record = load_record(run_dir / "broker") if (run_dir / "broker" / "broker.json").exists() else None
+    if record is not None and record.pid is not None and record.config is not None:
+        stop_pid(record.pid, Path(record.config))
 
 
 def dead(pid: int) -> bool:
@@ -170,6 +178,7 @@ def test_sigterm_and_ctrl_c_stop_the_runs_broker(tmp_path: Path, sig: signal.Sig
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        stop_recorded_broker(run_dir)  # only if the test failed before the coordinator stopped it
 
 
 def test_an_error_stops_the_runs_broker(tmp_path: Path) -> None:
@@ -187,6 +196,7 @@ def test_an_error_stops_the_runs_broker(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        stop_recorded_broker(run_dir)
 
 
 def test_an_open_broker_without_passwords_is_refused_unless_insecure(tmp_path: Path) -> None:
