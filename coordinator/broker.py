@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import ipaddress
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -63,6 +66,78 @@ def parse_broker_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listeners_of(config: str) -> list[tuple[int, str | None]]:
+    """The (port, bind address or None for every interface) of each listener a mosquitto.conf opens, including the
+    default listener (1883, every interface) that listener options given before the first ``listener`` open."""
+    found: list[tuple[int, str | None]] = []
+    default_opened = False
+    listener_only = {"use_username_as_clientid", "cafile", "capath", "certfile", "keyfile", "require_certificate",
+                     "use_identity_as_username", "use_subject_as_username", "protocol", "bind_address",
+                     "bind_interface", "port", "max_connections", "mount_point", "socket_domain", "tls_version",
+                     "ciphers", "psk_hint", "http_dir", "crlfile", "dhparamfile", "tls_engine", "tls_keyform"}
+    for raw in config.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "listener" and len(words) >= 2:
+            found.append((int(words[1]), words[2] if len(words) >= 3 else None))
+        elif not found and words[0] in listener_only:
+            default_opened = True
+    if default_opened:
+        found.insert(0, (1883, None))
+    return found
+
+
+def _process_alive(pid: int) -> bool:
+    """Running (not a zombie) on this machine."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            state = handle.read().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def mosquitto_pid_running(pid: int, config_path: Path) -> bool:
+    """True if ``pid`` is alive and is a mosquitto started with exactly this config file: a PID recorded in a run
+    directory may have been reused by an unrelated process since, and that one must never be signalled."""
+    if pid <= 0 or not _process_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return False
+    return (len(argv) >= 3 and Path(os.fsdecode(argv[0])).name == "mosquitto"
+            and os.fsdecode(argv[-2]) == "-c" and os.fsdecode(argv[-1]) == str(config_path))
+
+
+def stop_pid(pid: int, config_path: Path, grace: float = 5.0) -> bool:
+    """SIGTERM (persistence saved) a mosquitto we started from ``config_path`` but that is not our child (e.g.
+    started by a coordinator that was killed); SIGKILL after ``grace``. False if it was not running."""
+    if not mosquitto_pid_running(pid, config_path):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _process_alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + grace
+        time.sleep(0.05)
+    return True
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -96,6 +171,71 @@ def probe_mqtt(host: str, port: int, timeout: float = 1.0, *, require_success: b
     finally:
         client.disconnect()  # before loop_stop, else loop_stop waits ~1 s (§9.2)
         client.loop_stop()
+
+
+class ConfiguredMosquitto:
+    """``mosquitto -c CONFIG`` with a config file used exactly as written, never rewritten: a provisioned broker
+    (`coordinator provision`) or a resumed run's broker. Readiness is the TCP accept of ``port`` (a TLS or
+    client-certificate listener cannot be probed with an anonymous CONNECT)."""
+
+    def __init__(self, config_path: Path, host: str, port: int) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.host, self.port = host, port
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        exe = find_mosquitto()
+        out_path = self.config_path.parent / "mosquitto.out"
+        with open(out_path, "ab") as out:
+            self._proc = subprocess.Popen([exe, "-c", str(self.config_path)], stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        # Every listener the config opens (mosquitto opens them one after the other), else the one we were told.
+        wanted = {(self._probe_host(bind), port) for port, bind in listeners_of(self.config_path.read_text())}
+        waiting = wanted or {(self._probe_host(self.host), self.port)}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                tail = out_path.read_text(errors="replace").splitlines()[-10:]
+                raise BrokerStartError(f"mosquitto -c {self.config_path} exited with code {code}:\n"
+                                       + "\n".join(tail) + "\nfix the config or free the port")
+            for target in list(waiting):
+                try:
+                    socket.create_connection(target, timeout=0.2).close()
+                    waiting.discard(target)
+                except OSError:
+                    pass
+            if not waiting:
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise BrokerStartError(f"mosquitto -c {self.config_path} did not listen on {sorted(waiting)} within "
+                               f"{timeout:g} s")
+
+    @staticmethod
+    def _probe_host(bind: str | None) -> str:
+        return DEFAULT_HOST if bind in (None, "", "0.0.0.0") else ("::1" if bind == "::" else bind)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            MosquittoBroker._terminate(self._proc)
+            self._proc = None
+
+    def __enter__(self) -> ConfiguredMosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class MosquittoBroker:

@@ -26,35 +26,71 @@ def _logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (SystemExit through every finally), so the run's own broker is stopped too."""
+    import signal
+    import sys
+
+    def handler(signum: int, _frame: object) -> None:
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Option(help="run configuration (TOML)")] = None,
-    broker: Annotated[str | None, typer.Option(help="use this broker HOST:PORT instead of starting one")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="use this broker HOST:PORT instead of starting one (on --resume: instead of the run's own)")] = None,
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/run"),
-    resume: Annotated[Path | None, typer.Option(help="continue this run directory after a crash")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="continue this run directory after a crash, on the broker it used (restarted if it died)")] = None,
     username: Annotated[str | None, typer.Option(help="MQTT user (see `coordinator provision`)")] = None,
-    password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
+    password: Annotated[str | None, typer.Option(
+        envvar="HETEROTUNE_MQTT_PASSWORD", help="MQTT password; prefer --password-file or the environment variable "
+                                                "(a password on the command line is visible in `ps`)")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help="file holding the MQTT password (coordinator/password from `coordinator provision`, mode 0600)")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate of a TLS broker", exists=True)] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="client certificate, for a broker provisioned with --client-certs", exists=True)] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="private key of --tls-cert", exists=True)] = None,
+    listen: Annotated[str, typer.Option(
+        help="interface the run's own broker listens on (without --broker); anything but loopback needs --insecure")]
+    = "127.0.0.1",
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="allow an own broker without passwords on a non-loopback --listen (warns every round)")]
+    = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a federation; agents join with `edge-agent join --broker HOST:PORT ...`."""
     from coordinator.config import ConfigError, load_config
+    from coordinator.run_broker import InsecureBrokerRefused, NoRecordedBroker
     from coordinator.runner import RunDirectoryInUse, resume_config, run_federation
+    from protocols.credentials import CredentialError, password_on_command_line
 
     _logging(verbose)
+    _stop_on_sigterm()
     if (config is None) == (resume is None):
         typer.echo("error: give either --config FILE (a new run) or --resume RUN_DIR (continue one)", err=True)
         raise typer.Exit(2)
+    if (tls_cert is None) != (tls_key is None):
+        typer.echo("error: a client certificate needs both --tls-cert and --tls-key", err=True)
+        raise typer.Exit(2)
+    if password_on_command_line(password):
+        logging.getLogger("coordinator").warning("the MQTT password is on the command line, where `ps` shows it to "
+                                                 "every user; use --password-file or HETEROTUNE_MQTT_PASSWORD")
     try:
         run_config = load_config(config) if config is not None else resume_config(resume)  # type: ignore[arg-type]
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    mqtt = {"username": username, "password": password, "tls_ca": str(tls_ca) if tls_ca else None}
+    mqtt = {"username": username, "password": password, "password_file": password_file, "tls_ca": tls_ca,
+            "tls_cert": tls_cert, "tls_key": tls_key}
     try:
         summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None,
-                                 mqtt_options=mqtt)
-    except RunDirectoryInUse as exc:
+                                 mqtt_options=mqtt, listen=listen, insecure=insecure)
+    except (RunDirectoryInUse, InsecureBrokerRefused, NoRecordedBroker, CredentialError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds")}, indent=2))
@@ -151,18 +187,62 @@ def demo(
 
 @app.command()
 def provision(
-    out: Annotated[Path, typer.Option(help="directory for CA, certificates, password file, ACL and config")],
+    out: Annotated[Path, typer.Option(help="directory for the CA, the broker's files and each party's credentials")],
     agents: Annotated[list[str], typer.Option("--agent", help="agent id (repeat for each agent)")],
     host: Annotated[str, typer.Option(help="the broker's address as agents reach it (IP or DNS name)")] = "127.0.0.1",
     tls_port: Annotated[int, typer.Option(help="TLS listener port")] = 8883,
+    bind: Annotated[str | None, typer.Option(
+        help="interface the TLS listener binds (default: --host; 0.0.0.0 for all)")] = None,
+    client_certs: Annotated[bool, typer.Option(
+        "--client-certs", help="require a client certificate (CN = agent id) on the TLS listener instead of "
+                               "passwords; one certificate per party is written")] = False,
+    plain_port: Annotated[int | None, typer.Option(
+        help="also open a plaintext listener (passwords still required) on this port, on 127.0.0.1 only")] = None,
 ) -> None:
-    """Write a secured mosquitto configuration: TLS, one password per agent, and an ACL per agent."""
+    """Write a complete secured mosquitto set-up: TLS, one password (or client certificate) per party, ACLs."""
+    from coordinator.provision import COORDINATOR_USER
     from coordinator.provision import provision as write_security
 
-    result = write_security(out, agents, host=host, tls_port=tls_port)
-    typer.echo(f"wrote {result.directory}: ca.crt (give it to every device), passwd, acl, credentials.json (0600)")
-    typer.echo(f"append {result.directory / 'mosquitto-security.conf'} to the broker's mosquitto.conf; agents join "
-               f"with --broker {host}:{tls_port} --username ID --password ... --tls-ca ca.crt")
+    try:
+        result = write_security(out, agents, host=host, tls_port=tls_port, bind=bind, client_certs=client_certs,
+                                plain_port=plain_port)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    d = result.directory
+    files = "ca.crt, client.crt, client.key" if client_certs else "ca.crt, password"
+    auth = ("--tls-cert DIR/client.crt --tls-key DIR/client.key" if client_certs
+            else "--username ID --password-file DIR/password")
+    typer.echo(f"wrote {d}:\n"
+               f"  ca/ca.key        the CA's private key (0600): keep it off the broker and the devices\n"
+               f"  broker/          start the broker with: mosquitto -c {result.config_path}\n"
+               f"  {COORDINATOR_USER}/     the coordinator's credentials\n"
+               f"  agents/ID/       copy to device ID: {files}")
+    typer.echo(f"coordinator: coordinator run --config RUN.toml --broker {host}:{tls_port} --tls-ca DIR/ca.crt {auth} "
+               f"(DIR = {d / COORDINATOR_USER}{', ID = coordinator' if not client_certs else ''})")
+    typer.echo(f"agents:      edge-agent join --broker {host}:{tls_port} --id ID --tls-ca DIR/ca.crt {auth} "
+               f"--data FILE (DIR = agents/ID)")
+
+
+@app.command("broker")
+def broker_command(
+    config: Annotated[Path, typer.Option(
+        help="directory written by `coordinator provision` (or a mosquitto.conf)", exists=True)],
+) -> None:
+    """Run mosquitto in the foreground with exactly the provisioned configuration (the same as
+    `mosquitto -c DIR/broker/mosquitto.conf`, but finds the binary in sbin directories too)."""
+    from coordinator.broker import MosquittoNotFound, find_mosquitto
+
+    path = config / "broker" / "mosquitto.conf" if config.is_dir() else config
+    if not path.is_file():
+        typer.echo(f"error: {path} does not exist; give the directory `coordinator provision --out` wrote", err=True)
+        raise typer.Exit(2)
+    try:
+        exe = find_mosquitto()
+    except MosquittoNotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.execv(exe, [exe, "-c", str(path.resolve())])  # the broker replaces this process: signals reach it directly
 
 
 if __name__ == "__main__":

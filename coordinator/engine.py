@@ -94,6 +94,7 @@ class PendingUpload:
     report_time: float = 0.0
     resend_asked: bool = False
     done: bool = False
+    assignment: bytes = b""  # as sent, to send again to an agent that reconnects without having reported
 
 
 @dataclass
@@ -280,6 +281,17 @@ class Coordinator:
             record = self.agents[agent_id]
             record.status = message.state
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
+            if message.state == "online":
+                self._reassign(agent_id)
+
+    def _reassign(self, agent_id: str) -> None:
+        """An invited agent came (back) online without having reported: it may never have got its assignment (a
+        broker restarted with kill -9 loses the sessions and what was queued in them, e.g. right after a resume),
+        so send it again. Agents ignore an assignment whose nonce they already have."""
+        upload = self.pending.get(agent_id)
+        if upload is not None and upload.report is None and not upload.done and upload.assignment:
+            self.endpoint.publish(topics.agent_inbox(agent_id), upload.assignment,
+                                  expiry_seconds=int(self.config.round_timeout_s))
 
     # --- joining -----------------------------------------------------------------------------------
 
@@ -387,7 +399,8 @@ class Coordinator:
                 distill_confident_fraction=self.config.distill_confident_fraction,
                 anchor_steps=self.config.anchor_steps,
                 anchor_weight=anchor_weight_for(self.config))
-            self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
+            self.pending[agent_id].assignment = encode_message(assignment)
+            self.endpoint.publish(topics.agent_inbox(agent_id), self.pending[agent_id].assignment,
                                   expiry_seconds=int(self.config.round_timeout_s))
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
         rows: list[MetricRow] = []

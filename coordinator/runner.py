@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from coordinator.broker import MosquittoBroker, parse_broker_address
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
 from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
+from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
@@ -28,16 +27,6 @@ def build_bundles(config: RunConfig) -> dict[str, Bundle]:
     task = TaskSpec(config.task.name, config.task.labels, config.task.max_length, config.task.batch_size)
     dema = DemaConfig(**config.dema.model_dump())
     return {name: build_bundle(BundleRecipe(name, task, dema)) for name in config.backbones}
-
-
-@contextlib.contextmanager
-def broker_for(address: str | None, workdir: Path) -> Iterator[tuple[str, int]]:
-    """The given broker, or (the embedded default) our own mosquitto on a free loopback port."""
-    if address:
-        yield parse_broker_address(address)
-        return
-    with MosquittoBroker(workdir) as broker:
-        yield broker.host, broker.port
 
 
 def resume_config(run_dir: Path) -> RunConfig:
@@ -90,14 +79,39 @@ def set_aside(run_dir: Path) -> Path | None:
     return target
 
 
+CONNECTION_META = "connection"  # non-secret MQTT options of a run, so that a resume needs only --resume RUN_DIR
+_STORED_OPTIONS = ("username", "password_file", "tls_ca", "tls_cert", "tls_key")
+
+
+def connection_options(store: RunStore, given: dict[str, Any] | None, *, resume: bool) -> dict[str, Any]:
+    """The MQTT client options of this run: on a resume the stored ones, overridden by any given again.
+
+    Passwords are never stored: a password file's path is, a password from the environment must be set again."""
+    from protocols.credentials import resolve_password
+
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    stored = (store.meta(CONNECTION_META) or {}) if resume else {}
+    options = {**{k: v for k, v in stored.items() if k in _STORED_OPTIONS and v is not None}, **given}
+    store.set_meta(CONNECTION_META, {k: str(options[k] if k == "username" else Path(options[k]).resolve())
+                                     for k in _STORED_OPTIONS if k in options})  # paths: resumable from any cwd
+    password_file = options.pop("password_file", None)
+    options["password"] = resolve_password(options.get("password"), Path(password_file) if password_file else None)
+    return {k: (str(v) if k in ("tls_ca", "tls_cert", "tls_key") else v) for k, v in options.items()}
+
+
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
                    console: Console | None = None, resume: bool = False,
-                   mqtt_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   mqtt_options: dict[str, Any] | None = None, listen: str = "127.0.0.1",
+                   insecure: bool = False) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
-    With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
+    With ``resume`` the run directory's last committed round is the starting point (after a crash), and the
+    broker is the one the run recorded (coordinator/run_broker.py) unless ``broker`` names another.
+    ``listen`` is where an own broker listens: loopback unless ``insecure`` (it has no passwords)."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
+    if broker is None and not resume:
+        check_listen(listen, insecure)
     held = None if resume else stored_run(run_dir)
     if held is not None:
         run_id, last = held
@@ -112,15 +126,25 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
     if not resume:
         store.set_meta("config", config.model_dump(mode="json"))
     try:
-        with broker_for(broker, run_dir / "broker") as (host, port):
-            console.print(f"[bold]coordinator[/] broker {host}:{port}, method {config.method}, "
+        options = connection_options(store, mqtt_options, resume=resume)
+        with run_broker(run_dir / "broker", address=broker, resume=resume, listen=listen,
+                        insecure=insecure) as record:
+            host, port = record.host, record.port
+            console.print(f"[bold]coordinator[/] broker {record.address}, method {config.method}, "
                           f"{config.rounds} rounds, backbones {', '.join(config.backbones)}")
+
+            if record.unauthenticated_network:
+                log.warning("INSECURE: this run's broker %s accepts anyone on the network without a password "
+                            "(started with --insecure)", record.address)
 
             def show(result: RoundResult) -> None:
                 print_round(console, result.round_id, result.metrics, result.seconds)
+                if record.unauthenticated_network:
+                    log.warning("INSECURE: this run's broker %s accepts anyone on the network without a password; "
+                                "anyone can read and steer the run (started with --insecure)", record.address)
 
             make = Coordinator.resume if resume else Coordinator
-            endpoint = Coordinator.endpoint_for(host, port, **(mqtt_options or {}))
+            endpoint = Coordinator.endpoint_for(host, port, **options)
             coordinator = make(config, bundles, endpoint, store, on_round=show)
             if start_agents is not None:
                 start_agents(host, port)
@@ -130,7 +154,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
         summary = {
             "run_id": coordinator.run_id,
             "method": config.method,
-            "rounds": len(results),
+            "rounds": store.last_round(),  # all committed rounds, also those before a resume
+            "rounds_this_session": len(results),
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},

@@ -70,6 +70,8 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None
+    tls_cert: Path | None = None  # client certificate + key (brokers provisioned with client certificates)
+    tls_key: Path | None = None
     # Emulated devices (edge_agent/limits.py): abort a round whose RSS crosses max_memory_mb, and run
     # `slowdown` times slower than this machine (sleeps after each step, GFLOP/s reported divided by it).
     enforce_memory: bool = True
@@ -122,6 +124,7 @@ class EdgeAgent:
         self.state_dir = config.state_dir or default_state_dir(config.data, config.agent_id)
         # round -> (update blob, report) kept until the coordinator acknowledges it, for resends
         self.pending_uploads: dict[int, tuple[bytes, bytes]] = {}
+        self._assignment_nonce: str | None = None  # the last assignment handled: a resent copy is not trained twice
         self._last_upload = 0.0
         self.bytes_down = 0
         self._join_wanted = threading.Event()
@@ -131,6 +134,8 @@ class EdgeAgent:
             config.agent_id, config.host, config.port,
             username=config.username, password=config.password,
             tls_ca=str(config.tls_ca) if config.tls_ca else None,
+            tls_cert=str(config.tls_cert) if config.tls_cert else None,
+            tls_key=str(config.tls_key) if config.tls_key else None,
             keepalive=config.keepalive, session_expiry=3600,
             will=Will(topics.agent_status(config.agent_id),
                       encode_message(AgentStatus(agent_id=config.agent_id, state="lost")),
@@ -296,6 +301,9 @@ class EdgeAgent:
         if time.time() > a.deadline_unix:
             log.warning("round %d arrived after its deadline; skipping it", a.round)
             return
+        if a.nonce == self._assignment_nonce:
+            log.info("round %d: assignment received again (coordinator resent it); already handled", a.round)
+            return
         self.pending_uploads = {}  # a new assignment supersedes anything not yet acknowledged
         learner = self._ensure_bundle(a.bundle)
         try:
@@ -303,6 +311,7 @@ class EdgeAgent:
         except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
             log.warning("round %d skipped: %s", a.round, exc)
             return
+        self._assignment_nonce = a.nonce  # from here on this assignment is handled (trained, declined or aborted)
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
                          a.prototype_weight, a.distill_steps, a.distill_local_prior,

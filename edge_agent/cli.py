@@ -46,9 +46,16 @@ def join(
              "(default: heterotune-state/ID beside --data)", file_okay=False)] = None,
     max_idle: Annotated[float, typer.Option(help="give up after this many seconds without messages")] = 900.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (defaults to none)")] = None,
-    password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
+    password: Annotated[str | None, typer.Option(
+        envvar="HETEROTUNE_MQTT_PASSWORD", help="MQTT password; prefer --password-file or the environment variable "
+                                                "(a password on the command line is visible in `ps`)")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help="file holding the MQTT password (agents/ID/password from `coordinator provision`, mode 0600)")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate of a TLS broker (from `coordinator provision`)",
                                                 exists=True, dir_okay=False)] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="client certificate, for a broker provisioned with --client-certs", exists=True, dir_okay=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="private key of --tls-cert", exists=True, dir_okay=False)] = None,
     enforce_memory: Annotated[bool, typer.Option(
         help="abort a round (no upload, the agent carries on) once this process's RSS crosses --max-memory")] = True,
     slowdown: Annotated[float, typer.Option(
@@ -61,6 +68,7 @@ def join(
 
     fix_mmap_threshold()  # before the trainer allocates anything (edge_agent/allocator.py says why)
     from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, AgentConfig, EdgeAgent
+    from protocols.credentials import CredentialError, password_on_command_line, resolve_password
     from protocols.errors import BrokerUnavailable
     from protocols.topics import validate_agent_id
 
@@ -71,11 +79,20 @@ def join(
         validate_agent_id(agent_id)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise typer.BadParameter("client certificates need --tls-cert, --tls-key and --tls-ca together")
+    if password_on_command_line(password):
+        logging.getLogger("edge_agent").warning("the MQTT password is on the command line, where `ps` shows it to "
+                                                "every user; use --password-file or HETEROTUNE_MQTT_PASSWORD")
+    try:
+        password = resolve_password(password, password_file)
+    except CredentialError as exc:
+        raise typer.BadParameter(str(exc)) from None
     config = AgentConfig(agent_id=agent_id, host=host, port=port, data=data, global_test=global_test, public=public,
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
-                         username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,
-                         slowdown=slowdown, state_dir=state_dir)
+                         username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                         enforce_memory=enforce_memory, slowdown=slowdown, state_dir=state_dir)
     try:
         code = EdgeAgent(config).run()
     except BrokerUnavailable as exc:

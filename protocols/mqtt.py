@@ -101,6 +101,8 @@ class MqttEndpoint:
         username: str | None = None,
         password: str | None = None,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         clean_start: bool = False,
         session_expiry: int = 3600,
         keepalive: int = 30,
@@ -142,7 +144,9 @@ class MqttEndpoint:
         if username is not None:
             client.username_pw_set(username, password)
         if tls_ca is not None:
-            client.tls_set(ca_certs=tls_ca)
+            client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)  # cert/key: client certificates
+        elif tls_cert is not None:
+            raise ValueError("a client certificate needs TLS: give the broker's CA certificate (tls_ca) too")
         client.reconnect_delay_set(1, 8)
         if will is not None:
             _check_topic(will.topic)
