@@ -35,11 +35,18 @@ def run(
     username: Annotated[str | None, typer.Option(help="MQTT user (see `coordinator provision`)")] = None,
     password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA certificate of a TLS broker", exists=True)] = None,
+    signing_key: Annotated[Path | None, typer.Option(
+        help="run key that signs every control message (from `coordinator provision`); default: generated into "
+             "RUN_DIR/keys/run-key, give agents the .pub", exists=True, dir_okay=False)] = None,
+    join_token_file: Annotated[Path | None, typer.Option(
+        help="file with the join token devices must prove (or set HETEROTUNE_JOIN_TOKEN)", exists=True,
+        dir_okay=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a federation; agents join with `edge-agent join --broker HOST:PORT ...`."""
+    """Run a federation; agents join with `edge-agent join --broker HOST:PORT --coordinator-key KEY.pub ...`."""
     from coordinator.config import ConfigError, load_config
     from coordinator.runner import RunDirectoryInUse, resume_config, run_federation
+    from protocols.secret_files import read_secret
 
     _logging(verbose)
     if (config is None) == (resume is None):
@@ -47,17 +54,21 @@ def run(
         raise typer.Exit(2)
     try:
         run_config = load_config(config) if config is not None else resume_config(resume)  # type: ignore[arg-type]
+        token = read_secret(join_token_file, "HETEROTUNE_JOIN_TOKEN")
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     mqtt = {"username": username, "password": password, "tls_ca": str(tls_ca) if tls_ca else None}
     try:
         summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None,
-                                 mqtt_options=mqtt)
-    except RunDirectoryInUse as exc:
+                                 mqtt_options=mqtt, signing_key=signing_key, join_token=token)
+    except (RunDirectoryInUse, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds")}, indent=2))
+    typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds", "stopped")}, indent=2))
+    if summary["stopped"]:
+        typer.echo(f"error: the run stopped early: {summary['stopped']}", err=True)
+        raise typer.Exit(1)
 
 
 FleetOption = Annotated[Path | None, typer.Option(help="fleet file (TOML) of device classes to emulate; "
@@ -156,9 +167,13 @@ def provision(
 ) -> None:
     """Write a secured mosquitto configuration: TLS, one password per agent, and an ACL per agent."""
     from coordinator.provision import provision as write_security
+    from coordinator.provision_keys import write_run_key
 
     result = write_security(out, agents, host=host, tls_port=tls_port)
     typer.echo(f"wrote {result.directory}: ca.crt (give it to every device), passwd, acl, credentials.json (0600)")
+    run_key = write_run_key(out)
+    typer.echo(f"wrote {run_key} (0600; `coordinator run --signing-key {run_key}`) and {run_key}.pub (give it to "
+               f"every device: `edge-agent join --coordinator-key run-key.pub`)")
     typer.echo(f"append {result.directory / 'mosquitto-security.conf'} to the broker's mosquitto.conf; agents join "
                f"with --broker {host}:{tls_port} --username ID --password ... --tls-ca ca.crt")
 

@@ -77,6 +77,11 @@ class RunConfig(_Strict):
     max_round_attempts: int = Field(3, ge=1)  # an abandoned round is retried with the same id this often
     memory_fraction: float = Field(0.8, gt=0, le=1)
     max_update_norm: float = Field(1e4, gt=0)
+    # Relative norm bound (coordinator/report_checks.py): an update whose L2 norm exceeds this many times the
+    # median norm of its group's updates in the same round is rejected (groups of 3 or more updates).
+    relative_norm_factor: float = Field(3.0, ge=1.0)
+    # Admission on a plain broker (coordinator/admission.py): only these agent ids may join (None: any id).
+    allowed_agents: tuple[str, ...] | None = None
     seed: int = 0
     # Operator pinning: agent id -> backbone. The device must still fit it, or it is refused with the reason.
     pinned: dict[str, str] = Field(default_factory=dict)

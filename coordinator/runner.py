@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
+from coordinator.admission import AdmissionPolicy
 from coordinator.broker import MosquittoBroker, parse_broker_address
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
@@ -19,6 +20,7 @@ from coordinator.report import print_round, rounds_overview, write_metrics_csv, 
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
+from protocols.signing import ensure_key_pair, public_path
 
 log = logging.getLogger("coordinator")
 
@@ -90,13 +92,22 @@ def set_aside(run_dir: Path) -> Path | None:
     return target
 
 
+def run_key_path(run_dir: Path) -> Path:
+    """Where a run keeps the key it signs control messages with (generated on first use, kept for resumes);
+    agents get the public half, ``run_key_path(run_dir)`` + ``.pub``."""
+    return run_dir / "keys" / "run-key"
+
+
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
                    console: Console | None = None, resume: bool = False,
-                   mqtt_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   mqtt_options: dict[str, Any] | None = None, signing_key: Path | None = None,
+                   join_token: bytes | None = None) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
-    With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
+    With ``resume`` the run directory's last committed round is the starting point (after a crash). Control
+    messages are signed with ``signing_key`` (e.g. from `coordinator provision`), else with a key generated into
+    the run directory (``run_key_path``) before any agent is started."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     held = None if resume else stored_run(run_dir)
     if held is not None:
@@ -106,6 +117,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             f"`coordinator run --resume {run_dir}`, or give the new run another directory (--out). "
             "Nothing in it was changed.")
     run_dir.mkdir(parents=True, exist_ok=True)
+    key = ensure_key_pair(signing_key or run_key_path(run_dir))
     started = time.time()
     bundles = build_bundles(config)
     store = RunStore(run_dir)
@@ -114,14 +126,17 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
     try:
         with broker_for(broker, run_dir / "broker") as (host, port):
             console.print(f"[bold]coordinator[/] broker {host}:{port}, method {config.method}, "
-                          f"{config.rounds} rounds, backbones {', '.join(config.backbones)}")
+                          f"{config.rounds} rounds, backbones {', '.join(config.backbones)}; agents verify with "
+                          f"--coordinator-key {public_path(signing_key or run_key_path(run_dir))}")
 
             def show(result: RoundResult) -> None:
                 print_round(console, result.round_id, result.metrics, result.seconds)
 
             make = Coordinator.resume if resume else Coordinator
             endpoint = Coordinator.endpoint_for(host, port, **(mqtt_options or {}))
-            coordinator = make(config, bundles, endpoint, store, on_round=show)
+            admission = AdmissionPolicy(frozenset(config.allowed_agents) if config.allowed_agents is not None
+                                        else None, join_token)
+            coordinator = make(config, bundles, endpoint, store, on_round=show, signing_key=key, admission=admission)
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()
@@ -131,6 +146,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "run_id": coordinator.run_id,
             "method": config.method,
             "rounds": len(results),
+            "stopped": coordinator.stopped,
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},
