@@ -40,6 +40,7 @@ from coordinator.methods import (
 from coordinator.report_checks import (
     Candidate,
     blob_ref_refusal,
+    join_refusal,
     max_update_bytes,
     n_train_refusal,
     relative_norm_refusals,
@@ -334,7 +335,8 @@ class Coordinator:
         known = self.agents.get(request.agent_id)
         if known is not None and known.join_nonce == request.nonce:
             return  # the same join again (a redelivery or a replay): it changes nothing
-        refusal = self.admission.refusal(request, self.run_id)
+        refusal = self.admission.refusal(request, self.run_id) or join_refusal(request.n_train,
+                                                                               request.profile.memory_budget_mb)
         if refusal is not None:
             log.warning("join from %s refused: %s", request.agent_id, refusal)
             if len(self.refused) < MAX_REFUSED_RECORDED:

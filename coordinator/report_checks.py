@@ -28,6 +28,16 @@ def n_train_refusal(reported: int, declared: int) -> str | None:
     return None
 
 
+def join_refusal(n_train: int, memory_budget_mb: float) -> str | None:
+    """Why a join's declared numbers make no sense for a training device (checked before assignment, whose
+    arithmetic assumes a positive memory budget)."""
+    if n_train <= 0:
+        return "the device declared no training samples; give it a --data file with at least 4 labelled rows"
+    if not (memory_budget_mb > 0 and math.isfinite(memory_budget_mb)):
+        return f"the device declared a memory budget of {memory_budget_mb} MB; it must be > 0"
+    return None
+
+
 def max_update_bytes(shapes: Iterable[tuple[int, ...]]) -> int:
     """The largest encoded update (float32 tensors of these shapes) an honest agent can send."""
     return sum(4 * math.prod(shape) for shape in shapes) + UPDATE_SLACK_BYTES

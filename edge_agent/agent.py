@@ -311,17 +311,17 @@ class EdgeAgent:
             return
         self.pending_uploads = {}  # a new assignment supersedes anything not yet acknowledged
         learner = self._ensure_bundle(a.bundle)
-        try:
-            received = decode_tensors(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())))
-        except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
-            log.warning("round %d skipped: %s", a.round, exc)
-            return
         refused = refused_upload_names(learner.manifest, a.upload_names)
         if refused:
             reason = "; ".join(list(refused.values())[:3])
             log.error("round %d: the assignment asks for tensors this device never sends: %s", a.round, reason)
             self._report(RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round,
                                        nonce=a.nonce, reason=f"refused upload names: {reason}"))
+            return
+        try:
+            received = decode_tensors(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())))
+        except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
+            log.warning("round %d skipped: %s", a.round, exc)
             return
         self._status("training")
         plan = RoundPlan(a.round, a.local_steps, a.batch_size, a.learning_rate, a.seed, tuple(a.upload_names),
