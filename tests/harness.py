@@ -42,9 +42,16 @@ class AgentProcesses:
                 [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
                  "--data", str(self.data.client_files[agent_id]), "--global-test", str(self.data.global_test_file),
                  "--threads", "1", "--cache-dir", str(self.tmp / "cache" / agent_id), "--max-idle", "120",
-                 *self.trust, *self.extra.get(agent_id, [])],
+                 *self._trust(agent_id), *self.extra.get(agent_id, [])],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
             log.close()
+
+    def _trust(self, agent_id: str) -> list[str]:
+        """How the agent checks the coordinator's messages, unless its extra arguments say it themselves."""
+        return [] if "--insecure-no-verify" in self.extra.get(agent_id, []) else self.trust
+
+    def full_log(self, agent_id: str) -> str:
+        return (self.tmp / f"{agent_id}.log").read_text(errors="replace")
 
     def kill(self, agent_id: str) -> None:
         os.kill(self.procs[agent_id].pid, signal.SIGKILL)
