@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from coordinator import federation_state
 from coordinator.admission import AdmissionPolicy, authentic_body
 from coordinator.aggregation import ClientUpdate
+from coordinator.aggregation.robust import robust_group_updates
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
@@ -487,15 +488,25 @@ class Coordinator:
             self.pending = {}
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
-        sums = GroupAccumulator()  # running per-group sums: one update in memory at a time
-        for candidate in accepted:
-            sums.add(ClientUpdate(candidate.agent_id, candidate.group, candidate.num_samples,
-                                  load_file(str(candidate.path))))
-        result = self.strategy.aggregate(self.state, sums.as_updates(), round_id)
+        result = self.strategy.aggregate(self.state, self._group_updates(accepted), round_id)
         self.state = result.state
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
                                 diagnostics=result.diagnostics)
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
+
+    def _group_updates(self, accepted: list[Candidate]) -> list[ClientUpdate]:
+        """One pseudo-update per group from the accepted updates on disk: the streaming weighted mean (one update
+        in memory at a time), or the run's robust rule (a whole group at a time)."""
+        def load(c: Candidate) -> ClientUpdate:
+            return ClientUpdate(c.agent_id, c.group, c.num_samples, load_file(str(c.path)))
+
+        if self.config.robust_rule != "mean":
+            return robust_group_updates([load(c) for c in accepted], self.config.robust_rule,
+                                        self.config.trim_fraction)
+        sums = GroupAccumulator()
+        for candidate in accepted:
+            sums.add(load(candidate))
+        return sums.as_updates()
 
     def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow]
                       ) -> tuple[list[Candidate], list[MetricRow]]:

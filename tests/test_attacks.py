@@ -80,7 +80,8 @@ def decode(item: Inbound | None) -> Any:
 class Script:
     """A client run by the attacker on its own thread; its thread's failures surface in the test."""
 
-    def __init__(self, broker: MosquittoBroker, client_id: str, body: Callable[[MqttEndpoint], None]) -> None:
+    def __init__(self, broker: MosquittoBroker, client_id: str,
+                 body: Callable[[MqttEndpoint, threading.Event], None]) -> None:
         self.endpoint = MqttEndpoint(client_id, broker.host, broker.port, clean_start=True)
         self.body, self.error = body, None
         self.stop = threading.Event()
@@ -88,7 +89,7 @@ class Script:
 
     def _run(self) -> None:
         try:
-            self.body(self.endpoint)
+            self.body(self.endpoint, self.stop)
         except BaseException as exc:  # reported by finish()
             self.error = exc  # type: ignore[assignment]
 
@@ -138,7 +139,7 @@ def test_forged_finish_retained_or_not_never_stops_an_agent(tmp_path: Path, flee
     broker, agents = fleet
     seen: dict[str, list[Any]] = {"replayed": []}
 
-    def outsider(e: MqttEndpoint) -> None:
+    def outsider(e: MqttEndpoint, stop: threading.Event) -> None:
         fake = Signer(generate_key())
         for agent in HONEST:
             inbox = topics.agent_inbox(agent)
@@ -147,9 +148,9 @@ def test_forged_finish_retained_or_not_never_stops_an_agent(tmp_path: Path, flee
                       retain=True)
         e.publish(topics.coord_status(), encode_message(CoordStatus(state="online", run_id="run-forged")),
                   retain=True)
-        run_id = wait_for_run_id(e, script.stop)
+        run_id = wait_for_run_id(e, stop)
         e.subscribe(topics.agent_inbox("a1"))
-        while not script.stop.is_set():  # wait until a1 is in the run, then strike
+        while not stop.is_set():  # wait until a1 is in the run, then strike
             item = e.get(timeout=0.5)
             if item is not None and isinstance(decode(item), JoinAccepted) and not item.retain:
                 break
@@ -159,7 +160,7 @@ def test_forged_finish_retained_or_not_never_stops_an_agent(tmp_path: Path, flee
             e.publish(inbox, finish)
             e.publish(inbox, fake.seal(run_id, inbox, finish))
             e.publish(inbox, fake.seal(run_id, inbox, finish), retain=True)
-        while not script.stop.is_set():  # replay the coordinator's own signed messages to a2, and to a1 again
+        while not stop.is_set():  # replay the coordinator's own signed messages to a2, and to a1 again
             item = e.get(timeout=0.5)
             if item is not None and isinstance(decode(item), (Assignment, UpdateAck)) and not item.retain:
                 e.publish(topics.agent_inbox("a2"), item.payload)
@@ -197,14 +198,14 @@ def test_forged_assignment_never_makes_an_agent_upload(tmp_path: Path) -> None:
             agent_processes(tmp_path, data, coordinator_key=key,
                             extra={"a2": ["--insecure-no-verify"]}) as agents:
 
-        def outsider(e: MqttEndpoint) -> None:
+        def outsider(e: MqttEndpoint, stop: threading.Event) -> None:
             fake = Signer(generate_key())
-            run_id = wait_for_run_id(e, script.stop)
+            run_id = wait_for_run_id(e, stop)
             e.subscribe("fl/v1/agents/+/inbox")
             e.subscribe("fl/v1/agents/+/update/99")
             e.subscribe("fl/v1/agents/+/report")
             joined: set[str] = set()
-            while not script.stop.is_set():
+            while not stop.is_set():
                 item = e.get(timeout=0.5)
                 message = decode(item)
                 if item is not None and item.topic.endswith("/update/99"):
@@ -245,11 +246,11 @@ def test_forged_and_unknown_joins_are_refused_without_a_bundle(tmp_path: Path, f
     agents.extra = {a: ["--join-token-file", str(token_file)] for a in HONEST}
     answers: list[Any] = []
 
-    def outsider(e: MqttEndpoint) -> None:
+    def outsider(e: MqttEndpoint, stop: threading.Event) -> None:
         for agent in ("intruder", "a1", "a2"):
             e.subscribe(topics.agent_inbox(agent))
         e.subscribe(topics.agents_filter("join"))
-        run_id = wait_for_run_id(e, script.stop)
+        run_id = wait_for_run_id(e, stop)
         intruder = JoinRequest(agent_id="intruder", nonce="i1", profile=PROFILE, n_train=100, n_test=30,
                                agent_key=Signer(generate_key()).public_hex)
         e.publish(topics.agent_join("intruder"), encode_message(
@@ -260,7 +261,7 @@ def test_forged_and_unknown_joins_are_refused_without_a_bundle(tmp_path: Path, f
         e.publish(topics.agent_join("a2"), encode_message(
             as_a2.model_copy(update={"proof": join_proof(b"a-guessed-token-000000", run_id, as_a2)})))
         genuine: bytes | None = None
-        while not script.stop.is_set():
+        while not stop.is_set():
             item = e.get(timeout=0.5)
             message = decode(item)
             if item is None:
@@ -304,13 +305,13 @@ class LyingDevice:
         self.norms: dict[int, float] = {}
         self.script = Script(broker, agent_id, self._body)
 
-    def _body(self, e: MqttEndpoint) -> None:
+    def _body(self, e: MqttEndpoint, stop: threading.Event) -> None:
         me = self.agent_id
         e.subscribe(topics.agent_inbox(me))
-        run_id = wait_for_run_id(e, self.script.stop)
+        run_id = wait_for_run_id(e, stop)
         e.publish(topics.agent_join(me), encode_message(JoinRequest(
             agent_id=me, nonce="j1", profile=PROFILE, n_train=100, n_test=30, agent_key=self.signer.public_hex)))
-        while not self.script.stop.is_set():
+        while not stop.is_set():
             message = decode(e.get(timeout=0.5))
             if isinstance(message, UpdateAck):
                 self.acks.append(message)
@@ -372,7 +373,7 @@ def test_a_device_cannot_poison_the_mean(tmp_path: Path, fleet: Any, caplog: pyt
     assert_rounds_follow_the_rule(tmp_path / "run", dict.fromkeys([*HONEST, "a3"], "tiny-3"))
 
 
-def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any) -> None:
+def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any, caplog: pytest.LogCaptureFixture) -> None:
     """On a plain broker anyone can write a1's topics. As soon as a1 is assigned a round, an attacker (reading
     a1's inbox for the nonce) uploads a poisoned update on a1's update topic and reports it on a1's report topic,
     unsigned and signed with its own key. The coordinator accepts only the report signed with the key a1 joined
@@ -380,11 +381,11 @@ def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any) -> None:
     broker, agents = fleet
     struck: list[int] = []
 
-    def attacker(e: MqttEndpoint) -> None:
+    def attacker(e: MqttEndpoint, stop: threading.Event) -> None:
         impostor = Signer(generate_key())
-        run_id = wait_for_run_id(e, script.stop)
+        run_id = wait_for_run_id(e, stop)
         e.subscribe(topics.agent_inbox("a1"))
-        while not script.stop.is_set():
+        while not stop.is_set():
             message = decode(e.get(timeout=0.5))
             if not isinstance(message, Assignment) or message.round in struck:
                 continue
@@ -403,8 +404,10 @@ def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any) -> None:
             struck.append(message.round)
 
     script = Script(broker, "impostor", attacker).start()
-    summary = run(tmp_path, config_for(HONEST), broker, agents)
+    with caplog.at_level(logging.WARNING, logger="coordinator"):
+        summary = run(tmp_path, config_for(HONEST), broker, agents)
     script.finish()
+    assert "unsigned report" in caplog.text and "does not verify" in caplog.text  # both forgeries reached it
     assert summary["rounds"] == 2 and struck == [1, 2]
     rows = RunStore(tmp_path / "run").metrics()
     assert {(r.round, r.agent_id) for r in rows if r.accepted} == {(r, a) for r in (1, 2) for a in HONEST}
