@@ -265,8 +265,10 @@ class Coordinator:
         while len(self.agents) < self.config.min_agents:
             if time.monotonic() > deadline:
                 if not self.agents:
-                    raise TimeoutError(f"no agent joined within {self.config.join_timeout_s:.0f} s; start agents "
-                                       f"with: edge-agent join --broker {self.endpoint.address} --id ID --data FILE")
+                    refused = f" ({len(self.refused)} joins refused, see the log)" if self.refused else ""
+                    raise RunStopped(f"no agent joined within {self.config.join_timeout_s:.0f} s{refused}; start "
+                                     f"agents with: edge-agent join --broker {self.endpoint.address} --id ID "
+                                     "--data FILE --coordinator-key RUN_KEY.pub")
                 log.warning("only %d of %d agents joined in time; starting with them", len(self.agents),
                             self.config.min_agents)
                 return

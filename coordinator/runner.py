@@ -117,17 +117,21 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             f"`coordinator run --resume {run_dir}`, or give the new run another directory (--out). "
             "Nothing in it was changed.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = ensure_key_pair(signing_key or run_key_path(run_dir))
     started = time.time()
     bundles = build_bundles(config)
     store = RunStore(run_dir)
     if not resume:
         store.set_meta("config", config.model_dump(mode="json"))
     try:
+        if signing_key is None and resume and store.meta("signing_key"):
+            signing_key = Path(store.meta("signing_key"))  # a resumed run signs with the key its agents know
+        key_path = signing_key or run_key_path(run_dir)
+        key = ensure_key_pair(key_path)
+        store.set_meta("signing_key", str(key_path.resolve()))
         with broker_for(broker, run_dir / "broker") as (host, port):
             console.print(f"[bold]coordinator[/] broker {host}:{port}, method {config.method}, "
                           f"{config.rounds} rounds, backbones {', '.join(config.backbones)}; agents verify with "
-                          f"--coordinator-key {public_path(signing_key or run_key_path(run_dir))}")
+                          f"--coordinator-key {public_path(key_path)}")
 
             def show(result: RoundResult) -> None:
                 print_round(console, result.round_id, result.metrics, result.seconds)
