@@ -181,3 +181,42 @@ def test_reports_must_be_signed_with_the_key_the_agent_joined_with() -> None:
         authentic_body(agent.public_hex, topic, Signer(generate_key()).seal(RUN, topic, body), RUN)
     with pytest.raises(MessageError, match="replayed"):
         authentic_body(agent.public_hex, topic, agent.seal("run-old", topic, body), RUN)
+
+
+def test_provision_writes_the_run_key_apart_and_private(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    result = CliRunner().invoke(app, ["provision", "--out", str(tmp_path / "sec"), "--agent", "a1",
+                                      "--tls-port", "18883"])
+    assert result.exit_code == 0, result.output
+    key = tmp_path / "sec" / "run-key" / "run-key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    assert sorted(p.name for p in key.parent.iterdir()) == ["run-key", "run-key.pub"]  # nothing else beside it
+    assert "--signing-key" in result.output and "--coordinator-key" in result.output
+    signer = Signer(load_private_key(key))
+    sealed = parse_sealed(signer.seal(RUN, INBOX, encode_message(Finish(run_id=RUN, reason="x"))))
+    assert sealed is not None
+    verify(sealed, load_public_key(public_path(key)))
+    again = CliRunner().invoke(app, ["provision", "--out", str(tmp_path / "sec"), "--agent", "a1", "--agent", "a2",
+                                     "--tls-port", "18883"])
+    assert again.exit_code == 0, again.output
+    assert public_key_hex(load_private_key(key).public_key()) == signer.public_hex  # devices keep trusting it
+
+
+def test_an_agent_without_a_coordinator_key_refuses_to_start(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge_agent.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hi", "label": "positive"}\n')
+    result = CliRunner().invoke(app, ["join", "--broker", "127.0.0.1:1", "--id", "a1", "--data", str(data)])
+    assert result.exit_code == 2 and "no coordinator key" in result.output and "--coordinator-key" in result.output
+    token = tmp_path / "token"
+    token.write_text("x" * 40)
+    token.chmod(0o644)
+    result = CliRunner().invoke(app, ["join", "--broker", "127.0.0.1:1", "--id", "a1", "--data", str(data),
+                                      "--insecure-no-verify", "--join-token-file", str(token)])
+    assert result.exit_code == 2 and "chmod 600" in result.output
