@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
 from coordinator.runner import build_bundles, run_federation, run_key_path
-from coordinator.store import RunStore
+from coordinator.store import RunStore, load_state
 from protocols import topics
 from protocols.chunks import BlobRef, encode_chunk, split_blob
 from protocols.errors import MessageError
@@ -411,8 +412,6 @@ def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any, caplog: 
     assert summary["rounds"] == 2 and struck == [1, 2]
     rows = RunStore(tmp_path / "run").metrics()
     assert {(r.round, r.agent_id) for r in rows if r.accepted} == {(r, a) for r in (1, 2) for a in HONEST}
-    from safetensors.numpy import load_file
-
     for round_id in (1, 2):
         used = load_file(str(tmp_path / "run" / "updates" / f"round-{round_id:04d}" / "a1.safetensors"))
         assert not all(np.all(v == 3.0) for v in used.values()), "the forged update was used as a1's"
@@ -441,3 +440,37 @@ def test_no_live_agents_left_ends_the_run_cleanly(tmp_path: Path) -> None:
     assert written["stopped"] == summary["stopped"] and written["rounds"] == 1
     lines = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert len(lines) == 2 and ",a3," in lines[1]
+
+
+def test_robust_median_bounds_a_device_within_every_bound(tmp_path: Path, fleet: Any) -> None:
+    """A device that stays inside every bound (its update is the received weights plus a shift that keeps its
+    norm under 3 x the median) still moves the sample-weighted mean; with robust_rule = "median" every committed
+    coordinate is the median of the three accepted updates (recomputed here), so it lies between honest ones."""
+    broker, agents = fleet
+    config = config_for([*HONEST, "a3"], robust_rule="median")
+
+    def nudge(round_id: int, upload: dict[str, np.ndarray]) -> int:
+        for value in upload.values():
+            value += np.float32(0.05)  # small enough for the relative bound, the same for every coordinate
+        return 100
+
+    device = LyingDevice(broker, nudge)
+    device.script.start()
+    summary = run(tmp_path, config, broker, agents)
+    device.script.finish()
+    assert summary["rounds"] == 2
+    run_dir = tmp_path / "run"
+    rows = RunStore(run_dir).metrics()
+    assert all(r.accepted for r in rows) and len(rows) == 6, [(r.agent_id, r.reason) for r in rows]
+    for round_id in (1, 2):
+        folder = run_dir / "updates" / f"round-{round_id:04d}"
+        updates = [load_file(str(folder / f"{a}.safetensors")) for a in (*HONEST, "a3")]
+        after = load_state(run_dir / "tensors" / f"round-{round_id:04d}.safetensors")
+        for name, value in after.global_tensors.items():  # one group: CMGA's global is the group's estimate
+            expected = np.median(np.stack([u[name].astype(np.float64) for u in updates]), axis=0)
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        for name, value in after.group_tensors["tiny-3"].items():
+            expected = np.median(np.stack([u[name].astype(np.float64) for u in updates]), axis=0)
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+            mean = np.mean(np.stack([u[name].astype(np.float64) for u in updates]), axis=0)
+            assert not np.allclose(value, mean), f"{name}: the median should differ from the mean here"
