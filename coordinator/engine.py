@@ -69,6 +69,7 @@ from protocols.messages import (
     encode_message,
 )
 from protocols.mqtt import Inbound, MqttEndpoint, Will, clear_blob, publish_blob
+from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import Signer, generate_key
 from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
 
@@ -161,6 +162,7 @@ class Coordinator:
         self.admission = admission or AdmissionPolicy(
             frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
         self.stopped: str | None = None  # why the run ended early, if it did
+        self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
         self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -314,7 +316,9 @@ class Coordinator:
                 body = authentic_body(record.key if record else None, item.topic, item.payload, self.run_id)
             message = decode_message(body)
         except MessageError as exc:
-            log.warning("malformed message from %s on %s: %s", agent_id, item.topic, exc)
+            who = agent_id if agent_id in self.agents else "unknown agents"
+            self._noise.warn(f"{kind}:{who}:{str(exc)[:40]}",
+                             f"malformed message from {agent_id} on {item.topic}: {exc}")
             return
         if getattr(message, "agent_id", agent_id) != agent_id:
             log.warning("message on %s claims to be from %s; ignored", item.topic, message.agent_id)  # type: ignore[union-attr]

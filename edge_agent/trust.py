@@ -17,43 +17,22 @@ checked but every other rule still applies.
 from __future__ import annotations
 
 import logging
-import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protocols.errors import MessageError
 from protocols.messages import CoordStatus, JoinAccepted, JoinRefused, Message, decode_message
+from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import parse_sealed, verify
 
 log = logging.getLogger("edge_agent")
-
-LOG_EVERY_S = 30.0
-
-
-class RateLimitedLog:
-    """Log a warning per reason kind at most once per interval, counting what was suppressed."""
-
-    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -1e18) < self.every_s:
-            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return
-        more = self._suppressed.pop(kind, 0)
-        self._last[kind] = now
-        log.warning("%s%s", message, f" ({more} more like it suppressed)" if more else "")
-
 
 class ControlGate:
     def __init__(self, coordinator_key: Ed25519PublicKey | None) -> None:
         self.key = coordinator_key
         self._last_seq: dict[str, int] = {}
         self.dropped = 0
-        self._log = RateLimitedLog()
+        self._log = RateLimitedLog(log)
 
     def _drop(self, kind: str, topic: str, reason: str) -> None:
         self.dropped += 1
