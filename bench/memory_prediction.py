@@ -84,7 +84,8 @@ def run(work: Path, backbones: tuple[str, ...], rounds: int, local_steps: int, s
         for agent_id in agents:
             command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
                        "--data", str(data.client_files[agent_id]), "--global-test", str(data.global_test_file),
-                       "--threads", "1", "--cache-dir", str(work / "cache" / agent_id), "--max-idle", "300"]
+                       "--threads", "1", "--cache-dir", str(work / "cache" / agent_id), "--max-idle", "300",
+                       "--coordinator-key", str(work / "run" / "keys" / "run-key.pub")]
             with open(work / f"{agent_id}.log", "wb") as out:
                 watcher.processes[agent_id] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                                                env=python_env(1), cwd=REPO)

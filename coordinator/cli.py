@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -61,13 +62,20 @@ def run(
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="allow an own broker without passwords on a non-loopback --listen (warns every round)")]
     = False,
+    signing_key: Annotated[Path | None, typer.Option(
+        help="run key that signs every control message (from `coordinator provision`); default: generated into "
+             "RUN_DIR/keys/run-key, give agents the .pub", exists=True, dir_okay=False)] = None,
+    join_token_file: Annotated[Path | None, typer.Option(
+        help="file with the join token devices must prove (or set HETEROTUNE_JOIN_TOKEN)", exists=True,
+        dir_okay=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a federation; agents join with `edge-agent join --broker HOST:PORT ...`."""
+    """Run a federation; agents join with `edge-agent join --broker HOST:PORT --coordinator-key KEY.pub ...`."""
     from coordinator.config import ConfigError, load_config
     from coordinator.run_broker import InsecureBrokerRefused, NoRecordedBroker
     from coordinator.runner import RunDirectoryInUse, resume_config, run_federation
     from protocols.credentials import CredentialError, password_on_command_line
+    from protocols.secret_files import read_secret
 
     _logging(verbose)
     _stop_on_sigterm()
@@ -82,6 +90,7 @@ def run(
                                                  "every user; use --password-file or HETEROTUNE_MQTT_PASSWORD")
     try:
         run_config = load_config(config) if config is not None else resume_config(resume)  # type: ignore[arg-type]
+        token = read_secret(join_token_file, "HETEROTUNE_JOIN_TOKEN")
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -89,11 +98,15 @@ def run(
             "tls_cert": tls_cert, "tls_key": tls_key}
     try:
         summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None,
-                                 mqtt_options=mqtt, listen=listen, insecure=insecure)
-    except (RunDirectoryInUse, InsecureBrokerRefused, NoRecordedBroker, CredentialError) as exc:
+                                 mqtt_options=mqtt, listen=listen, insecure=insecure, signing_key=signing_key,
+                                 join_token=token)
+    except (RunDirectoryInUse, InsecureBrokerRefused, NoRecordedBroker, CredentialError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds")}, indent=2))
+    typer.echo(json.dumps({k: summary[k] for k in ("run_id", "rounds", "wall_seconds", "stopped")}, indent=2))
+    if summary["stopped"]:
+        typer.echo(f"error: the run stopped early: {summary['stopped']}", err=True)
+        raise typer.Exit(1)
 
 
 FleetOption = Annotated[Path | None, typer.Option(help="fleet file (TOML) of device classes to emulate; "
@@ -202,6 +215,7 @@ def provision(
     """Write a complete secured mosquitto set-up: TLS, one password (or client certificate) per party, ACLs."""
     from coordinator.provision import COORDINATOR_USER
     from coordinator.provision import provision as write_security
+    from coordinator.provision_keys import write_run_key
 
     try:
         result = write_security(out, agents, host=host, tls_port=tls_port, bind=bind, client_certs=client_certs,
@@ -210,6 +224,9 @@ def provision(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     d = result.directory
+    run_key = write_run_key(out)
+    for agent_id in agents:  # each device's folder is complete: it also verifies the coordinator with the key
+        shutil.copyfile(run_key.with_name(run_key.name + ".pub"), result.party_dir(agent_id) / "run-key.pub")
     files = "ca.crt, client.crt, client.key" if client_certs else "ca.crt, password"
     auth = ("--tls-cert DIR/client.crt --tls-key DIR/client.key" if client_certs
             else "--username ID --password-file DIR/password")
@@ -217,11 +234,13 @@ def provision(
                f"  ca/ca.key        the CA's private key (0600): keep it off the broker and the devices\n"
                f"  broker/          start the broker with: mosquitto -c {result.config_path}\n"
                f"  {COORDINATOR_USER}/     the coordinator's credentials\n"
-               f"  agents/ID/       copy to device ID: {files}")
+               f"  run-key/run-key  the run key (0600) that signs every control message: coordinator only\n"
+               f"  agents/ID/       copy to device ID: {files}, run-key.pub")
     typer.echo(f"coordinator: coordinator run --config RUN.toml --broker {host}:{tls_port} --tls-ca DIR/ca.crt {auth} "
+               f"--signing-key {run_key} "
                f"(DIR = {d / COORDINATOR_USER}{', ID = coordinator' if not client_certs else ''})")
     typer.echo(f"agents:      edge-agent join --broker {host}:{tls_port} --id ID --tls-ca DIR/ca.crt {auth} "
-               f"--data FILE (DIR = agents/ID)")
+               "--coordinator-key DIR/run-key.pub --data FILE (DIR = agents/ID)")
 
 
 @app.command("broker")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +77,15 @@ class RunConfig(_Strict):
     max_round_attempts: int = Field(3, ge=1)  # an abandoned round is retried with the same id this often
     memory_fraction: float = Field(0.8, gt=0, le=1)
     max_update_norm: float = Field(1e4, gt=0)
+    # Relative norm bound (coordinator/report_checks.py): an update whose L2 norm exceeds this many times the
+    # median norm of its group's updates in the same round is rejected (groups of 3 or more updates).
+    relative_norm_factor: float = Field(3.0, ge=1.0)
+    # Robust aggregation (coordinator/aggregation/robust.py): "mean" (the rule's sample-weighted mean), or the
+    # coordinate-wise "median" / "trimmed_mean" (trimming `trim_fraction` at each end) of each group's updates.
+    robust_rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    # Admission on a plain broker (coordinator/admission.py): only these agent ids may join (None: any id).
+    allowed_agents: tuple[str, ...] | None = None
     seed: int = 0
     # Operator pinning: agent id -> backbone. The device must still fit it, or it is refused with the reason.
     pinned: dict[str, str] = Field(default_factory=dict)
@@ -118,6 +127,14 @@ class RunConfig(_Strict):
         if self.distill_steps > 0 and self.anchor_steps > 0:
             raise ValueError("a run exchanges one table over its public set: set distill_steps (consensus "
                              "distillation) or anchor_steps (public-set anchoring), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_rule_fits_the_method(self) -> RunConfig:
+        if self.robust_rule != "mean" and (self.public_samples > 0 or self.share_prototypes
+                                           or self.method == "fedproto"):
+            raise ValueError(f"robust_rule {self.robust_rule!r} estimates adapter tensors only; runs that exchange "
+                             "prototypes or a public-set table use robust_rule = \"mean\"")
         return self
 
     @field_validator("scopes")

@@ -21,8 +21,9 @@ from coordinator.config import RunConfig
 from coordinator.datasets import PUBLIC_STEM, load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from coordinator.methods import public_samples_for
-from coordinator.runner import build_bundles, run_federation
+from coordinator.runner import build_bundles, run_federation, run_key_path
 from export.bundle import single_thread_env
+from protocols.signing import public_path
 
 # (agent id, memory cap in MB). The cost cards measure a whole agent process (MiniLM-L3 ~312 MB, L6 ~410 MB
 # on the builder), so 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
@@ -62,12 +63,15 @@ def plan_for(agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit
 
 
 def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, global_test: Path,
-                  cache_dir: Path, public: Path | None = None, *, state_dir: Path | None = None) -> list[str]:
+                  cache_dir: Path, public: Path | None = None, coordinator_key: Path | None = None, *,
+                  state_dir: Path | None = None) -> list[str]:
     """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend,
-    the run's public set when the run distils, and where it keeps its trained model."""
+    the run's public set when the run distils, the key it verifies the coordinator with, and where it keeps its
+    trained model."""
     command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent.agent_id,
                "--data", str(data_file), "--global-test", str(global_test), "--max-memory", f"{agent.memory_mb:g}",
                "--threads", "1", "--cache-dir", str(cache_dir), "--max-idle", "600"]
+    command += ["--coordinator-key", str(coordinator_key)] if coordinator_key else ["--insecure-no-verify"]
     if state_dir is not None:
         command += ["--state-dir", str(state_dir)]
     if public is not None:
@@ -83,8 +87,13 @@ def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, g
 
 def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit, *,
               seed: int = 0, samples: int | None = None) -> dict[str, Any]:
-    """Write each agent's data, start one `edge-agent join` process per agent and run the federation."""
+    """Write each agent's data, start one `edge-agent join` process per agent and run the federation.
+
+    Only the fleet's own agent ids are admitted, and every agent verifies the coordinator's messages against the
+    run key generated into the run directory (keys/run-key.pub) before the agents start."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.allowed_agents is None:
+        config = config.model_copy(update={"allowed_agents": tuple(a.agent_id for a in agents)})
     samples = samples or max(8000, 2 * len(agents) * data.samples_per_agent)
     dataset = load_tweet_sentiment(max_samples=samples, seed=seed)
     public_size = public_samples_for(config)
@@ -99,7 +108,8 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
         logs.mkdir(exist_ok=True)
         for agent in agents:
             command = agent_command(agent, host, port, files.client_files[agent.agent_id], files.global_test_file,
-                                    logs / agent.agent_id, public, state_dir=device_state_dir(out_dir, agent.agent_id))
+                                    logs / agent.agent_id, public, public_path(run_key_path(out_dir)),
+                                    state_dir=device_state_dir(out_dir, agent.agent_id))
             with open(logs / f"{agent.agent_id}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                   env=single_thread_env()))

@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.numpy import load_file
 
 from coordinator import federation_state
+from coordinator.admission import AdmissionPolicy, authentic_body
 from coordinator.aggregation import ClientUpdate
+from coordinator.aggregation.robust import robust_group_updates
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
@@ -33,6 +37,14 @@ from coordinator.methods import (
     scopes_for,
     strategy_for,
     uses_prototypes,
+)
+from coordinator.report_checks import (
+    Candidate,
+    blob_ref_refusal,
+    join_refusal,
+    max_update_bytes,
+    n_train_refusal,
+    relative_norm_refusals,
 )
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
@@ -52,17 +64,25 @@ from protocols.messages import (
     RoundDeclined,
     UpdateAck,
     UpdateReport,
+    _Message,
     decode_message,
     encode_message,
 )
 from protocols.mqtt import Inbound, MqttEndpoint, Will, clear_blob, publish_blob
-from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors
+from protocols.rate_limited_log import RateLimitedLog
+from protocols.signing import Signer, generate_key
+from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
 
 log = logging.getLogger("coordinator")
 
 RESEND_GRACE_S = 3.0
 LOST_GRACE_S = 5.0
 RETRY_PAUSE_S = 3.0  # between an abandoned round and its retry: lets reconnecting agents report back in
+MAX_REFUSED_RECORDED = 1000  # refusals kept for the summary: a flood of forged joins must not grow memory
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (no live agents, a round missed its minimum): it ends cleanly with what it has."""
 
 
 @dataclass
@@ -73,6 +93,8 @@ class AgentRecord:
     profile: dict[str, Any]
     status: str = "online"
     lost_since: float | None = None  # monotonic time of the "lost" will, until the agent is heard again
+    key: str | None = None  # the agent's report-signing key (hex) from its join; None: it joined without one
+    join_nonce: str | None = None
 
     def gone(self, now: float) -> bool:
         """Left, or lost for longer than LOST_GRACE_S: a broker that shuts down sends every will at once, and
@@ -94,7 +116,7 @@ class PendingUpload:
     report_time: float = 0.0
     resend_asked: bool = False
     done: bool = False
-    assignment: bytes = b""  # as sent, to send again to an agent that reconnects without having reported
+    assignment: Assignment | None = None  # as sent, to send again to an agent that reconnects without reporting
 
 
 @dataclass
@@ -109,7 +131,8 @@ class Coordinator:
     """Owns the run: its state is the truth, the broker is only a transport."""
 
     def __init__(self, config: RunConfig, bundles: dict[str, Bundle], endpoint: MqttEndpoint, store: RunStore,
-                 *, on_round: Callable[[RoundResult], None] | None = None) -> None:
+                 *, on_round: Callable[[RoundResult], None] | None = None,
+                 signing_key: Ed25519PrivateKey | None = None, admission: AdmissionPolicy | None = None) -> None:
         self.config = config
         self.bundles = bundles
         self.endpoint = endpoint
@@ -134,6 +157,14 @@ class Coordinator:
                                                     public_kind=self.public_kind)
         # Every bundle's card for every backend it was measured with; each join is judged by its backend's card.
         self.cards = [card for b in bundles.values() for card in cost_cards_of(b.manifest)]
+        # Every message to agents is signed with the run key (protocols/signing.py); without one given, a fresh
+        # key nobody else has (agents then need --insecure-no-verify: only for tests that do not verify).
+        self.signer = Signer(signing_key or generate_key())
+        self.admission = admission or AdmissionPolicy(
+            frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
+        self.stopped: str | None = None  # why the run ended early, if it did
+        self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
+        self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
 
@@ -152,7 +183,13 @@ class Coordinator:
     # --- run ---------------------------------------------------------------------------------------
 
     def run(self) -> list[RoundResult]:
+        """Every round; ends cleanly (Finish sent, committed rounds returned, ``stopped`` set) if the run cannot
+        go on, so the caller still writes metrics.csv and summary.json."""
+        if self.admission.is_open:
+            log.warning("admission is open: any client that can reach the broker may join under any agent id; set "
+                        "allowed_agents in the run config or a join token, or use the provisioned broker")
         self.endpoint.start()
+        results: list[RoundResult] = []
         try:
             for kind in ("join", "report", "request", "status"):
                 self.endpoint.subscribe(topics.agents_filter(kind))
@@ -165,13 +202,17 @@ class Coordinator:
                 self._wait_for_agents()
             else:
                 self._resume_agents()
-            results = []
             for round_id in range(first_round, self.config.rounds + 1):
                 result = self._run_round_with_retries(round_id)
                 results.append(result)
                 if self.on_round:
                     self.on_round(result)
             self._finish("completed all rounds")
+            return results
+        except RunStopped as exc:
+            self.stopped = str(exc)
+            log.error("run stopped: %s", exc)
+            self._finish(f"stopped: {exc}")
             return results
         finally:
             self.endpoint.stop()
@@ -182,7 +223,7 @@ class Coordinator:
             if result is not None:
                 return result
             self._pump_until(time.monotonic() + RETRY_PAUSE_S)
-        raise RuntimeError(f"round {round_id} missed its minimum in {self.config.max_round_attempts} attempts; the "
+        raise RunStopped(f"round {round_id} missed its minimum in {self.config.max_round_attempts} attempts; the "
                            f"run stops with rounds 1-{round_id - 1} committed (continue with --resume)")
 
     @classmethod
@@ -195,8 +236,9 @@ class Coordinator:
             raise ValueError(f"{store.run_dir} holds no started run to resume")
         coordinator.run_id = run_id
         coordinator.state = load_state(store.tensors_path(store.last_round()))
+        keys = store.meta("agent_keys") or {}
         for agent_id, backbone, n_train, profile in store.joined_agents():
-            coordinator.agents[agent_id] = AgentRecord(agent_id, backbone, n_train, profile)
+            coordinator.agents[agent_id] = AgentRecord(agent_id, backbone, n_train, profile, key=keys.get(agent_id))
         return coordinator
 
     def _resume_agents(self) -> None:
@@ -215,16 +257,21 @@ class Coordinator:
             publish_blob(self.endpoint, data, retain=True)
 
     def _announce(self, state: str) -> None:
-        status = CoordStatus(state=state, run_id=self.run_id)
-        self.endpoint.publish(topics.coord_status(), encode_message(status), retain=True)
+        self._send(topics.coord_status(), CoordStatus(state=state, run_id=self.run_id), retain=True)
+
+    def _send(self, topic: str, message: _Message, **kwargs: Any) -> int:
+        """Publish a message to agents, signed for this topic and run (agents ignore anything unsigned)."""
+        return self.endpoint.publish(topic, self.signer.seal(self.run_id, topic, encode_message(message)), **kwargs)
 
     def _wait_for_agents(self) -> None:
         deadline = time.monotonic() + self.config.join_timeout_s
         while len(self.agents) < self.config.min_agents:
             if time.monotonic() > deadline:
                 if not self.agents:
-                    raise TimeoutError(f"no agent joined within {self.config.join_timeout_s:.0f} s; start agents "
-                                       f"with: edge-agent join --broker {self.endpoint.address} --id ID --data FILE")
+                    refused = f" ({len(self.refused)} joins refused, see the log)" if self.refused else ""
+                    raise RunStopped(f"no agent joined within {self.config.join_timeout_s:.0f} s{refused}; start "
+                                     f"agents with: edge-agent join --broker {self.endpoint.address} --id ID "
+                                     "--data FILE --coordinator-key RUN_KEY.pub")
                 log.warning("only %d of %d agents joined in time; starting with them", len(self.agents),
                             self.config.min_agents)
                 return
@@ -249,7 +296,10 @@ class Coordinator:
             agent_id, kind, extra = topics.parse_agent_topic(item.topic)
         except TopicError:
             return None
-        self._handle(agent_id, kind, extra, item)
+        try:
+            self._handle(agent_id, kind, extra, item)
+        except Exception:  # last line of defence: no message from the network may end the run
+            log.exception("message on %s could not be handled; ignored", item.topic)
         return agent_id
 
     def _handle(self, agent_id: str, kind: str, extra: str | None, item: Inbound) -> None:
@@ -262,9 +312,14 @@ class Coordinator:
             self._on_chunk(agent_id, extra, item.payload)
             return
         try:
-            message = decode_message(item.payload)
+            body = item.payload
+            if kind == "report":  # signed by the key the agent joined with, if it joined with one
+                body = authentic_body(record.key if record else None, item.topic, item.payload, self.run_id)
+            message = decode_message(body)
         except MessageError as exc:
-            log.warning("malformed message from %s on %s: %s", agent_id, item.topic, exc)
+            who = agent_id if agent_id in self.agents else "unknown agents"
+            self._noise.warn(f"{kind}:{who}:{str(exc)[:40]}",
+                             f"malformed message from {agent_id} on {item.topic}: {exc}")
             return
         if getattr(message, "agent_id", agent_id) != agent_id:
             log.warning("message on %s claims to be from %s; ignored", item.topic, message.agent_id)  # type: ignore[union-attr]
@@ -289,13 +344,26 @@ class Coordinator:
         broker restarted with kill -9 loses the sessions and what was queued in them, e.g. right after a resume),
         so send it again. Agents ignore an assignment whose nonce they already have."""
         upload = self.pending.get(agent_id)
-        if upload is not None and upload.report is None and not upload.done and upload.assignment:
-            self.endpoint.publish(topics.agent_inbox(agent_id), upload.assignment,
-                                  expiry_seconds=int(self.config.round_timeout_s))
+        if upload is not None and upload.report is None and not upload.done and upload.assignment is not None:
+            # sealed afresh: a new sequence number, so an agent that saw the first copy still reads this one
+            self._send(topics.agent_inbox(agent_id), upload.assignment,
+                       expiry_seconds=int(self.config.round_timeout_s))
 
     # --- joining -----------------------------------------------------------------------------------
 
     def _on_join(self, request: JoinRequest) -> None:
+        known = self.agents.get(request.agent_id)
+        if known is not None and known.join_nonce == request.nonce:
+            return  # the same join again (a redelivery or a replay): it changes nothing
+        refusal = self.admission.refusal(request, self.run_id) or join_refusal(request.n_train,
+                                                                               request.profile.memory_budget_mb)
+        if refusal is not None:
+            log.warning("join from %s refused: %s", request.agent_id, refusal)
+            if len(self.refused) < MAX_REFUSED_RECORDED:
+                self.refused[request.agent_id] = refusal
+            self._send(topics.agent_inbox(request.agent_id),
+                       JoinRefused(agent_id=request.agent_id, reason=refusal, nonce=request.nonce))
+            return
         profile = request.profile
         budget = DeviceBudget(agent_id=request.agent_id, memory_budget_mb=profile.memory_budget_mb,
                               gflops=max(profile.gflops, 1e-3), max_round_seconds=profile.max_round_seconds,
@@ -317,8 +385,7 @@ class Coordinator:
             self.refused[request.agent_id] = decision.reason
             self.store.upsert_agent(request.agent_id, None, "refused", profile.model_dump(), decision.reason)
             log.warning("refused %s: %s", request.agent_id, decision.reason)
-            refusal = JoinRefused(agent_id=request.agent_id, reason=decision.reason)
-            self.endpoint.publish(inbox, encode_message(refusal))
+            self._send(inbox, JoinRefused(agent_id=request.agent_id, reason=decision.reason, nonce=request.nonce))
             return
         bundle_ref = self._serve_bundle(decision.backbone)
         pending = self.pending.get(request.agent_id)
@@ -329,13 +396,15 @@ class Coordinator:
             log.warning("%s rejoined mid-round; its round-%d assignment is dropped", request.agent_id,
                         self.current_round)
         self.agents[request.agent_id] = AgentRecord(request.agent_id, decision.backbone, request.n_train,
-                                                    profile.model_dump())
+                                                    profile.model_dump(), key=request.agent_key,
+                                                    join_nonce=request.nonce)
+        self.store.set_meta("agent_keys", {a: r.key for a, r in self.agents.items() if r.key is not None})
         self.store.upsert_agent(request.agent_id, decision.backbone, "joined", profile.model_dump(),
                                 decision.reason, request.n_train)
         log.info("%s joined -> %s (%s)", request.agent_id, decision.backbone, decision.reason)
-        accepted = JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
-                                bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason)
-        self.endpoint.publish(inbox, encode_message(accepted))
+        self._send(inbox, JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
+                                       bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason,
+                                       nonce=request.nonce))
 
     def _serve_bundle(self, backbone: str, part: str | None = None) -> BlobRef:
         """Publish a backbone's bundle tar, or one of its parts (e.g. the torch backbone), once per run."""
@@ -370,7 +439,7 @@ class Coordinator:
         """Invite over_selection x the target from the live agents, seeded so a resumed run picks the same."""
         live = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
         if not live:
-            raise RuntimeError("no live agents left to train; restart agents and resume the run")
+            raise RunStopped("no live agents left to train; restart agents and resume the run")
         target = min(self.config.agents_per_round or len(live), len(live))
         invited = min(len(live), math.ceil(target * self.config.over_selection))
         rng = np.random.default_rng([self.config.seed, round_id, attempt])
@@ -399,10 +468,9 @@ class Coordinator:
                 distill_confident_fraction=self.config.distill_confident_fraction,
                 anchor_steps=self.config.anchor_steps,
                 anchor_weight=anchor_weight_for(self.config))
-            self.pending[agent_id].assignment = encode_message(assignment)
-            self.endpoint.publish(topics.agent_inbox(agent_id), self.pending[agent_id].assignment,
-                                  expiry_seconds=int(self.config.round_timeout_s))
-        accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
+            self.pending[agent_id].assignment = assignment
+            self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=int(self.config.round_timeout_s))
+        accepted: list[Candidate] = []  # on disk until the round's norms are known; then summed one at a time
         rows: list[MetricRow] = []
         self.declined_rows = []
         open_uploads, next_scan = len(self.pending), 0.0
@@ -427,11 +495,12 @@ class Coordinator:
                     rows.append(row)
                     open_uploads -= 1
                     if update is not None:
-                        accepted.add(update)
+                        accepted.append(update)
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
+        accepted, rows = self._screen_norms(accepted, rows)
         needed = math.ceil(self.config.min_fraction * target)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
@@ -439,11 +508,58 @@ class Coordinator:
             self.pending = {}
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
-        result = self.strategy.aggregate(self.state, accepted.as_updates(), round_id)
+        result = self.strategy.aggregate(self.state, self._group_updates(accepted), round_id)
         self.state = result.state
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
                                 diagnostics=result.diagnostics)
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
+
+    def _group_updates(self, accepted: list[Candidate]) -> list[ClientUpdate]:
+        """One pseudo-update per group from the accepted updates on disk: the streaming weighted mean (one update
+        in memory at a time), or the run's robust rule (a whole group at a time)."""
+        def load(c: Candidate) -> ClientUpdate:
+            return ClientUpdate(c.agent_id, c.group, c.num_samples, load_file(str(c.path)))
+
+        if self.config.robust_rule != "mean":
+            return robust_group_updates([load(c) for c in accepted], self.config.robust_rule,
+                                        self.config.trim_fraction)
+        sums = GroupAccumulator()
+        for candidate in accepted:
+            sums.add(load(candidate))
+        return sums.as_updates()
+
+    def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow]
+                      ) -> tuple[list[Candidate], list[MetricRow]]:
+        """Reject the updates beyond the relative norm bound (report_checks.relative_norm_refusals): their rows
+        say why, their agents are told, and their files leave the audit trail of accepted updates."""
+        refused = relative_norm_refusals(candidates, self.config.relative_norm_factor)
+        for candidate in candidates:
+            reason = refused.get(candidate.agent_id)
+            if reason is None:
+                continue
+            log.warning("round %d: rejected update from %s: %s", self.current_round, candidate.agent_id, reason)
+            candidate.path.unlink(missing_ok=True)
+            upload = self.pending.get(candidate.agent_id)
+            if upload is not None:
+                self._send(topics.agent_inbox(candidate.agent_id),
+                           UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=False, reason=reason))
+        rows = [dataclasses.replace(r, accepted=False, reason=refused[r.agent_id])
+                if r.accepted and r.agent_id in refused else r for r in rows]
+        return [c for c in candidates if c.agent_id not in refused], rows
+
+    def _expected_tensors(self, backbone: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of everything an agent on ``backbone`` uploads."""
+        if backbone not in self._expected:
+            manifest = self.bundles[backbone].manifest
+            self._expected[backbone] = {
+                n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples,
+                                                  public_kind=self.public_kind), "float32")
+                for n in self.upload_names(backbone)}
+        return self._expected[backbone]
+
+    def _blob_refusal(self, backbone: str, size: int, chunks: int) -> str | None:
+        limit = max_update_bytes(shape for shape, _ in self._expected_tensors(backbone).values())
+        return blob_ref_refusal(size, chunks, limit)
 
     def _publish_weights(self, backbones: set[str]) -> dict[str, BlobRef]:
         refs = {}
@@ -458,6 +574,9 @@ class Coordinator:
         try:
             chunk = decode_chunk(payload)
             if upload.assembler is None:
+                refusal = self._blob_refusal(upload.backbone, chunk.blob_size, chunk.count)
+                if refusal is not None:
+                    raise ChunkError(refusal)
                 upload.assembler = BlobAssembler(BlobRef(chunk.blob_sha, chunk.blob_size, chunk.count))
             upload.assembler.add(chunk)
         except ChunkError as exc:
@@ -471,9 +590,17 @@ class Coordinator:
             log.warning("rejected report from %s: %s", report.agent_id, reason)
             if report.agent_id in self.agents:  # tell it, so it stops resending
                 ack = UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=reason)
-                self.endpoint.publish(topics.agent_inbox(report.agent_id), encode_message(ack))
+                self._send(topics.agent_inbox(report.agent_id), ack)
             return
-        if upload.report is None:
+        refusal = self._blob_refusal(upload.backbone, report.update.size, report.update.chunks)
+        if refusal is not None and not upload.done:
+            upload.done = True  # an impossible update: the round stops waiting for it
+            log.warning("round %d: rejected report from %s: %s", report.round, report.agent_id, refusal)
+            self.declined_rows.append(self._empty_row(upload, report.round, f"rejected: {refusal}"))
+            self._send(topics.agent_inbox(report.agent_id),
+                       UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=refusal))
+            return
+        if refusal is None and upload.report is None:
             upload.report = report
             upload.report_time = time.monotonic()
             if upload.assembler is None or upload.assembler.ref.sha256 != report.update.sha256:
@@ -485,13 +612,17 @@ class Coordinator:
             return
         upload.done = True
         log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
-        self.declined_rows.append(MetricRow(
-            round=declined.round, agent_id=declined.agent_id, backbone=upload.backbone, personal_accuracy=None,
-            global_accuracy=None, n_test=0, n_global_test=0, n_train=0, train_loss=None, bytes_up=0, bytes_down=0,
-            train_seconds=0.0, eval_seconds=0.0, peak_rss_mb=0.0, backend="", accepted=False,
-            reason=f"declined: {declined.reason}"))
+        self.declined_rows.append(self._empty_row(upload, declined.round, f"declined: {declined.reason}"))
 
-    def _try_finalize(self, upload: PendingUpload) -> tuple[ClientUpdate | None, MetricRow] | None:
+    @staticmethod
+    def _empty_row(upload: PendingUpload, round_id: int, reason: str) -> MetricRow:
+        """The metrics row of an invited agent whose round ended without an update."""
+        return MetricRow(
+            round=round_id, agent_id=upload.agent_id, backbone=upload.backbone, personal_accuracy=None,
+            global_accuracy=None, n_test=0, n_global_test=0, n_train=0, train_loss=None, bytes_up=0, bytes_down=0,
+            train_seconds=0.0, eval_seconds=0.0, peak_rss_mb=0.0, backend="", accepted=False, reason=reason)
+
+    def _try_finalize(self, upload: PendingUpload) -> tuple[Candidate | None, MetricRow] | None:
         """Accept or reject a complete upload (once); ask for missing chunks after a grace period."""
         report, assembler = upload.report, upload.assembler
         if upload.done or report is None or assembler is None:
@@ -499,27 +630,26 @@ class Coordinator:
         if not assembler.complete:
             if not upload.resend_asked and time.monotonic() - upload.report_time > RESEND_GRACE_S:
                 upload.resend_asked = True
-                request = ResendRequest(blob=report.update.sha256, indices=assembler.missing())
-                self.endpoint.publish(topics.agent_inbox(upload.agent_id), encode_message(request))
+                request = ResendRequest(blob=report.update.sha256, indices=assembler.missing()[:1000])
+                self._send(topics.agent_inbox(upload.agent_id), request)
             return None
         upload.done = True
         upload.assembler = None  # the chunks are freed as soon as the update is decoded (streaming aggregation)
         backbone = upload.backbone
         try:
+            refusal = n_train_refusal(report.n_train, self.agents[upload.agent_id].n_train)
+            if refusal is not None:
+                raise ProtocolError(refusal)
             tensors = decode_tensors(assembler.assemble())
-            manifest = self.bundles[backbone].manifest
-            expected = {n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples,
-                                                          public_kind=self.public_kind), "float32")
-                        for n in self.upload_names(backbone)}
-            check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
-            update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))
-            self.store.save_update(self.current_round, upload.agent_id, tensors)
+            check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
+            path = self.store.save_update(self.current_round, upload.agent_id, tensors)
+            update: Candidate | None = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
             reason = ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
             update, reason = None, str(exc)
             log.warning("round %d: rejected update from %s: %s", self.current_round, upload.agent_id, reason)
         ack = UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=update is not None, reason=reason)
-        self.endpoint.publish(topics.agent_inbox(upload.agent_id), encode_message(ack))
+        self._send(topics.agent_inbox(upload.agent_id), ack)
         m = report.metrics
         row = MetricRow(
             round=self.current_round, agent_id=upload.agent_id, backbone=backbone,
@@ -533,8 +663,8 @@ class Coordinator:
     # --- end ---------------------------------------------------------------------------------------
 
     def _finish(self, reason: str) -> None:
-        finish = encode_message(Finish(run_id=self.run_id, reason=reason))
-        mids = [self.endpoint.publish(topics.agent_inbox(agent_id), finish) for agent_id in self.agents]
+        finish = Finish(run_id=self.run_id, reason=reason[:4000])
+        mids = [self._send(topics.agent_inbox(agent_id), finish) for agent_id in self.agents]
         for ref in self.bundle_refs.values():
             clear_blob(self.endpoint, ref)
         self._announce("offline")

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
+from coordinator.admission import AdmissionPolicy
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
@@ -18,6 +19,7 @@ from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
+from protocols.signing import ensure_key_pair, public_path
 
 log = logging.getLogger("coordinator")
 
@@ -99,16 +101,25 @@ def connection_options(store: RunStore, given: dict[str, Any] | None, *, resume:
     return {k: (str(v) if k in ("tls_ca", "tls_cert", "tls_key") else v) for k, v in options.items()}
 
 
+def run_key_path(run_dir: Path) -> Path:
+    """Where a run keeps the key it signs control messages with (generated on first use, kept for resumes);
+    agents get the public half, ``run_key_path(run_dir)`` + ``.pub``."""
+    return run_dir / "keys" / "run-key"
+
+
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
                    console: Console | None = None, resume: bool = False,
                    mqtt_options: dict[str, Any] | None = None, listen: str = "127.0.0.1",
-                   insecure: bool = False) -> dict[str, Any]:
+                   insecure: bool = False, signing_key: Path | None = None,
+                   join_token: bytes | None = None) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
     With ``resume`` the run directory's last committed round is the starting point (after a crash), and the
     broker is the one the run recorded (coordinator/run_broker.py) unless ``broker`` names another.
-    ``listen`` is where an own broker listens: loopback unless ``insecure`` (it has no passwords)."""
+    ``listen`` is where an own broker listens: loopback unless ``insecure`` (it has no passwords). Control
+    messages are signed with ``signing_key`` (e.g. from `coordinator provision`), else with a key generated into
+    the run directory (``run_key_path``) before any agent is started."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     if broker is None and not resume:
         check_listen(listen, insecure)
@@ -127,11 +138,17 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
         store.set_meta("config", config.model_dump(mode="json"))
     try:
         options = connection_options(store, mqtt_options, resume=resume)
+        if signing_key is None and resume and store.meta("signing_key"):
+            signing_key = Path(store.meta("signing_key"))  # a resumed run signs with the key its agents know
+        key_path = signing_key or run_key_path(run_dir)
+        key = ensure_key_pair(key_path)
+        store.set_meta("signing_key", str(key_path.resolve()))
         with run_broker(run_dir / "broker", address=broker, resume=resume, listen=listen,
                         insecure=insecure) as record:
             host, port = record.host, record.port
             console.print(f"[bold]coordinator[/] broker {record.address}, method {config.method}, "
-                          f"{config.rounds} rounds, backbones {', '.join(config.backbones)}")
+                          f"{config.rounds} rounds, backbones {', '.join(config.backbones)}; agents verify with "
+                          f"--coordinator-key {public_path(key_path)}")
 
             if record.unauthenticated_network:
                 log.warning("INSECURE: this run's broker %s accepts anyone on the network without a password "
@@ -145,7 +162,9 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
 
             make = Coordinator.resume if resume else Coordinator
             endpoint = Coordinator.endpoint_for(host, port, **options)
-            coordinator = make(config, bundles, endpoint, store, on_round=show)
+            admission = AdmissionPolicy(frozenset(config.allowed_agents) if config.allowed_agents is not None
+                                        else None, join_token)
+            coordinator = make(config, bundles, endpoint, store, on_round=show, signing_key=key, admission=admission)
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()
@@ -156,6 +175,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "method": config.method,
             "rounds": store.last_round(),  # all committed rounds, also those before a resume
             "rounds_this_session": len(results),
+            "stopped": coordinator.stopped,
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
             "bundle_bytes": {name: b.size for name, b in bundles.items()},

@@ -21,9 +21,11 @@ from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.profile import profile_device
 from edge_agent.round_state import resume_learner, save_round
 from edge_agent.trainers.base import TrainerBackend
+from edge_agent.trust import ControlGate
+from edge_agent.upload_guard import refused_upload_names
 from protocols import topics
 from protocols.bundle_manifest import BundleManifest
-from protocols.errors import BlobFetchTimeout, MessageError, ProtocolError
+from protocols.errors import BlobFetchTimeout, ProtocolError
 from protocols.messages import (
     AgentStatus,
     Assignment,
@@ -40,10 +42,10 @@ from protocols.messages import (
     RoundMetrics,
     UpdateAck,
     UpdateReport,
-    decode_message,
     encode_message,
 )
 from protocols.mqtt import MqttEndpoint, Will, fetch_blob, publish_blob
+from protocols.signing import Signer, generate_key, join_proof, load_public_key
 from protocols.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger("edge_agent")
@@ -77,6 +79,11 @@ class AgentConfig:
     enforce_memory: bool = True
     slowdown: float = 1.0
     state_dir: Path | None = None  # the device's trained model, saved after every round (None: beside --data)
+    # The coordinator's public run key: only messages signed with it are acted on (edge_agent/trust.py). Without
+    # one the agent refuses to start unless insecure_no_verify is set (then signatures are not checked).
+    coordinator_key: Path | None = None
+    insecure_no_verify: bool = False
+    join_token: bytes | None = None  # the run's join secret, if it uses one (coordinator/admission.py)
 
 
 BACKENDS = ("auto", "ort", "torch")
@@ -130,6 +137,14 @@ class EdgeAgent:
         self._join_wanted = threading.Event()
         self._join_sent_for: str | None = None
         self._profile: DeviceProfile | None = None
+        if config.coordinator_key is None and not config.insecure_no_verify:
+            raise ValueError("no coordinator key: give the run's public key with --coordinator-key FILE (written by "
+                             "`coordinator provision` or into the run directory's keys/), or --insecure-no-verify "
+                             "to act on unsigned control messages (anyone on the broker can then stop or steer "
+                             "this device)")
+        self.gate = ControlGate(load_public_key(config.coordinator_key) if config.coordinator_key else None)
+        self.signer = Signer(generate_key())  # this process's identity: it signs our reports
+        self._join_nonce: str | None = None
         self.endpoint = MqttEndpoint(
             config.agent_id, config.host, config.port,
             username=config.username, password=config.password,
@@ -176,10 +191,9 @@ class EdgeAgent:
             last_activity = time.monotonic()
             if not item.payload:
                 continue
-            try:
-                message = decode_message(item.payload)
-            except MessageError as exc:
-                log.warning("ignoring malformed message on %s: %s", item.topic, exc)
+            message = self.gate.admit(item.topic, item.payload, joined_run=self.run_id,
+                                      joining_run=self._join_sent_for, join_nonce=self._join_nonce)
+            if message is None:
                 continue
             outcome = self._handle(message)
             if outcome is not None:
@@ -208,7 +222,7 @@ class EdgeAgent:
                 log.error("round %d update rejected: %s", message.round, message.reason)
         elif isinstance(message, ResendRequest):
             self._resend_update(message)
-        elif isinstance(message, Finish):
+        elif isinstance(message, Finish) and message.run_id == self.run_id:
             log.info("run %s finished: %s; this device's model is kept in %s", message.run_id, message.reason,
                      self.state_dir)
             self._status("left")
@@ -220,11 +234,16 @@ class EdgeAgent:
     def _send_join(self) -> None:
         assert self._profile is not None
         n = _count_records(self.config.data)
-        request = JoinRequest(agent_id=self.config.agent_id, nonce=secrets.token_hex(8), profile=self._profile,
+        self._join_nonce = secrets.token_hex(8)
+        request = JoinRequest(agent_id=self.config.agent_id, nonce=self._join_nonce, profile=self._profile,
                               n_train=n - n // 4, n_test=n // 4,
                               n_global_test=_count_records(self.config.global_test) if self.config.global_test
                               else 0,
-                              n_public=_count_records(self.config.public) if self.config.public else 0)
+                              n_public=_count_records(self.config.public) if self.config.public else 0,
+                              agent_key=self.signer.public_hex)
+        if self.config.join_token is not None and self._join_sent_for is not None:
+            request = request.model_copy(update={"proof": join_proof(self.config.join_token, self._join_sent_for,
+                                                                     request)})
         self.endpoint.publish(topics.agent_join(self.config.agent_id), encode_message(request))
         self._status("online")
 
@@ -306,6 +325,13 @@ class EdgeAgent:
             return
         self.pending_uploads = {}  # a new assignment supersedes anything not yet acknowledged
         learner = self._ensure_bundle(a.bundle)
+        refused = refused_upload_names(learner.manifest, a.upload_names)
+        if refused:
+            reason = "; ".join(list(refused.values())[:3])
+            log.error("round %d: the assignment asks for tensors this device never sends: %s", a.round, reason)
+            self._report(RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round,
+                                       nonce=a.nonce, reason=f"refused upload names: {reason}"))
+            return
         try:
             received = decode_tensors(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())))
         except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
@@ -324,9 +350,8 @@ class EdgeAgent:
             # Nothing is uploaded: the coordinator closes the round without us (min_fraction permitting) and
             # assigns the next one as usual; the next round reloads the model from scratch.
             log.error("round %d aborted: %s", a.round, exc)
-            declined = RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
-                                     reason=str(exc))
-            self.endpoint.publish(topics.agent_report(self.config.agent_id), encode_message(declined))
+            self._report(RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
+                                       reason=str(exc)))
             self._status("idle")
             return
         self._status("uploading")
@@ -343,7 +368,7 @@ class EdgeAgent:
         )
         report = UpdateReport(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
                               update=BlobRefModel.from_ref(ref), n_train=outcome.n_train, metrics=metrics)
-        report_bytes = encode_message(report)
+        report_bytes = self.signer.seal(a.run_id, topics.agent_report(self.config.agent_id), encode_message(report))
         self.pending_uploads = {a.round: (blob, report_bytes)}
         self._last_upload = time.monotonic()
         report_mid = self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
@@ -358,6 +383,10 @@ class EdgeAgent:
         log.info("round %d: personal %.3f, global %s, loss %.3f, %.1f s train", a.round,
                  outcome.personal.accuracy, f"{outcome.global_.accuracy:.3f}" if outcome.global_ else "-",
                  outcome.train_loss, outcome.train_seconds)
+
+    def _report(self, message: RoundDeclined) -> None:
+        topic = topics.agent_report(self.config.agent_id)
+        self.endpoint.publish(topic, self.signer.seal(message.run_id, topic, encode_message(message)))
 
     def _upload_again(self) -> None:
         """Send every unacknowledged update again, chunks then report; the coordinator dedupes both."""

@@ -61,6 +61,15 @@ def join(
     slowdown: Annotated[float, typer.Option(
         min=1.0, help="emulate a device this many times slower than this machine: sleep after every step and "
                       "report GFLOP/s divided by it (emulated fleets)")] = 1.0,
+    coordinator_key: Annotated[Path | None, typer.Option(
+        help="the coordinator's public run key (.pub from `coordinator provision` or the run directory's keys/): "
+             "only messages signed with it are acted on", exists=True, dir_okay=False)] = None,
+    insecure_no_verify: Annotated[bool, typer.Option(
+        "--insecure-no-verify", help="act on control messages without checking their signature (anyone who can "
+                                     "publish to the broker can then stop or steer this device)")] = False,
+    join_token_file: Annotated[Path | None, typer.Option(
+        help="file holding the run's join token (or set HETEROTUNE_JOIN_TOKEN); the token itself is never sent",
+        exists=True, dir_okay=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a coordinator and train every round it assigns until the run ends."""
@@ -75,6 +84,8 @@ def join(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s {agent_id} %(levelname)s %(message)s")
     host, port = _broker(broker)
+    from protocols.secret_files import read_secret
+
     try:
         validate_agent_id(agent_id)
     except ValueError as exc:
@@ -92,8 +103,10 @@ def join(
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                         enforce_memory=enforce_memory, slowdown=slowdown, state_dir=state_dir)
+                         enforce_memory=enforce_memory, slowdown=slowdown, state_dir=state_dir,
+                         coordinator_key=coordinator_key, insecure_no_verify=insecure_no_verify)
     try:
+        config.join_token = read_secret(join_token_file, "HETEROTUNE_JOIN_TOKEN")
         code = EdgeAgent(config).run()
     except BrokerUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)

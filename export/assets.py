@@ -1,7 +1,8 @@
 """Where the real pretrained weights live on disk, and the one-time conversions they need.
 
-Everything comes from installed packages (which package carries which weights: docs/design.md, "Backbones and data"); nothing is fetched
-from a model hub. Conversions are cached under the HeteroTune home directory so they run once per machine.
+Everything comes from installed packages (which package carries which weights: docs/design.md, "Backbones and
+data"); nothing is fetched from a model hub. Conversions are cached under the HeteroTune home directory so they
+run once per machine.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from protocols.topics import SHA256_PATTERN, validate_agent_id
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+SEALED_TYPE = "sealed"  # a signed envelope around one message (protocols/signing.py)
 
 AgentId = Annotated[str, AfterValidator(validate_agent_id)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
@@ -116,6 +117,10 @@ class JoinRequest(_Message):
     n_test: NonNegInt
     n_global_test: NonNegInt = 0
     n_public: NonNegInt = 0  # samples in the run's public set this device holds (consensus distillation)
+    # The agent's own Ed25519 public key (hex): its reports are signed with it (protocols/signing.py).
+    agent_key: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # HMAC of the run's join token over this request (coordinator/admission.py), when the run uses a token.
+    proof: Sha256Hex | None = None
 
 
 class JoinAccepted(_Message):
@@ -125,12 +130,14 @@ class JoinAccepted(_Message):
     backbone: Token
     bundle: BlobRefModel
     explanation: Text
+    nonce: Token | None = None  # the JoinRequest's: an agent acts only on the answer to its own join
 
 
 class JoinRefused(_Message):
     type: Literal["join_refused"] = "join_refused"
     agent_id: AgentId
     reason: Text
+    nonce: Token | None = None
 
 
 class Assignment(_Message):
@@ -296,7 +303,15 @@ def decode_message(payload: bytes, expected: tuple[type[_Message], ...]) -> Mess
 def decode_message(
     payload: bytes, expected: type[_Message] | tuple[type[_Message], ...] | None = None
 ) -> _Message:
-    """Parse an untrusted payload; raise ``MessageError`` with a one-line reason on any defect."""
+    """Parse an untrusted payload; raise ``MessageError`` with a one-line reason on any defect.
+
+    A signed envelope is unwrapped WITHOUT checking its signature (for tools and observers); whoever acts on a
+    message must verify it first (edge_agent/trust.py, coordinator/admission.py)."""
+    return _decode(payload, expected, sealed=False)
+
+
+def _decode(payload: bytes, expected: type[_Message] | tuple[type[_Message], ...] | None, *, sealed: bool
+            ) -> _Message:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise MessageError(f"message payload is a {type(payload).__name__}, not bytes")
     if len(payload) > MAX_MESSAGE_BYTES:
@@ -321,6 +336,15 @@ def decode_message(
             "upgrade the older side so coordinator and agents match"
         )
     kind = obj.get("type")
+    if kind == SEALED_TYPE and not sealed:
+        body = obj.get("body")
+        if not isinstance(body, str):
+            raise MessageError("sealed envelope without a string body")
+        try:
+            inner = body.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MessageError(f"sealed envelope body is not valid text: {exc}") from None
+        return _decode(inner, expected, sealed=True)
     cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise MessageError(f"unknown message type {kind!r}; expected one of {sorted(_BY_TYPE)}")

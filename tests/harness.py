@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -26,8 +27,12 @@ def fleet_data(tmp: Path, agent_ids: list[str], *, per_client: int = 120, seed: 
 class AgentProcesses:
     """Real `edge-agent join` processes; the test owns them and ends them by PID."""
 
-    def __init__(self, tmp: Path, data: FleetData, *, extra: Mapping[str, list[str]] | None = None) -> None:
+    def __init__(self, tmp: Path, data: FleetData, *, extra: Mapping[str, list[str]] | None = None,
+                 coordinator_key: Path | None = None) -> None:
+        """``coordinator_key``: the run key's public half the agents verify against (tests about trust); without
+        one the agents run with --insecure-no-verify (tests about anything else, whose runs generate their key)."""
         self.tmp, self.data, self.extra = tmp, data, extra or {}
+        self.trust = ["--coordinator-key", str(coordinator_key)] if coordinator_key else ["--insecure-no-verify"]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, host: str, port: int, agent_ids: list[str] | None = None) -> None:
@@ -37,9 +42,16 @@ class AgentProcesses:
                 [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
                  "--data", str(self.data.client_files[agent_id]), "--global-test", str(self.data.global_test_file),
                  "--threads", "1", "--cache-dir", str(self.tmp / "cache" / agent_id), "--max-idle", "120",
-                 *self.extra.get(agent_id, [])],
+                 *self._trust(agent_id), *self.extra.get(agent_id, [])],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
             log.close()
+
+    def _trust(self, agent_id: str) -> list[str]:
+        """How the agent checks the coordinator's messages, unless its extra arguments say it themselves."""
+        return [] if "--insecure-no-verify" in self.extra.get(agent_id, []) else self.trust
+
+    def full_log(self, agent_id: str) -> str:
+        return (self.tmp / f"{agent_id}.log").read_text(errors="replace")
 
     def kill(self, agent_id: str) -> None:
         os.kill(self.procs[agent_id].pid, signal.SIGKILL)
@@ -66,7 +78,7 @@ class AgentProcesses:
 
 
 @contextlib.contextmanager
-def agent_processes(tmp: Path, data: FleetData, **kwargs: Mapping[str, list[str]]) -> Iterator[AgentProcesses]:
+def agent_processes(tmp: Path, data: FleetData, **kwargs: Any) -> Iterator[AgentProcesses]:
     agents = AgentProcesses(tmp, data, **kwargs)
     try:
         yield agents

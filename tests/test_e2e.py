@@ -32,7 +32,8 @@ def start_agent_processes(tmp: Path, files: dict[str, Path], global_test: Path, 
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
              "--data", str(data), "--global-test", str(global_test), "--threads", "1",
-             "--cache-dir", str(tmp / "cache" / agent_id), "--max-idle", "120"],
+             "--cache-dir", str(tmp / "cache" / agent_id), "--max-idle", "120",
+             "--coordinator-key", str(tmp / "run" / "keys" / "run-key.pub")],
             stdout=log, stderr=subprocess.STDOUT))
 
 

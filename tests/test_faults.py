@@ -221,7 +221,7 @@ class RogueAgent:
                                        train_loss=0.1, train_seconds=0.1, eval_seconds=0.1, peak_rss_mb=1,
                                        bytes_down=1, backend="ort")
                 report = UpdateReport(run_id=message.run_id, agent_id=me, round=message.round, nonce=message.nonce,
-                                      update=BlobRefModel.from_ref(ref), n_train=10_000, metrics=metrics)
+                                      update=BlobRefModel.from_ref(ref), n_train=100, metrics=metrics)  # as declared
                 self.sent_reports.append(encode_message(report))
                 e.publish(topics.agent_report(me), self.sent_reports[-1])
         e.stop()

@@ -43,7 +43,7 @@ def run_fleet(tmp: Path, data: FleetData, backends: dict[str, str]) -> Path:
                 [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
                  "--data", str(data.client_files[agent_id]), "--global-test", str(data.global_test_file),
                  "--threads", "1", "--backend", backend, "--cache-dir", str(tmp / "cache" / agent_id),
-                 "--max-idle", "120"],
+                 "--max-idle", "120", "--coordinator-key", str(tmp / "run" / "keys" / "run-key.pub")],
                 stdout=log, stderr=subprocess.STDOUT))
 
     with MosquittoBroker(tmp / "broker") as broker:

@@ -44,7 +44,8 @@ def agent_command(root: Path, repo_in_root: str, data: str, global_test: str, ca
     return ["chroot", str(root), "/usr/bin/env", "-i", *env, "/usr/bin/time", "-v",
             "/opt/agent-venv/bin/python", "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}",
             "--id", AGENT_ID, "--backend", "torch", "--threads", str(threads),
-            "--data", data, "--global-test", global_test, "--cache-dir", cache, "--max-idle", "7200", "--verbose"]
+            "--data", data, "--global-test", global_test, "--cache-dir", cache, "--max-idle", "7200", "--verbose",
+            "--insecure-no-verify"]  # loopback bench: the run key is outside the chroot
 
 
 def replay_on_host(config: RunConfig, fleet: FleetData, run_dir: Path) -> float:
