@@ -74,8 +74,7 @@ def run(
     from coordinator.config import ConfigError, load_config
     from coordinator.run_broker import InsecureBrokerRefused, NoRecordedBroker
     from coordinator.runner import RunDirectoryInUse, resume_config, run_federation
-    from protocols.credentials import CredentialError, password_on_command_line
-    from protocols.secret_files import read_secret
+    from protocols.credentials import CredentialError, password_on_command_line, read_secret
 
     _logging(verbose)
     _stop_on_sigterm()

@@ -84,7 +84,7 @@ def join(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s {agent_id} %(levelname)s %(message)s")
     host, port = _broker(broker)
-    from protocols.secret_files import read_secret
+    from protocols.credentials import read_secret
 
     try:
         validate_agent_id(agent_id)

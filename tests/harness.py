@@ -48,7 +48,8 @@ class AgentProcesses:
 
     def _trust(self, agent_id: str) -> list[str]:
         """How the agent checks the coordinator's messages, unless its extra arguments say it themselves."""
-        return [] if "--insecure-no-verify" in self.extra.get(agent_id, []) else self.trust
+        own = self.extra.get(agent_id, [])
+        return [] if "--insecure-no-verify" in own or "--coordinator-key" in own else self.trust
 
     def full_log(self, agent_id: str) -> str:
         return (self.tmp / f"{agent_id}.log").read_text(errors="replace")

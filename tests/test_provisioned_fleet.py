@@ -87,10 +87,14 @@ def run_provisioned_federation(tmp: Path, security: Path, port: int, *, client_c
     """Coordinator and agents as processes with the credentials `coordinator provision` wrote for each of them."""
     def auth(user: str) -> list[str]:
         party = security / (COORDINATOR_USER if user == COORDINATOR_USER else f"agents/{user}")
+        # the run key provision wrote: the coordinator signs with it, each device verifies with its own copy
+        trust = (["--signing-key", str(security / "run-key" / "run-key")] if user == COORDINATOR_USER
+                 else ["--coordinator-key", str(party / "run-key.pub")])
         if client_certs:  # no username, no password: the broker takes the identity from the certificate's CN
             return ["--tls-ca", str(party / "ca.crt"), "--tls-cert", str(party / "client.crt"),
-                    "--tls-key", str(party / "client.key")]
-        return ["--tls-ca", str(party / "ca.crt"), "--username", user, "--password-file", str(party / "password")]
+                    "--tls-key", str(party / "client.key"), *trust]
+        return ["--tls-ca", str(party / "ca.crt"), "--username", user, "--password-file", str(party / "password"),
+                *trust]
 
     data = fleet_data(tmp, AGENTS, per_client=60)
     run_dir = tmp / "run"
