@@ -12,7 +12,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from coordinator.methods import (
     strategy_for,
     uses_prototypes,
 )
+from coordinator.observers import ObserverSet, RoundEnded, RoundObserver, RoundStarted, UpdateHandled
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -108,12 +109,15 @@ class Coordinator:
     """Owns the run: its state is the truth, the broker is only a transport."""
 
     def __init__(self, config: RunConfig, bundles: dict[str, Bundle], endpoint: MqttEndpoint, store: RunStore,
-                 *, on_round: Callable[[RoundResult], None] | None = None) -> None:
+                 *, on_round: Callable[[RoundResult], None] | None = None,
+                 observers: Sequence[RoundObserver] = ()) -> None:
         self.config = config
         self.bundles = bundles
         self.endpoint = endpoint
         self.store = store
         self.on_round = on_round
+        self.observers = ObserverSet(list(observers))
+        self.attempt = 0
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
         self.public_samples = public_samples_for(config)
@@ -366,7 +370,7 @@ class Coordinator:
 
     def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
         started = time.time()
-        self.current_round = round_id
+        self.current_round, self.attempt = round_id, attempt
         selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
@@ -389,6 +393,9 @@ class Coordinator:
                 anchor_weight=anchor_weight_for(self.config))
             self.endpoint.publish(topics.agent_inbox(agent_id), encode_message(assignment),
                                   expiry_seconds=int(self.config.round_timeout_s))
+        needed = math.ceil(self.config.min_fraction * target)
+        self.observers.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
+        waiting = time.time()
         accepted = GroupAccumulator()  # running per-group sums; updates are not kept in memory
         rows: list[MetricRow] = []
         self.declined_rows = []
@@ -408,6 +415,7 @@ class Coordinator:
                     upload.done = True  # its last will arrived: stop waiting for it
                     open_uploads -= 1
                     log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
+                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost"))
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
@@ -415,21 +423,30 @@ class Coordinator:
                     open_uploads -= 1
                     if update is not None:
                         accepted.add(update)
+                    self.observers.update_handled(UpdateHandled(
+                        round_id, attempt, row.agent_id, "accepted" if row.accepted else "rejected", row.reason))
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
-        needed = math.ceil(self.config.min_fraction * target)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
                         round_id, attempt + 1, len(accepted), len(selected), needed)
             self.pending = {}
+            self.observers.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
+                                                  time.time() - started))
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
+        aggregating = time.time()
         result = self.strategy.aggregate(self.state, accepted.as_updates(), round_id)
         self.state = result.state
+        # The round's time split for `coordinator report`: the rest of finished - started is the commit.
+        timing = {"publish_s": waiting - started, "wait_s": aggregating - waiting,
+                  "aggregate_s": time.time() - aggregating, "attempt": attempt}
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
-                                diagnostics=result.diagnostics)
+                                diagnostics={**result.diagnostics, "timing": timing})
+        self.observers.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
+                                              time.time() - started))
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
 
     def _publish_weights(self, backbones: set[str]) -> dict[str, BlobRef]:
@@ -472,6 +489,8 @@ class Coordinator:
             return
         upload.done = True
         log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
+        self.observers.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
+                                                    declined.reason))
         self.declined_rows.append(MetricRow(
             round=declined.round, agent_id=declined.agent_id, backbone=upload.backbone, personal_accuracy=None,
             global_accuracy=None, n_test=0, n_global_test=0, n_train=0, train_loss=None, bytes_up=0, bytes_down=0,

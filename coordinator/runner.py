@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from coordinator.broker import MosquittoBroker, parse_broker_address
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
+from coordinator.observers import ProgressPrinter, RoundObserver
 from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
@@ -93,10 +94,12 @@ def set_aside(run_dir: Path) -> Path | None:
 def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = None,
                    start_agents: Callable[[str, int], Any] | None = None,
                    console: Console | None = None, resume: bool = False,
-                   mqtt_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   mqtt_options: dict[str, Any] | None = None,
+                   observers: Sequence[RoundObserver] = ()) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
-    With ``resume`` the run directory's last committed round is the starting point (after a crash)."""
+    With ``resume`` the run directory's last committed round is the starting point (after a crash). The console
+    gets a progress line per round event; ``observers`` see the same events (coordinator/observers.py)."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     held = None if resume else stored_run(run_dir)
     if held is not None:
@@ -121,7 +124,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
 
             make = Coordinator.resume if resume else Coordinator
             endpoint = Coordinator.endpoint_for(host, port, **(mqtt_options or {}))
-            coordinator = make(config, bundles, endpoint, store, on_round=show)
+            progress = ProgressPrinter(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+            coordinator = make(config, bundles, endpoint, store, on_round=show, observers=[progress, *observers])
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()
