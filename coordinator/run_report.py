@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
@@ -178,21 +179,30 @@ def _series(stored: StoredRound, rows: Sequence[MetricRow], groups: Sequence[str
         split = {k.removesuffix("_s"): v for k, v in stored.timing.items()}
         split["commit"] = max(0.0, seconds - sum(split.values()))
     return RoundSeries(
-        round_id=stored.round_id, attempts=stored.attempts, selected=stored.selected, reported=len(accepted) + len(rejected),
-        accepted=len(accepted), rejected=len(rejected), declined=len(declined),
+        round_id=stored.round_id, attempts=stored.attempts, selected=stored.selected,
+        reported=len(accepted) + len(rejected), accepted=len(accepted), rejected=len(rejected), declined=len(declined),
         no_report=max(0, stored.selected - len(rows)),
         rejections=dict(Counter(_reason_kind(r.reason) for r in rejected)),
         bytes_up=sum(r.bytes_up for r in rows), bytes_down=sum(r.bytes_down for r in rows), seconds=seconds,
         split=split,
-        accuracy={view: {g: weighted([r for r in rows if r.backbone == g], f"{view}_accuracy",
+        accuracy={view: {g: weighted([r for r in accepted if r.backbone == g], f"{view}_accuracy",
                                      "n_test" if view == "personal" else "n_global_test") for g in groups}
                   for view in VIEWS})
 
 
 def _reason_kind(reason: str) -> str:
-    """A short, stable label for a rejection reason (its first clause), so counts group across agents."""
-    head = reason.split(":", 1)[0].strip() or "rejected"
-    return head[:60]
+    """A short, stable label for a rejection reason (its first clause, numbers as #), so counts group across
+    agents and rounds."""
+    head = re.sub(r"(?<![\w.])\d[\d.eE+-]*", "#", reason.split(";", 1)[0]).strip() or "rejected"
+    return head[:80]
+
+
+NOTES = ("Accuracy is pooled over a group's accepted updates (weighted by test samples; what a rejected agent "
+         "says about itself is not trusted): *personal* on each agent's own test split after local training, "
+         "*global* on the balanced held-out set with the model the agent received. *no report*: invited but "
+         "neither reported nor declined (lost, or still training when the round closed). *attempts*: 1 + the "
+         "retries the round needed. The time split is publish (weights and assignments out), wait (for updates), "
+         "aggregate, and commit (the rest: tensors and database).")
 
 
 # --- the page --------------------------------------------------------------------------------------------
@@ -218,11 +228,7 @@ def markdown_page(records: RunRecords, series: Sequence[RoundSeries], plots: Seq
         cells += [f"{s.split[k]:.2f}" if k in s.split else "-" for k in ("publish", "wait", "aggregate", "commit")]
         cells += [_pct(s.accuracy[view].get(g)) for view in VIEWS for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy is pooled over a group's agents (weighted by test samples): *personal* on each agent's "
-              "own test split after local training, *global* on the balanced held-out set with the model the "
-              "agent received. *no report*: invited but neither reported nor declined (lost, or still training "
-              "when the round closed). *attempts*: 1 + the retries the round needed. The time split is publish (weights and assignments out), wait (for "
-              "updates), aggregate, and commit (the rest: tensors and database).", ""]
+    lines += ["", NOTES, ""]
     reasons = [(s.round_id, kind, n) for s in series for kind, n in sorted(s.rejections.items())]
     declines = [(m.round, m.agent_id, m.reason) for m in records.metrics if m.reason.startswith("declined:")]
     if reasons or declines:
