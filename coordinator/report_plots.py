@@ -69,6 +69,11 @@ def plot_bytes(plt: Any, series: Sequence[RoundSeries], path: Path) -> Path:
     axis.bar([r + width / 2 for r in rounds], [s.bytes_down / 1e6 for s in series], width,
              label="down (bundles, weights)")
     axis.set(xlabel="round", ylabel="MB, all agents", title="bytes per round")
+    values = [v for s in series for v in (s.bytes_up, s.bytes_down) if v > 0]
+    if values and max(values) > 50 * min(values):  # round 1's bundle download would flatten every other bar
+        axis.set_yscale("log")
+        axis.set_ylim(bottom=min(values) / 1e6 / 4)
+        axis.set_ylabel("MB, all agents (log scale)")
     axis.set_xticks(rounds)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3, axis="y")

@@ -13,7 +13,6 @@ import csv
 import json
 import re
 import sqlite3
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,7 +67,7 @@ class RoundSeries:
     rejected: int
     declined: int
     no_report: int  # invited, but never reported nor declined: lost, or still training when the round closed
-    rejections: dict[str, int]
+    rejections: dict[str, list[str]]  # reason (numbers as #) -> the agents rejected for it
     bytes_up: int
     bytes_down: int
     seconds: float
@@ -182,12 +181,19 @@ def _series(stored: StoredRound, rows: Sequence[MetricRow], groups: Sequence[str
         round_id=stored.round_id, attempts=stored.attempts, selected=stored.selected,
         reported=len(accepted) + len(rejected), accepted=len(accepted), rejected=len(rejected), declined=len(declined),
         no_report=max(0, stored.selected - len(rows)),
-        rejections=dict(Counter(_reason_kind(r.reason) for r in rejected)),
+        rejections=_by_reason(rejected),
         bytes_up=sum(r.bytes_up for r in rows), bytes_down=sum(r.bytes_down for r in rows), seconds=seconds,
         split=split,
         accuracy={view: {g: weighted([r for r in accepted if r.backbone == g], f"{view}_accuracy",
                                      "n_test" if view == "personal" else "n_global_test") for g in groups}
                   for view in VIEWS})
+
+
+def _by_reason(rejected: Sequence[MetricRow]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in sorted(rejected, key=lambda r: r.agent_id):
+        out.setdefault(_reason_kind(row.reason), []).append(row.agent_id)
+    return out
 
 
 def _reason_kind(reason: str) -> str:
@@ -229,11 +235,11 @@ def markdown_page(records: RunRecords, series: Sequence[RoundSeries], plots: Seq
         cells += [_pct(s.accuracy[view].get(g)) for view in VIEWS for g in groups]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", NOTES, ""]
-    reasons = [(s.round_id, kind, n) for s in series for kind, n in sorted(s.rejections.items())]
+    reasons = [(s.round_id, kind, agents) for s in series for kind, agents in sorted(s.rejections.items())]
     declines = [(m.round, m.agent_id, m.reason) for m in records.metrics if m.reason.startswith("declined:")]
     if reasons or declines:
         lines += ["## Rejections and declines", ""]
-        lines += [f"- round {r}: {n} x rejected: {kind}" for r, kind, n in reasons]
+        lines += [f"- round {r}: {len(a)} rejected ({', '.join(a)}): {kind}" for r, kind, a in reasons]
         lines += [f"- round {r}: {a} {reason}" for r, a, reason in declines]
         lines.append("")
     return "\n".join(lines)

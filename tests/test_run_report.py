@@ -141,7 +141,8 @@ def test_report_writes_plots_and_a_page_with_the_stores_numbers(watched_run: tup
     page = (tmp_path / "report" / "report.md").read_text()
     for png in pngs:
         assert f"]({png.name})" in page
-    assert "- round 1: 1 x rejected: update L2 norm # exceeds the bound #" in page
+    for round_id in (1, 2):
+        assert f"- round {round_id}: 1 rejected (rogue): update L2 norm # exceeds the bound #" in page
 
     rows = _csv_rows(run_dir)
     db = sqlite3.connect(run_dir / "coordinator.sqlite")
@@ -226,13 +227,13 @@ def test_series_count_declines_and_group_rejection_reasons_across_agents() -> No
     first, second = round_series(records)
     assert (first.selected, first.reported, first.accepted, first.rejected, first.declined, first.no_report) == \
         (6, 4, 2, 2, 1, 1)
-    assert first.rejections == {"update L2 norm # exceeds the bound #": 2}
+    assert first.rejections == {"update L2 norm # exceeds the bound #": ["c", "d"]}
     assert first.split == {"publish": 1.0, "wait": 20.0, "aggregate": 4.0, "commit": 5.0}
     # 0.8 and 0.6 over 10 test samples each; the rejected g2 agents' own claims are not pooled
     assert first.accuracy["personal"] == {"g1": pytest.approx(0.7), "g2": None}
     assert second.split == {} and second.no_report == 1 and second.bytes_up == 0
     page = markdown_page(records, [first, second], ["accuracy.png"])
-    assert "- round 1: 2 x rejected: update L2 norm # exceeds the bound #" in page
+    assert "- round 1: 2 rejected (c, d): update L2 norm # exceeds the bound #" in page
     assert "- round 1: e declined: the round needs 900 s" in page
     assert "| 1 | 2 | 6 | 4 | 2 | 2 | 1 | 1 | 5 | 10 | 30.0 | 1.00 | 20.00 | 4.00 | 5.00 | 70.0 | - |" in page
     assert "| 2 | 1 | 1 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 10.0 | - | - | - | - | - | - |" in page
