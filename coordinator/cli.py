@@ -198,6 +198,24 @@ def demo(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (the --out of `coordinator run` or `demo`)")],
+    out: Annotated[Path | None, typer.Option(help="where to write the page and plots (default RUN_DIR/report)")]
+    = None,
+) -> None:
+    """Plots (accuracy per backbone group in both views, bytes, round time, outcomes) and a one-page summary."""
+    from coordinator.run_report import ReportError, write_report
+
+    try:
+        written = write_report(run_dir, out)
+    except ReportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
 def provision(
     out: Annotated[Path, typer.Option(help="directory for the CA, the broker's files and each party's credentials")],
     agents: Annotated[list[str], typer.Option("--agent", help="agent id (repeat for each agent)")],

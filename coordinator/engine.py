@@ -12,7 +12,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from coordinator.methods import (
     strategy_for,
     uses_prototypes,
 )
+from coordinator.observers import ObserverSet, RoundEnded, RoundObserver, RoundStarted, UpdateHandled
 from coordinator.report_checks import (
     Candidate,
     blob_ref_refusal,
@@ -132,12 +133,15 @@ class Coordinator:
 
     def __init__(self, config: RunConfig, bundles: dict[str, Bundle], endpoint: MqttEndpoint, store: RunStore,
                  *, on_round: Callable[[RoundResult], None] | None = None,
-                 signing_key: Ed25519PrivateKey | None = None, admission: AdmissionPolicy | None = None) -> None:
+                 signing_key: Ed25519PrivateKey | None = None, admission: AdmissionPolicy | None = None,
+                 observers: Sequence[RoundObserver] = ()) -> None:
         self.config = config
         self.bundles = bundles
         self.endpoint = endpoint
         self.store = store
         self.on_round = on_round
+        self.observers = ObserverSet(list(observers))
+        self.attempt = 0
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
         self.public_samples = public_samples_for(config)
@@ -447,7 +451,7 @@ class Coordinator:
 
     def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
         started = time.time()
-        self.current_round = round_id
+        self.current_round, self.attempt = round_id, attempt
         selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
@@ -470,6 +474,9 @@ class Coordinator:
                 anchor_weight=anchor_weight_for(self.config))
             self.pending[agent_id].assignment = assignment
             self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=int(self.config.round_timeout_s))
+        needed = math.ceil(self.config.min_fraction * target)
+        self.observers.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
+        waiting = time.time()
         accepted: list[Candidate] = []  # on disk until the round's norms are known; then summed one at a time
         rows: list[MetricRow] = []
         self.declined_rows = []
@@ -489,6 +496,7 @@ class Coordinator:
                     upload.done = True  # its last will arrived: stop waiting for it
                     open_uploads -= 1
                     log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
+                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost"))
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
@@ -496,22 +504,31 @@ class Coordinator:
                     open_uploads -= 1
                     if update is not None:
                         accepted.append(update)
+                    self.observers.update_handled(UpdateHandled(
+                        round_id, attempt, row.agent_id, "accepted" if row.accepted else "rejected", row.reason))
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
-        accepted, rows = self._screen_norms(accepted, rows)
-        needed = math.ceil(self.config.min_fraction * target)
+        accepted, rows = self._screen_norms(accepted, rows, attempt)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
                         round_id, attempt + 1, len(accepted), len(selected), needed)
             self.pending = {}
+            self.observers.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
+                                                  time.time() - started))
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
+        aggregating = time.time()
         result = self.strategy.aggregate(self.state, self._group_updates(accepted), round_id)
         self.state = result.state
+        # The round's time split for `coordinator report`: the rest of finished - started is the commit.
+        timing = {"publish_s": waiting - started, "wait_s": aggregating - waiting,
+                  "aggregate_s": time.time() - aggregating, "attempt": attempt}
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
-                                diagnostics=result.diagnostics)
+                                diagnostics={**result.diagnostics, "timing": timing})
+        self.observers.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
+                                              time.time() - started))
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
 
     def _group_updates(self, accepted: list[Candidate]) -> list[ClientUpdate]:
@@ -528,7 +545,7 @@ class Coordinator:
             sums.add(load(candidate))
         return sums.as_updates()
 
-    def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow]
+    def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow], attempt: int
                       ) -> tuple[list[Candidate], list[MetricRow]]:
         """Reject the updates beyond the relative norm bound (report_checks.relative_norm_refusals): their rows
         say why, their agents are told, and their files leave the audit trail of accepted updates."""
@@ -538,6 +555,8 @@ class Coordinator:
             if reason is None:
                 continue
             log.warning("round %d: rejected update from %s: %s", self.current_round, candidate.agent_id, reason)
+            self.observers.update_handled(UpdateHandled(self.current_round, attempt, candidate.agent_id, "rejected",
+                                                        reason))  # replaces the "accepted" it was given on arrival
             candidate.path.unlink(missing_ok=True)
             upload = self.pending.get(candidate.agent_id)
             if upload is not None:
@@ -597,6 +616,8 @@ class Coordinator:
             upload.done = True  # an impossible update: the round stops waiting for it
             log.warning("round %d: rejected report from %s: %s", report.round, report.agent_id, refusal)
             self.declined_rows.append(self._empty_row(upload, report.round, f"rejected: {refusal}"))
+            self.observers.update_handled(UpdateHandled(report.round, self.attempt, report.agent_id, "rejected",
+                                                        refusal))
             self._send(topics.agent_inbox(report.agent_id),
                        UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=refusal))
             return
@@ -612,6 +633,8 @@ class Coordinator:
             return
         upload.done = True
         log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
+        self.observers.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
+                                                    declined.reason))
         self.declined_rows.append(self._empty_row(upload, declined.round, f"declined: {declined.reason}"))
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from coordinator.admission import AdmissionPolicy
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
+from coordinator.observers import ProgressPrinter, RoundObserver
 from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
@@ -112,14 +113,15 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
                    console: Console | None = None, resume: bool = False,
                    mqtt_options: dict[str, Any] | None = None, listen: str = "127.0.0.1",
                    insecure: bool = False, signing_key: Path | None = None,
-                   join_token: bytes | None = None) -> dict[str, Any]:
+                   join_token: bytes | None = None, observers: Sequence[RoundObserver] = ()) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
     With ``resume`` the run directory's last committed round is the starting point (after a crash), and the
     broker is the one the run recorded (coordinator/run_broker.py) unless ``broker`` names another.
     ``listen`` is where an own broker listens: loopback unless ``insecure`` (it has no passwords). Control
     messages are signed with ``signing_key`` (e.g. from `coordinator provision`), else with a key generated into
-    the run directory (``run_key_path``) before any agent is started."""
+    the run directory (``run_key_path``) before any agent is started. The console gets a progress line per round
+    event; ``observers`` see the same events (coordinator/observers.py)."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     if broker is None and not resume:
         check_listen(listen, insecure)
@@ -164,7 +166,9 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             endpoint = Coordinator.endpoint_for(host, port, **options)
             admission = AdmissionPolicy(frozenset(config.allowed_agents) if config.allowed_agents is not None
                                         else None, join_token)
-            coordinator = make(config, bundles, endpoint, store, on_round=show, signing_key=key, admission=admission)
+            progress = ProgressPrinter(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+            coordinator = make(config, bundles, endpoint, store, on_round=show, signing_key=key, admission=admission,
+                               observers=[progress, *observers])
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()
