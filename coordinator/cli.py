@@ -121,7 +121,7 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A real federated run on this machine: own mosquitto on loopback + emulated edge agents (4 by default)."""
-    from coordinator.demo import plan_for, run_demo, run_fleet
+    from coordinator.demo import model_locations, plan_for, run_demo, run_fleet
     from coordinator.fleet import format_plan
     from coordinator.report import _pct
     from coordinator.runner import set_aside
@@ -145,6 +145,8 @@ def demo(
     for entry in summary["per_round"]:
         typer.echo(f"  round {entry['round']}: global accuracy {_pct(entry['global_accuracy'])} %, "
                    f"personal accuracy {_pct(entry['personal_accuracy'])} %")
+    for line in model_locations(out, list(summary["agents"])):
+        typer.echo(line)
 
 
 @app.command()

@@ -62,12 +62,14 @@ def plan_for(agents: Sequence[EmulatedAgent], config: RunConfig, data: DataSplit
 
 
 def agent_command(agent: EmulatedAgent, host: str, port: int, data_file: Path, global_test: Path,
-                  cache_dir: Path, public: Path | None = None) -> list[str]:
-    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend, and
-    the run's public set when the run distils."""
+                  cache_dir: Path, public: Path | None = None, *, state_dir: Path | None = None) -> list[str]:
+    """`edge-agent join` for one emulated device: its cap (sent and enforced), speed, round limit and backend,
+    the run's public set when the run distils, and where it keeps its trained model."""
     command = [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent.agent_id,
                "--data", str(data_file), "--global-test", str(global_test), "--max-memory", f"{agent.memory_mb:g}",
                "--threads", "1", "--cache-dir", str(cache_dir), "--max-idle", "600"]
+    if state_dir is not None:
+        command += ["--state-dir", str(state_dir)]
     if public is not None:
         command += ["--public", str(public)]
     if agent.slowdown != 1:
@@ -97,7 +99,7 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
         logs.mkdir(exist_ok=True)
         for agent in agents:
             command = agent_command(agent, host, port, files.client_files[agent.agent_id], files.global_test_file,
-                                    logs / agent.agent_id, public)
+                                    logs / agent.agent_id, public, state_dir=device_state_dir(out_dir, agent.agent_id))
             with open(logs / f"{agent.agent_id}.log", "wb") as log:
                 processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                   env=single_thread_env()))
@@ -106,6 +108,24 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
         return run_federation(config, out_dir, start_agents=start_agents)
     finally:
         _stop(processes)
+
+
+def device_state_dir(out_dir: Path, agent_id: str) -> Path:
+    """Where a demo device keeps its fine-tuned model (`edge-agent join --state-dir`)."""
+    return out_dir / "devices" / agent_id
+
+
+def model_locations(out_dir: Path, agent_ids: Sequence[str], example: str = "what a great day at the beach"
+                    ) -> list[str]:
+    """The demo's closing lines: each device's model directory, and one command to try one of them."""
+    found = [(agent_id, device_state_dir(out_dir, agent_id)) for agent_id in sorted(agent_ids)
+             if device_state_dir(out_dir, agent_id).is_dir()]
+    if not found:
+        return []
+    lines = ["each device's fine-tuned model (saved after every round):"]
+    lines += [f"  {agent_id}: {path}" for agent_id, path in found]
+    lines.append(f"try one: edge-agent predict --state-dir {found[0][1]} --text \"{example}\"")
+    return lines
 
 
 def _stop(processes: list[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from edge_agent.bundle_store import BundleStore, default_cache_dir
 from edge_agent.data import Sample, load_examples
+from edge_agent.device_state import default_state_dir
 from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.profile import profile_device
+from edge_agent.round_state import resume_learner, save_round
 from edge_agent.trainers.base import TrainerBackend
 from protocols import topics
 from protocols.bundle_manifest import BundleManifest
@@ -72,6 +74,7 @@ class AgentConfig:
     # `slowdown` times slower than this machine (sleeps after each step, GFLOP/s reported divided by it).
     enforce_memory: bool = True
     slowdown: float = 1.0
+    state_dir: Path | None = None  # the device's trained model, saved after every round (None: beside --data)
 
 
 BACKENDS = ("auto", "ort", "torch")
@@ -116,6 +119,7 @@ class EdgeAgent:
         self.run_id: str | None = None
         self.learner: LocalLearner | None = None
         self.bundle_sha: str | None = None
+        self.state_dir = config.state_dir or default_state_dir(config.data, config.agent_id)
         # round -> (update blob, report) kept until the coordinator acknowledges it, for resends
         self.pending_uploads: dict[int, tuple[bytes, bytes]] = {}
         self._last_upload = 0.0
@@ -200,7 +204,8 @@ class EdgeAgent:
         elif isinstance(message, ResendRequest):
             self._resend_update(message)
         elif isinstance(message, Finish):
-            log.info("run %s finished: %s", message.run_id, message.reason)
+            log.info("run %s finished: %s; this device's model is kept in %s", message.run_id, message.reason,
+                     self.state_dir)
             self._status("left")
             return EXIT_FINISHED
         return None
@@ -236,6 +241,7 @@ class EdgeAgent:
         manifest = self.store.manifest(ref.sha256)
         self._ensure_parts(ref.sha256, manifest)
         self.learner = self._make_learner(bundle_dir, manifest)
+        resume_learner(self.learner, self.state_dir, self.run_id, ref.sha256)
         self.bundle_sha = ref.sha256
         return self.learner
 
@@ -333,6 +339,8 @@ class EdgeAgent:
         self._last_upload = time.monotonic()
         report_mid = self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
+        save_round(self.state_dir, learner=learner, run_id=a.run_id, round_id=a.round, bundle_sha=a.bundle.sha256,
+                   bundle_dir=self.store.path(a.bundle.sha256), received=received, outcome=outcome)
         self._status("idle")
         # Load the next round's session now, while there is nothing else to do, but only once the broker has the
         # report: loading holds the GIL, and paho's network thread would otherwise sit on the upload meanwhile.

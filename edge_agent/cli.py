@@ -41,6 +41,9 @@ def join(
              "Raspberry Pi and Jetson, where no ORT training wheel exists), auto (ort where it loads, else torch)"),
     ] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="bundle cache")] = None,
+    state_dir: Annotated[Path | None, typer.Option(
+        help="where this device keeps its trained model, saved after every round and resumed after a restart "
+             "(default: heterotune-state/ID beside --data)", file_okay=False)] = None,
     max_idle: Annotated[float, typer.Option(help="give up after this many seconds without messages")] = 900.0,
     username: Annotated[str | None, typer.Option(help="MQTT username (defaults to none)")] = None,
     password: Annotated[str | None, typer.Option(envvar="HETEROTUNE_MQTT_PASSWORD")] = None,
@@ -72,7 +75,7 @@ def join(
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,
-                         slowdown=slowdown)
+                         slowdown=slowdown, state_dir=state_dir)
     try:
         code = EdgeAgent(config).run()
     except BrokerUnavailable as exc:

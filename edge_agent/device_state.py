@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ log = logging.getLogger("edge_agent.device_state")
 
 STATE_FORMAT = 1
 CURRENT, PREVIOUS = "model.json", "model.prev.json"
-_SECTIONS = ("tensors", "received", "optimizer")
+_SECTIONS = ("tensors", "received", "optimizer", "before")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TENSOR_FILE = re.compile(r"^tensors-[0-9a-f]{16}\.safetensors$")
@@ -76,6 +76,9 @@ class DeviceModel:
     optimizer: dict[str, np.ndarray]  # optimizer state where the backend exposes it ({} otherwise)
     metrics: dict[str, Metric]  # personal_accuracy, global_accuracy, n_train, n_test, train_loss, backend, method
     saved_unix: float
+    # The kept tensors that were not received, as they were before that round: a round the coordinator runs
+    # again (abandoned, or its coordinator resumed) restarts from them, as LocalLearner does in memory.
+    before: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ def tensor_problems(sections: Mapping[str, Mapping[str, np.ndarray]],
         extra = sorted(set(tensors) - set(expected))
         wrong = sorted(name for name in set(expected) & set(tensors)
                        if tuple(np.shape(tensors[name])) != tuple(expected[name]))
+        before = sections.get("before", {})
+        wrong += sorted(name for name in before
+                        if name not in expected or tuple(np.shape(before[name])) != tuple(expected[name]))
         if missing or extra or wrong:
             problems.append(f"its tensors do not fit the bundle (missing {missing[:3]}, unknown {extra[:3]}, "
                             f"wrong shape {wrong[:3]})")
@@ -195,7 +201,7 @@ def split_sections(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.nda
 def join_sections(model: DeviceModel) -> dict[str, np.ndarray]:
     return {f"{section}/{name}": np.ascontiguousarray(value)
             for section, named in (("tensors", model.tensors), ("received", model.received),
-                                   ("optimizer", model.optimizer))
+                                   ("optimizer", model.optimizer), ("before", model.before))
             for name, value in named.items()}
 
 
@@ -242,7 +248,8 @@ def save_model(state_dir: Path, model: DeviceModel) -> Path:
     back: no tensors, NaN/inf values, implausible sizes."""
     from safetensors.numpy import save
 
-    sections = {"tensors": model.tensors, "received": model.received, "optimizer": model.optimizer}
+    sections = {"tensors": model.tensors, "received": model.received, "optimizer": model.optimizer,
+                "before": model.before}
     problems = tensor_problems(sections)
     if problems:
         raise DeviceStateError(f"not saving the state of round {model.round_id}: {'; '.join(problems)}")
@@ -337,7 +344,8 @@ def _load_copy(slot: Path, json_name: str, run_id: str | None, bundle_sha: str |
                        bundle_sha=meta["bundle_sha"], bundle_dir=Path(meta["bundle_dir"]), backbone=meta["backbone"],
                        labels=tuple(str(label) for label in meta["labels"]), tensors=sections["tensors"],
                        received=sections["received"], optimizer=sections["optimizer"],
-                       metrics=clean_metrics(meta["metrics"]), saved_unix=float(meta["saved_unix"]))
+                       metrics=clean_metrics(meta["metrics"]), saved_unix=float(meta["saved_unix"]),
+                       before=sections["before"])
 
 
 def _slots(state_dir: Path) -> list[Path]:
@@ -387,8 +395,10 @@ def load_model(state_dir: Path, run_id: str | None = None, *, bundle_sha: str | 
         slots = [slot for slot in slots if slot.parent.name == safe_dir_name(run_id)]
     if not slots:
         where = f"for run {run_id!r} " if run_id is not None else ""
+        others = sorted({slot.parent.name for slot in _slots(state_dir)})
+        kept = f"; the states of other runs ({', '.join(others[:5])}) are kept apart, not loaded" if others else ""
         raise NoDeviceState(f"no device state {where}in {state_dir}: the agent writes one after every completed "
-                            "round (`edge-agent join --state-dir`)")
+                            f"round (`edge-agent join --state-dir`){kept}")
     if bundle_sha is not None:
         matching = [slot for slot in slots if slot.name == safe_dir_name(bundle_sha)]
         if not matching:

@@ -119,6 +119,31 @@ class LocalLearner:
         # abandoned, or the coordinator crashed and resumed) starts from the same state and gives the same result.
         self._before: tuple[int, dict[str, np.ndarray]] | None = None
 
+    def restore(self, tensors: Mapping[str, np.ndarray], round_id: int | None = None,
+                before: Mapping[str, np.ndarray] | None = None) -> None:
+        """Continue from saved tensors (a restarted device, edge_agent/round_state.py): every kept tensor, each
+        with its shape, or a ValueError and the learner unchanged. ``before`` (the kept tensors as they were
+        before round ``round_id``, any subset) lets that round, if the coordinator runs it again, restart from
+        where its first attempt did, as it would have without the restart."""
+        before = before or {}
+        wrong = sorted(name for name in self.kept
+                       if name not in tensors or np.shape(tensors[name]) != self.kept[name].shape)
+        wrong += sorted(set(tensors) - set(self.kept))
+        wrong += sorted(name for name in before
+                        if name not in self.kept or np.shape(before[name]) != self.kept[name].shape)
+        if wrong:
+            raise ValueError(f"saved tensors do not fit this bundle: {wrong[:3]}")
+        self.kept = {name: np.array(tensors[name], dtype=self.kept[name].dtype, copy=True) for name in self.kept}
+        self._before = None
+        if round_id is not None and before:
+            self._before = (round_id, {name: np.array(before[name], dtype=value.dtype, copy=True)
+                                       if name in before else value for name, value in self.kept.items()})
+
+    @property
+    def round_start(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The latest round and the kept tensors it started from (None before the first round)."""
+        return self._before
+
     def run_round(self, plan: RoundPlan, received: Mapping[str, np.ndarray]) -> RoundOutcome:
         """Received tensors in -> global eval -> k local steps -> personal eval -> shared tensors out.
 

@@ -44,14 +44,16 @@ def _model(round_id: int, *, run_id: str = "run-1", bundle_sha: str = BUNDLE_A, 
                        optimizer={}, metrics={"personal_accuracy": 0.5 + round_id / 100, "global_accuracy": None,
                                               "n_train": 30, "n_test": 10, "train_loss": float("nan"),
                                               "backend": "ort"},
-                       saved_unix=saved_unix + round_id)
+                       saved_unix=saved_unix + round_id, before={"head.bias": tensors["head.bias"] - 1})
 
 
 def _same(a: DeviceModel, b: DeviceModel) -> bool:
     return (a.round_id == b.round_id and a.tensors.keys() == b.tensors.keys()
             and all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
             and a.received.keys() == b.received.keys()
-            and all(np.array_equal(a.received[k], b.received[k]) for k in a.received))
+            and all(np.array_equal(a.received[k], b.received[k]) for k in a.received)
+            and a.before.keys() == b.before.keys()
+            and all(np.array_equal(a.before[k], b.before[k]) for k in a.before))
 
 
 def _tensor_file(slot: Path, json_name: str = CURRENT) -> Path:
@@ -164,7 +166,7 @@ def test_foreign_bundle_or_run_is_kept_apart(tmp_path: Path) -> None:
     save_model(tmp_path, _model(2, bundle_sha=BUNDLE_B))
     with pytest.raises(NoDeviceState, match="kept apart"):
         load_model(tmp_path, "run-1", bundle_sha=BUNDLE_A)
-    with pytest.raises(NoDeviceState):
+    with pytest.raises(NoDeviceState, match=r"other runs \(run-1\) are kept apart"):
         load_model(tmp_path, "run-2", bundle_sha=BUNDLE_B)
     save_model(tmp_path, _model(1, bundle_sha=BUNDLE_A, saved_unix=0.0))
     assert load_model(tmp_path, "run-1", bundle_sha=BUNDLE_A).bundle_sha == BUNDLE_A
@@ -179,6 +181,10 @@ def test_state_that_does_not_fit_the_bundle_graph_is_refused(tmp_path: Path) -> 
     save_model(tmp_path, _model(1))
     with pytest.raises(DeviceStateError, match="do not fit the bundle"):
         load_model(tmp_path, expected={**SHAPES, "head.weight": (5, 8)})
+    odd = dataclasses.replace(_model(2), before={"head.bias": np.zeros(4, np.float32)})
+    save_model(tmp_path / "odd", odd)
+    with pytest.raises(DeviceStateError, match="do not fit the bundle"):  # the pre-round head is checked too
+        load_model(tmp_path / "odd", expected=SHAPES)
 
 
 def test_most_recent_run_is_the_default_and_list_models_reports_all(tmp_path: Path) -> None:
@@ -209,3 +215,18 @@ def test_missing_state_dir_is_no_state(tmp_path: Path) -> None:
     with pytest.raises(NoDeviceState, match="no device state"):
         load_model(tmp_path / "nothing")
     assert list_models(tmp_path / "nothing") == []
+
+
+def test_demo_names_each_device_model_and_a_command_to_try_it(tmp_path: Path) -> None:
+    from coordinator.demo import agent_command, device_state_dir, model_locations
+    from coordinator.fleet import EmulatedAgent
+
+    assert model_locations(tmp_path, ["pi4-a"]) == []  # nothing trained, nothing claimed
+    save_model(device_state_dir(tmp_path, "pi4-a"), _model(1))
+    save_model(device_state_dir(tmp_path, "orin-a"), _model(1))
+    lines = model_locations(tmp_path, ["pi4-a", "orin-a", "refused-1"])
+    assert f"  orin-a: {tmp_path / 'devices' / 'orin-a'}" in lines and "refused-1" not in "\n".join(lines)
+    assert lines[-1].startswith(f"try one: edge-agent predict --state-dir {tmp_path / 'devices' / 'orin-a'} --text ")
+    command = agent_command(EmulatedAgent("pi4-a", 384), "127.0.0.1", 1883, Path("d.jsonl"), Path("g.jsonl"),
+                            Path("cache"), state_dir=device_state_dir(tmp_path, "pi4-a"))
+    assert command[command.index("--state-dir") + 1] == str(tmp_path / "devices" / "pi4-a")
