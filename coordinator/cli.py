@@ -281,5 +281,24 @@ def broker_command(
     os.execv(exe, [exe, "-c", str(path.resolve())])  # the broker replaces this process: signals reach it directly
 
 
+@app.command("export")
+def export_model(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory (`coordinator run --out`)")],
+    backbone: Annotated[str, typer.Option(help="the backbone group whose aggregated model to export")],
+    out: Annotated[Path, typer.Option(help="directory to write the inference package into")],
+    int8: Annotated[bool, typer.Option("--int8", help="also write a dynamic int8 model")] = False,
+) -> None:
+    """Export a backbone group's aggregated model (runs with a shared head only) as an inference package."""
+    from coordinator.model_export import export_federation_model
+
+    try:
+        card = export_federation_model(run_dir, backbone, out, int8=int8)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported the {backbone} group's model (run {card.run_id}, round {card.rounds}) to {out}; "
+               f"try: edge-agent predict --model {out} {'--image FILE' if card.modality == 'image' else '--text ...'}")
+
+
 if __name__ == "__main__":
     app()

@@ -135,6 +135,8 @@ def merge_graph(eval_model: bytes, parameters: Mapping[str, np.ndarray], inputs:
         raise InferenceExportError(f"the bundle's eval graph has no '{OUTPUT}' output")
 
     _drop_inference_dropouts(graph)
+    folded = _fold_weight_transposes(graph, parameters, inputs)
+    parameters = {**parameters, **folded}
     kept = _live_nodes(graph, {OUTPUT})
     used = {name for node in kept for name in node.input if name}
     leaking = [name for name in TRAINING_ONLY_INPUTS if name in used]
@@ -152,7 +154,7 @@ def merge_graph(eval_model: bytes, parameters: Mapping[str, np.ndarray], inputs:
     graph.output.extend(outputs)
     user_inputs = [i for i in graph.input if i.name in inputs]
     weights = [numpy_helper.from_array(np.ascontiguousarray(parameters[name], dtype=np.float32), name)
-               for name in graph_inputs if name in used and name not in inputs]
+               for name in [*graph_inputs, *sorted(folded)] if name in used and name not in inputs]
     del graph.input[:]
     graph.input.extend(sorted(user_inputs, key=lambda i: inputs.index(i.name)))
     del graph.initializer[:]
@@ -190,6 +192,36 @@ def _drop_inference_dropouts(graph: Any) -> None:
             raise InferenceExportError(f"graph output {output.name} is a Dropout's output; cannot rewire it")
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def _fold_weight_transposes(graph: Any, parameters: Mapping[str, np.ndarray], inputs: tuple[str, ...]
+                            ) -> dict[str, np.ndarray]:
+    """``MatMul(x, Transpose(W))`` -> ``MatMul(x, W_transposed)`` with the transpose done once, here.
+
+    The training export keeps every Linear as a runtime Transpose of its weight (no constant folding, so parameter
+    names survive). ONNX Runtime folds those at session load anyway, but the int8 quantiser looks at the graph as
+    written and quantises only MatMuls whose weight is an initializer: without this the encoder stayed float.
+    Exact (a transpose moves values, it does not change them). Returns the new initializers by name.
+    """
+    folded: dict[str, np.ndarray] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        source = node.input[0] if node.op_type == "Transpose" and len(node.input) == 1 else ""
+        if source in parameters and source not in inputs:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            name = f"{source}.transposed" if perm in (None, [1, 0]) else f"{source}.perm{''.join(map(str, perm))}"
+            folded[name] = np.ascontiguousarray(np.transpose(np.asarray(parameters[source]), perm))
+            renamed[node.output[0]] = name
+            continue
+        kept.append(node)
+    if any(output.name in renamed for output in graph.output):
+        raise InferenceExportError("a graph output is a transposed weight; cannot fold it")
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded
 
 
 def _live_nodes(graph: Any, wanted: set[str]) -> list[Any]:

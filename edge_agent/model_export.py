@@ -6,6 +6,7 @@ own test split (the same 75/25 split the agent evaluated on), both written into 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from edge_agent.predict import Predictor
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 
 INT8_BATCH = 16
+INT8_OPS = ("MatMul", "Attention", "Gather")  # what dynamic int8 rewrites (the weights of these ops)
 
 
 def read_manifest(bundle_dir: Path) -> BundleManifest:
@@ -40,7 +42,9 @@ def device_card(model: DeviceModel, manifest: BundleManifest) -> ModelCard:
                      max_length=manifest.task.max_length if manifest.modality == "text" else 0,
                      image_size=manifest.task.image_size if manifest.modality == "image" else 0,
                      source="device", run_id=model.run_id, rounds=model.round_id,
-                     method=str(metrics.get("method") or "?"), bundle_sha=model.bundle_sha, agent_id=model.agent_id,
+                     # The coordinator does not tell devices its aggregation method's name.
+                     method=str(metrics.get("method") or "federated DeMA (method not sent to devices)"),
+                     bundle_sha=model.bundle_sha, agent_id=model.agent_id,
                      backend=str(metrics.get("backend") or "?"),
                      training_samples=n_train if isinstance(n_train, int) else None,
                      metrics={k: v for k, v in metrics.items() if k in ("personal_accuracy", "global_accuracy",
@@ -60,7 +64,13 @@ def quantize_int8(graph: bytes) -> bytes:
     with tempfile.TemporaryDirectory(prefix="heterotune-int8-") as tmp:
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         source.write_bytes(graph)
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        logging.disable(logging.WARNING)  # it advises a pre-processing pass through the root logger; not needed here
+        try:
+            # Not Conv (a ViT's patch embedding): onnxruntime's CPU kernels have no ConvInteger for int8 weights.
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(INT8_OPS))
+        finally:
+            logging.disable(logging.NOTSET)
         return target.read_bytes()
 
 

@@ -61,6 +61,8 @@ def gather_inputs(predictor: Predictor, texts: Sequence[str], file: Path | None,
                   stdin: TextIO | None, notes: list[str]) -> Inputs:
     """--text, --file, --image, or stdin lines (texts) when none of them is given."""
     labels = predictor.labels
+    if sum((bool(texts), file is not None, bool(images))) > 1:
+        raise PredictError("give one kind of input per call: --text, --file or --image")
     if file is not None:
         return read_file(file, labels, predictor.modality)
     if images:

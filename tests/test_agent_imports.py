@@ -1,5 +1,6 @@
-"""The device never needs torch, transformers or onnx: every edge_agent module imports and the ORT backend
-loads with those three made unimportable, as on a real Raspberry Pi or Jetson install."""
+"""The device never needs torch, transformers or onnx to train or predict: every edge_agent module imports and the
+ORT backend loads with those three made unimportable, as on a real Raspberry Pi or Jetson install. (`edge-agent
+export` alone reaches onnx, at run time, through edge_agent.inference_graph.load_onnx.)"""
 
 from __future__ import annotations
 

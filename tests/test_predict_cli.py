@@ -189,6 +189,16 @@ def test_an_empty_input_file_is_an_error_that_says_so(package: Path, tmp_path: P
         assert "Traceback" not in result.stderr
 
 
+def test_mixed_or_missing_inputs_are_refused(package: Path, tmp_path: Path) -> None:
+    (tmp_path / "t.jsonl").write_text('{"text": "fine"}\n')
+    result = cli("predict", "--model", str(package), "--text", "a", "--file", str(tmp_path / "t.jsonl"))
+    assert result.returncode == 2 and "one kind of input" in result.stderr
+    result = cli("predict", "--model", str(package), "--image", str(tmp_path / "t.jsonl"))
+    assert result.returncode == 2 and "text model" in result.stderr
+    result = cli("predict", "--model", str(package), stdin="")
+    assert result.returncode == 2 and "stdin held no text" in result.stderr
+
+
 def test_a_text_over_the_maximum_length_is_truncated_and_said_once(package: Path) -> None:
     result = cli("predict", "--model", str(package), "--text", LONG, "--text", LONG + " again", "--text", "short")
     assert result.returncode == 0, result.stderr
