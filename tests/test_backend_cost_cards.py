@@ -128,7 +128,7 @@ def _probe_card(bundle: Bundle, backend: str = "torch", env: dict[str, str] | No
 
 
 @pytest.fixture(scope="module")
-def private_torch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def private_torch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the installed torch package whose native libraries no other process maps (the rest symlinked), so
     this test decides how they sit in the page cache: on a shared machine other processes hold the installed
     libraries mapped, and the kernel keeps mapped pages as they are."""
@@ -145,7 +145,8 @@ def private_torch(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copyfile(source, target)
         else:
             target.symlink_to(source)
-    return root
+    yield root
+    shutil.rmtree(root)  # ~470 MB of library copies; pytest keeps the last runs' temp dirs
 
 
 def _read_sequentially(path: Path) -> None:
