@@ -148,8 +148,9 @@ def render(outcome: dict[str, Any], command: str) -> str:
         table(header, rows),
         "",
         f"**Predicted** is the bundle's cost card: `python -m edge_agent.probe` (probe version {PROBE_VERSION}) run "
-        "by the builder at export in its own process, after reading every native library into the page cache (the "
-        "card is the warm-cache peak: a cold cache read the torch card ~80 MB lower). It imports the agent's whole "
+        "by the builder at export in its own process, after evicting every native library and reading it back in "
+        "base pages, the page-cache shape pip and a cold start leave (probes 5-6 read them back sequentially, which "
+        "caches large folios and read the torch card ~100 MB higher; docs/cost-cards.md). It imports the agent's whole "
         "stack (pydantic messages, paho-mqtt, typer/rich, tokenizers), tokenises full-length text with the "
         "bundle's tokenizer.json, and runs two real "
         "`LocalLearner` rounds (each reloads the checkpoint, evaluates at the training batch size, trains, "

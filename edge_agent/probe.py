@@ -22,12 +22,15 @@ trains with PyTorch (Linux aarch64 has no ORT training wheel) holds torch and th
 ~210-230 MB above ORT for the same bundle (tiny-3 and MiniLM-L3 on the builder), so the builder measures a card
 per backend (version 3).
 
-RSS also counts the library pages the kernel maps around each page fault, and how many depends on whether a
-library is cached and in what folio sizes: the same torch probe on tiny-3 read 300 MB to 400 MB depending on
-how the libraries had entered the page cache. ``main`` therefore evicts every native library and reads it back
-before measuring (`edge_agent.page_cache`), so the card sees the libraries in the shape every process after it
-sees them (version 5). This module imports only the standard library at the top, so
-nothing native is mapped before that.
+RSS also counts the library pages the kernel maps around each page fault, and how many depends on the shape in
+which a library sits in the page cache: the torch probe on tiny-3 read 316 MB with libtorch_cpu.so cached in base
+pages (as pip writes it, or cold) and 420 MB after one sequential read had cached it in large folios. ``main``
+therefore evicts every native library and reads it back in base pages before measuring
+(`edge_agent.page_cache`), the shape every other path leaves (version 7; versions 5 and 6 read them back
+sequentially, so the probe itself made the large-folio state, and a card exported while other processes held
+the libraries mapped in one shape disagreed with agents run later in the other: 380 vs 298 MB). CPU load does
+not move the card: with two busy loops on both cores it read the same to the MB (docs/cost-cards.md). This
+module imports only the standard library at the top, so nothing native is mapped before that.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ __all__ = ["PROBE_BACKENDS", "PROBE_VERSION", "measure", "peak_rss_mb", "synthet
 # 3: the trainer backend is a parameter (a card per backend). 4: native libraries are cached before measuring.
 # 5: they are evicted and read back first, so their page-cache folios have one shape (edge_agent/page_cache.py).
 # 6: glibc's mmap threshold is fixed first, as the agent fixes it (edge_agent/allocator.py).
-PROBE_VERSION = 6
+# 7: the libraries are read back in base pages, not sequentially (large folios), so the card no longer depends on
+#    which shape earlier probes or concurrent processes left them in (docs/cost-cards.md "Cards under load").
+PROBE_VERSION = 7
 # Backends a card can be measured for: a concrete one, never "auto" (a card must say what it measured).
 PROBE_BACKENDS = ("ort", "torch")
 

@@ -270,6 +270,7 @@ def _cost_card(work: Path, manifest: BundleManifest, *, backend: str) -> CostCar
         payload_bytes=payload,
         bundle_bytes=size,
         builder_gflops=measured["gflops"],
+        probe_version=int(measured["probe_version"]),
     )
 
 

@@ -49,6 +49,8 @@ class CostCardEntry(_Frozen):
     payload_bytes: int
     bundle_bytes: int
     builder_gflops: float
+    # Which measurement made the card (edge_agent.probe.PROBE_VERSION; 0: a card from before the field existed).
+    probe_version: int = Field(default=0, ge=0)
 
 
 class PartEntry(_Frozen):
