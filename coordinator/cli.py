@@ -145,6 +145,9 @@ def demo(
     for entry in summary["per_round"]:
         typer.echo(f"  round {entry['round']}: global accuracy {_pct(entry['global_accuracy'])} %, "
                    f"personal accuracy {_pct(entry['personal_accuracy'])} %")
+    final = summary["final"]  # the model after the last round's aggregation, measured by the agents
+    typer.echo(f"  final model: global accuracy {_pct(final['global_accuracy'])} %, "
+               f"personal accuracy {_pct(final['personal_accuracy'])} %")
 
 
 @app.command()

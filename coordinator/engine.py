@@ -94,6 +94,7 @@ class PendingUpload:
     report_time: float = 0.0
     resend_asked: bool = False
     done: bool = False
+    evaluate_only: bool = False  # the final evaluation: metrics only, an empty update
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
+        self.final: RoundResult | None = None  # the final model's evaluation, after the last round
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
                                                     public_scope=public_scope_for(config),
@@ -170,6 +172,7 @@ class Coordinator:
                 results.append(result)
                 if self.on_round:
                     self.on_round(result)
+            self.final = self._run_round(self.config.rounds + 1, evaluate_only=True)
             self._finish("completed all rounds")
             return results
         finally:
@@ -219,7 +222,7 @@ class Coordinator:
 
     def _wait_for_agents(self) -> None:
         deadline = time.monotonic() + self.config.join_timeout_s
-        while len(self.agents) < self.config.min_agents:
+        while sum(rec.status != "left" for rec in self.agents.values()) < self.config.min_agents:
             if time.monotonic() > deadline:
                 if not self.agents:
                     raise TimeoutError(f"no agent joined within {self.config.join_timeout_s:.0f} s; start agents "
@@ -278,6 +281,12 @@ class Coordinator:
             self._on_declined(message)
         elif isinstance(message, AgentStatus) and agent_id in self.agents:
             record = self.agents[agent_id]
+            if message.state == "left" and record.status != "left":
+                # Dropped at once: an open upload of it is closed by the round loop (AgentRecord.gone), it is
+                # not invited again, and a resume does not wait for it. It may join again later.
+                log.warning("%s left the run: %s", agent_id, message.reason or "no reason given")
+                self.store.upsert_agent(agent_id, record.backbone, "left", record.profile,
+                                        message.reason or "left", record.n_train)
             record.status = message.state
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
 
@@ -322,7 +331,8 @@ class Coordinator:
                                 decision.reason, request.n_train)
         log.info("%s joined -> %s (%s)", request.agent_id, decision.backbone, decision.reason)
         accepted = JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
-                                bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason)
+                                bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason,
+                                labels=list(self.config.task.labels))
         self.endpoint.publish(inbox, encode_message(accepted))
 
     def _serve_bundle(self, backbone: str, part: str | None = None) -> BlobRef:
@@ -364,22 +374,29 @@ class Coordinator:
         rng = np.random.default_rng([self.config.seed, round_id, attempt])
         return sorted(str(a) for a in rng.choice(live, size=invited, replace=False)), target
 
-    def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
+    def _run_round(self, round_id: int, attempt: int = 0, *, evaluate_only: bool = False) -> RoundResult | None:
+        """One round; with ``evaluate_only`` (after the last round) every live agent measures the final model and
+        reports metrics only: nothing is aggregated or committed, and the result is not None."""
         started = time.time()
         self.current_round = round_id
-        selected, target = self._select(round_id, attempt)
+        if evaluate_only:
+            selected = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+            target = len(selected)
+        else:
+            selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
         self.pending = {}
         for agent_id in selected:
             record = self.agents[agent_id]
             nonce = secrets.token_hex(8)
-            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone)
+            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone, evaluate_only=evaluate_only)
             assignment = Assignment(
                 run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
                 bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
                 weights=BlobRefModel.from_ref(weights[record.backbone]),
-                upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
+                upload_names=[] if evaluate_only else self.upload_names(record.backbone),
+                local_steps=self.config.local_steps, evaluate_only=evaluate_only,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
                 prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
@@ -413,12 +430,15 @@ class Coordinator:
                     update, row = outcome
                     rows.append(row)
                     open_uploads -= 1
-                    if update is not None:
+                    if update is not None and not evaluate_only:
                         accepted.add(update)
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
+        if evaluate_only:
+            self.pending = {}
+            return RoundResult(round_id, rows, time.time() - started)
         needed = math.ceil(self.config.min_fraction * target)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
@@ -495,12 +515,14 @@ class Coordinator:
         try:
             tensors = decode_tensors(assembler.assemble())
             manifest = self.bundles[backbone].manifest
+            names = [] if upload.evaluate_only else self.upload_names(backbone)
             expected = {n: (federation_state.tensor_shape(manifest, n, public_samples=self.public_samples,
                                                           public_kind=self.public_kind), "float32")
-                        for n in self.upload_names(backbone)}
+                        for n in names}
             check_tensors(tensors, expected, max_norm=self.config.max_update_norm)
             update = ClientUpdate(upload.agent_id, backbone, report.n_train, dict(tensors))
-            self.store.save_update(self.current_round, upload.agent_id, tensors)
+            if not upload.evaluate_only:
+                self.store.save_update(self.current_round, upload.agent_id, tensors)
             reason = ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
             update, reason = None, str(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -57,7 +58,7 @@ def join(
     from edge_agent.allocator import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the trainer allocates anything (edge_agent/allocator.py says why)
-    from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, AgentConfig, EdgeAgent
+    from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, EXIT_STOPPED, AgentConfig, AgentStopped, EdgeAgent
     from protocols.errors import BrokerUnavailable
     from protocols.topics import validate_agent_id
 
@@ -73,8 +74,15 @@ def join(
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, enforce_memory=enforce_memory,
                          slowdown=slowdown)
+    def stop(signum: int, _frame: object) -> None:
+        raise AgentStopped(f"stopped by its owner ({signal.Signals(signum).name})")
+
+    signal.signal(signal.SIGTERM, stop)  # the agent tells the coordinator it leaves, then exits
     try:
         code = EdgeAgent(config).run()
+    except AgentStopped as exc:
+        typer.echo(f"{agent_id}: {exc}; the coordinator was told", err=True)
+        code = EXIT_STOPPED
     except BrokerUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         code = EXIT_BROKER
