@@ -25,19 +25,15 @@ from coordinator.runner import build_bundles, run_federation
 from export.bundle import single_thread_env
 
 # (agent id, memory cap in MB). The cost cards measure a whole agent process (MiniLM-L3 ~312 MB, L6 ~410 MB
-# on the builder), so 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
+# on the builder), so at the default memory fraction (coordinator/assignment.py DEFAULT_MEMORY_FRACTION, 0.9)
+# 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
 DEMO_FLEET: tuple[tuple[str, float], ...] = (("pi4-a", 384), ("pi4-b", 384), ("orin-a", 2048), ("orin-b", 2048))
-
-# The demo's memory fraction. The run default (0.8) leaves 20 % for what a cost card might miss; the cards
-# now measure a complete agent within a few per cent (docs/cost-model.md), and every agent enforces its cap
-# for real, so 10 % covers allocator growth over rounds (+3 % over five measured).
-DEMO_MEMORY_FRACTION = 0.9
 
 
 def demo_config(rounds: int = 5, seed: int = 0) -> RunConfig:
     return RunConfig(run_name="demo", method="heterotune", backbones=("minilm-l3", "minilm-l6"), rounds=rounds,
                      local_steps=20, learning_rate=2e-3, min_agents=len(DEMO_FLEET), join_timeout_s=300,
-                     round_timeout_s=300, memory_fraction=DEMO_MEMORY_FRACTION, seed=seed)
+                     round_timeout_s=300, seed=seed)
 
 
 def demo_agents(fleet: Sequence[tuple[str, float]] = DEMO_FLEET) -> list[EmulatedAgent]:
