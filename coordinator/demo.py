@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.datasets import PUBLIC_STEM, load_tweet_sentiment, write_fleet_data
+from coordinator.datasets import PUBLIC_STEM, FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from coordinator.methods import public_samples_for
 from coordinator.runner import build_bundles, run_federation
@@ -86,6 +86,12 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
                              global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent,
                              public_size=public_size)
     public = out_dir / "data" / f"{PUBLIC_STEM}.jsonl" if public_size else None
+    return run_agents(out_dir, agents, config, files, public)
+
+
+def run_agents(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig, files: FleetData,
+               public: Path | None = None) -> dict[str, Any]:
+    """Start one `edge-agent join` process per agent on its data file and run the federation."""
     processes: list[subprocess.Popen[bytes]] = []
 
     def start_agents(host: str, port: int) -> None:
