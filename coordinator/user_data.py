@@ -21,7 +21,7 @@ import numpy as np
 from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import FleetData, ImageDataset, LabeledDataset, LabeledText, TextDataset, write_fleet_data
 from edge_agent.data import CSV_SUFFIXES, JSONL_SUFFIXES, NPZ_SUFFIXES, ImageExample, load_examples
-from edge_agent.data_check import _raw_labels
+from edge_agent.data_check import labels_for_format_check, raw_labels
 
 TEXT_BACKBONES: tuple[str, ...] = ("minilm-l3", "minilm-l6")
 IMAGE_BACKBONES: tuple[str, ...] = ("dinov2-s4", "dinov2-s8", "dinov2-s12")
@@ -83,8 +83,10 @@ def load_user_data(path: Path) -> LabeledDataset:
     if suffix not in JSONL_SUFFIXES + CSV_SUFFIXES + NPZ_SUFFIXES:
         raise UserDataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv (text,label), .npz "
                             "(images, labels) or a folder with one sub-folder of PNG/JPEG images per class")
-    labels = data_labels(_raw_labels(path), path)
-    examples = load_examples(path, labels)  # the same reader (and messages) as the agents
+    raw = raw_labels(path)
+    load_examples(path, labels_for_format_check(raw)[1])  # the file's format first, with the agents' messages
+    labels = data_labels(raw, path)
+    examples = load_examples(path, labels)
     if suffix in NPZ_SUFFIXES:
         images = [e for e in examples if isinstance(e, ImageExample)]
         return ImageDataset(path.stem, labels, np.stack([e.image for e in images]),

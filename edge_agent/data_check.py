@@ -36,7 +36,7 @@ class DataFiles:
     label_names: tuple[str, ...]  # labels given by name in the private file (integer labels are not listed)
 
 
-def _raw_labels(path: Path) -> list[object]:
+def raw_labels(path: Path) -> list[object]:
     """The label values of a file as written (names or integers), without judging them.
 
     Parse errors are left to ``load_examples``, which reports them with the line; here they only stop the scan.
@@ -91,7 +91,7 @@ def labels_for_format_check(raw: Sequence[object]) -> tuple[tuple[str, ...], tup
 def _count(path: Path, what: str, minimum: int) -> tuple[int, tuple[str, ...]]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist; check the path")
-    names, labels = labels_for_format_check(_raw_labels(path))
+    names, labels = labels_for_format_check(raw_labels(path))
     examples = load_examples(path, labels)
     if len(examples) < minimum:
         raise ValueError(f"{path}: {len(examples)} example(s); the {what} needs at least {minimum} (the agent "
