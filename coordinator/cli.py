@@ -169,6 +169,7 @@ def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | No
                     alpha: float | None) -> tuple[dict[str, Any], list[str]]:
     """`demo --data`: the user's data split over the fleet, its labels and the modality's backbones (or the
     --config's backbones); returns the summary and the lines saying where each device's model is."""
+    from coordinator.datasets import FLEET_SUMMARY
     from coordinator.demo import plan_for, run_agents
     from coordinator.fleet import DataSplit, format_plan
     from coordinator.user_data import (
@@ -189,8 +190,8 @@ def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | No
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     sizes = [sum(counts) for counts in files.label_counts.values()]
-    split = DataSplit(samples_per_agent=max(8, *sizes), global_test_per_class=max(
-        1, len(dataset.label_array()) // len(dataset.labels)))
+    held_out = json.loads((out / "data" / FLEET_SUMMARY).read_text())["global_test"]["size"]
+    split = DataSplit(samples_per_agent=max(8, *sizes), global_test_per_class=max(1, held_out // len(dataset.labels)))
     run_config, plans = plan_for(agents, run_config, split)
     typer.echo(format_plan(plans, [], run_config, source=f"{source}, data {data}", explain=False), err=True)
     summary = run_agents(out, agents, run_config, files)

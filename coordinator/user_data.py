@@ -219,7 +219,8 @@ def predict_command(state_dir: Path, ds: LabeledDataset, example: str) -> str:
 def example_input(ds: LabeledDataset, source: Path) -> str:
     """Something to try the model on: a text of the data set, or one of its image files."""
     if isinstance(ds, TextDataset):
-        return ds.samples[0].text[:200]
+        words = " ".join(ds.samples[0].text.split()).split(" ")
+        return " ".join(words[:12])
     if source.is_dir():
         return str(next(p for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES))
     return "IMAGE.png"

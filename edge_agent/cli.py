@@ -89,6 +89,9 @@ def join(
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         code = EXIT_BAD_INPUT
+    except TimeoutError as exc:  # a download the broker never completed; the coordinator was told we left
+        typer.echo(f"error: {exc}; check the broker and the coordinator, then join again", err=True)
+        code = EXIT_BROKER
     raise typer.Exit(code)
 
 
