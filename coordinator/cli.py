@@ -134,6 +134,9 @@ def demo(
     from coordinator.report import _pct
     from coordinator.runner import set_aside
 
+    if alpha is not None and data is None:
+        typer.echo("error: --alpha splits your --data; the tweets' skew is the fleet file's [data] alpha", err=True)
+        raise typer.Exit(2)
     _logging(verbose)
     moved = set_aside(out)  # the demo is meant to be run again: keep the previous run beside the new one
     if moved is not None:
