@@ -48,12 +48,12 @@ from protocols.tensors import decode_tensors, encode_tensors
 log = logging.getLogger("edge_agent")
 
 EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_BROKER, EXIT_IDLE, EXIT_STOPPED = 0, 2, 3, 4, 5, 6
-LEAVE_PUBLISH_TIMEOUT_S = 5.0
+ACK_TIMEOUT_S = 15.0  # upload again when the coordinator has not acknowledged an update for this long
+LEAVE_PUBLISH_TIMEOUT_S = 5.0  # how long a leaving agent waits for the broker to take its "left" status
 
 
 class AgentStopped(Exception):
     """The device's owner stopped the agent (SIGTERM, Ctrl-C): it tells the coordinator it leaves, then exits."""
-ACK_TIMEOUT_S = 15.0  # upload again when the coordinator has not acknowledged an update for this long
 
 
 @dataclass
