@@ -118,6 +118,7 @@ class PendingUpload:
     resend_asked: bool = False
     done: bool = False
     assignment: Assignment | None = None  # as sent, to send again to an agent that reconnects without reporting
+    evaluate_only: bool = False  # the final evaluation: metrics only, an empty update
 
 
 @dataclass
@@ -155,6 +156,7 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
+        self.final: RoundResult | None = None  # the final model's evaluation, after the last round
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
                                                     public_scope=public_scope_for(config),
@@ -211,6 +213,7 @@ class Coordinator:
                 results.append(result)
                 if self.on_round:
                     self.on_round(result)
+            self.final = self._run_round(self.config.rounds + 1, evaluate_only=True)
             self._finish("completed all rounds")
             return results
         except RunStopped as exc:
@@ -269,7 +272,7 @@ class Coordinator:
 
     def _wait_for_agents(self) -> None:
         deadline = time.monotonic() + self.config.join_timeout_s
-        while len(self.agents) < self.config.min_agents:
+        while sum(rec.status != "left" for rec in self.agents.values()) < self.config.min_agents:
             if time.monotonic() > deadline:
                 if not self.agents:
                     refused = f" ({len(self.refused)} joins refused, see the log)" if self.refused else ""
@@ -338,6 +341,12 @@ class Coordinator:
             self._on_declined(message)
         elif isinstance(message, AgentStatus) and agent_id in self.agents:
             record = self.agents[agent_id]
+            if message.state == "left" and record.status != "left":
+                # Dropped at once: an open upload of it is closed by the round loop (AgentRecord.gone), it is
+                # not invited again, and a resume does not wait for it. It may join again later.
+                log.warning("%s left the run: %s", agent_id, message.reason or "no reason given")
+                self.store.upsert_agent(agent_id, record.backbone, "left", record.profile,
+                                        message.reason or "left", record.n_train)
             record.status = message.state
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
             if message.state == "online":
@@ -408,7 +417,7 @@ class Coordinator:
         log.info("%s joined -> %s (%s)", request.agent_id, decision.backbone, decision.reason)
         self._send(inbox, JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
                                        bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason,
-                                       nonce=request.nonce))
+                                       nonce=request.nonce, labels=list(self.config.task.labels)))
 
     def _serve_bundle(self, backbone: str, part: str | None = None) -> BlobRef:
         """Publish a backbone's bundle tar, or one of its parts (e.g. the torch backbone), once per run."""
@@ -449,22 +458,29 @@ class Coordinator:
         rng = np.random.default_rng([self.config.seed, round_id, attempt])
         return sorted(str(a) for a in rng.choice(live, size=invited, replace=False)), target
 
-    def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
+    def _run_round(self, round_id: int, attempt: int = 0, *, evaluate_only: bool = False) -> RoundResult | None:
+        """One round; with ``evaluate_only`` (after the last round) every live agent measures the final model and
+        reports metrics only: nothing is aggregated or committed, and the result is not None."""
         started = time.time()
         self.current_round, self.attempt = round_id, attempt
-        selected, target = self._select(round_id, attempt)
+        if evaluate_only:
+            selected = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+            target = len(selected)
+        else:
+            selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
         self.pending = {}
         for agent_id in selected:
             record = self.agents[agent_id]
             nonce = secrets.token_hex(8)
-            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone)
+            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone, evaluate_only=evaluate_only)
             assignment = Assignment(
                 run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
                 bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
                 weights=BlobRefModel.from_ref(weights[record.backbone]),
-                upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
+                upload_names=[] if evaluate_only else self.upload_names(record.backbone),
+                local_steps=self.config.local_steps, evaluate_only=evaluate_only,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
                 prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
@@ -502,7 +518,7 @@ class Coordinator:
                     update, row = outcome
                     rows.append(row)
                     open_uploads -= 1
-                    if update is not None:
+                    if update is not None and not evaluate_only:
                         accepted.append(update)
                     self.observers.update_handled(UpdateHandled(
                         round_id, attempt, row.agent_id, "accepted" if row.accepted else "rejected", row.reason))
@@ -510,6 +526,9 @@ class Coordinator:
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
+        if evaluate_only:
+            self.pending = {}
+            return RoundResult(round_id, rows, time.time() - started)
         accepted, rows = self._screen_norms(accepted, rows, attempt)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
@@ -664,9 +683,13 @@ class Coordinator:
             if refusal is not None:
                 raise ProtocolError(refusal)
             tensors = decode_tensors(assembler.assemble())
-            check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
-            path = self.store.save_update(self.current_round, upload.agent_id, tensors)
-            update: Candidate | None = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
+            if upload.evaluate_only:  # the final evaluation: metrics only, nothing to keep
+                check_tensors(tensors, {}, max_norm=self.config.max_update_norm)
+                update: Candidate | None = Candidate(upload.agent_id, backbone, report.n_train, 0.0, Path())
+            else:
+                check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
+                path = self.store.save_update(self.current_round, upload.agent_id, tensors)
+                update = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
             reason = ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
             update, reason = None, str(exc)
