@@ -28,6 +28,7 @@ from coordinator.aggregation.robust import robust_group_updates
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
 from coordinator.config import RunConfig
+from coordinator.liveness import heartbeat_seq, replacements_wanted, stalled, time_allows_replacement
 from coordinator.methods import (
     anchor_weight_for,
     prototype_weight_for,
@@ -58,6 +59,7 @@ from protocols.messages import (
     BlobRefModel,
     CoordStatus,
     Finish,
+    FinishCode,
     JoinAccepted,
     JoinRefused,
     JoinRequest,
@@ -96,6 +98,12 @@ class AgentRecord:
     lost_since: float | None = None  # monotonic time of the "lost" will, until the agent is heard again
     key: str | None = None  # the agent's report-signing key (hex) from its join; None: it joined without one
     join_nonce: str | None = None
+    heard: float | None = None  # monotonic time of its last authentic heartbeat (coordinator/liveness.py)
+    beat_seq: int = -1  # the highest heartbeat sequence accepted: replays are ignored
+
+    def live(self, now: float) -> bool:
+        """Selectable: not lost, not left, and not silent for longer than STALL_AFTER_S."""
+        return self.status not in ("lost", "left") and not stalled(self.heard, now)
 
     def gone(self, now: float) -> bool:
         """Left, or lost for longer than LOST_GRACE_S: a broker that shuts down sends every will at once, and
@@ -197,7 +205,7 @@ class Coordinator:
         self.endpoint.start()
         results: list[RoundResult] = []
         try:
-            for kind in ("join", "report", "request", "status"):
+            for kind in ("join", "report", "request", "status", "heartbeat"):
                 self.endpoint.subscribe(topics.agents_filter(kind))
             self.endpoint.subscribe(topics.update_filter())
             self._announce("online")
@@ -214,13 +222,16 @@ class Coordinator:
                 if self.on_round:
                     self.on_round(result)
             self.final = self._run_round(self.config.rounds + 1, evaluate_only=True)
-            self._finish("completed all rounds")
+            self._finish("completed all rounds", "completed")
             return results
         except RunStopped as exc:
             self.stopped = str(exc)
             log.error("run stopped: %s", exc)
-            self._finish(f"stopped: {exc}")
+            self._finish(f"stopped: {exc}", "aborted")
             return results
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM (coordinator/cli.py): tell every agent first
+            self._finish("the coordinator was stopped by its operator; continue with --resume", "coordinator_stopped")
+            raise
         finally:
             self.endpoint.stop()
 
@@ -318,6 +329,10 @@ class Coordinator:
         if kind == "update":
             self._on_chunk(agent_id, extra, item.payload)
             return
+        if kind == "heartbeat":
+            if record is not None:
+                self._on_heartbeat(record, item)
+            return
         try:
             body = item.payload
             if kind == "report":  # signed by the key the agent joined with, if it joined with one
@@ -351,6 +366,18 @@ class Coordinator:
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
             if message.state == "online":
                 self._reassign(agent_id)
+
+    def _on_heartbeat(self, record: AgentRecord, item: Inbound) -> None:
+        try:
+            record.beat_seq = heartbeat_seq(record.key, item.topic, item.payload, self.run_id, record.beat_seq)
+        except MessageError as exc:
+            self._noise.warn(f"heartbeat:{record.agent_id}", f"heartbeat from {record.agent_id} ignored: {exc}")
+            return
+        if record.heard is not None and stalled(record.heard, time.monotonic()):
+            log.info("%s is heard again after a stall", record.agent_id)
+        record.heard = time.monotonic()
+        if record.status == "lost":  # an authentic beat outranks a will (or a forged "lost" status)
+            record.status, record.lost_since = "online", None
 
     def _reassign(self, agent_id: str) -> None:
         """An invited agent came (back) online without having reported: it may never have got its assignment (a
@@ -450,7 +477,8 @@ class Coordinator:
 
     def _select(self, round_id: int, attempt: int) -> tuple[list[str], int]:
         """Invite over_selection x the target from the live agents, seeded so a resumed run picks the same."""
-        live = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+        now = time.monotonic()
+        live = sorted(a for a, rec in self.agents.items() if rec.live(now))
         if not live:
             raise RunStopped("no live agents left to train; restart agents and resume the run")
         target = min(self.config.agents_per_round or len(live), len(live))
@@ -464,7 +492,8 @@ class Coordinator:
         started = time.time()
         self.current_round, self.attempt = round_id, attempt
         if evaluate_only:
-            selected = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+            now = time.monotonic()
+            selected = sorted(a for a, rec in self.agents.items() if rec.live(now))
             target = len(selected)
         else:
             selected, target = self._select(round_id, attempt)
@@ -472,24 +501,7 @@ class Coordinator:
         deadline = time.time() + self.config.round_timeout_s
         self.pending = {}
         for agent_id in selected:
-            record = self.agents[agent_id]
-            nonce = secrets.token_hex(8)
-            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone, evaluate_only=evaluate_only)
-            assignment = Assignment(
-                run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
-                bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
-                weights=BlobRefModel.from_ref(weights[record.backbone]),
-                upload_names=[] if evaluate_only else self.upload_names(record.backbone),
-                local_steps=self.config.local_steps, evaluate_only=evaluate_only,
-                batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
-                deadline_unix=deadline, seed=self.config.seed,
-                prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
-                distill_local_prior=self.config.distill_local_prior,
-                distill_confident_fraction=self.config.distill_confident_fraction,
-                anchor_steps=self.config.anchor_steps,
-                anchor_weight=anchor_weight_for(self.config))
-            self.pending[agent_id].assignment = assignment
-            self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=int(self.config.round_timeout_s))
+            self._invite(agent_id, round_id, weights, deadline, evaluate_only)
         needed = math.ceil(self.config.min_fraction * target)
         self.observers.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
         waiting = time.time()
@@ -508,11 +520,17 @@ class Coordinator:
             else:
                 candidates = [self.pending[touched]] if touched in self.pending else []
             for upload in candidates:
-                if not upload.done and self.agents[upload.agent_id].gone(time.monotonic()):
-                    upload.done = True  # its last will arrived: stop waiting for it
+                record = self.agents[upload.agent_id]
+                if not upload.done and (record.gone(time.monotonic()) or stalled(record.heard, time.monotonic())):
+                    upload.done = True  # its last will arrived, or it fell silent: stop waiting for it
                     open_uploads -= 1
-                    log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
-                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost"))
+                    why = "lost" if record.gone(time.monotonic()) else \
+                        f"stalled (no heartbeat for {time.monotonic() - (record.heard or 0.0):.0f} s)"
+                    log.warning("round %d: %s was %s mid-round", round_id, upload.agent_id, why)
+                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost", why))
+                    if not evaluate_only:
+                        open_uploads += self._replace(round_id, weights, deadline, target, len(accepted),
+                                                      open_uploads)
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
@@ -526,6 +544,7 @@ class Coordinator:
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
+        selected = sorted(self.pending)  # with any standby agents invited in place of ones that dropped out
         if evaluate_only:
             self.pending = {}
             return RoundResult(round_id, rows, time.time() - started)
@@ -549,6 +568,50 @@ class Coordinator:
         self.observers.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
                                               time.time() - started))
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
+
+    def _invite(self, agent_id: str, round_id: int, weights: dict[str, BlobRef], deadline: float,
+                evaluate_only: bool = False) -> None:
+        """Send one agent its assignment for this round (the weights of a new backbone are published first)."""
+        record = self.agents[agent_id]
+        if record.backbone not in weights:  # a replacement with a backbone nobody else in the round has
+            weights.update(self._publish_weights({record.backbone}))
+        nonce = secrets.token_hex(8)
+        self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone, evaluate_only=evaluate_only)
+        assignment = Assignment(
+            run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
+            bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
+            weights=BlobRefModel.from_ref(weights[record.backbone]),
+            upload_names=[] if evaluate_only else self.upload_names(record.backbone),
+            local_steps=self.config.local_steps, evaluate_only=evaluate_only,
+            batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
+            deadline_unix=deadline, seed=self.config.seed,
+            prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
+            distill_local_prior=self.config.distill_local_prior,
+            distill_confident_fraction=self.config.distill_confident_fraction,
+            anchor_steps=self.config.anchor_steps,
+            anchor_weight=anchor_weight_for(self.config))
+        self.pending[agent_id].assignment = assignment
+        self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=max(1, int(deadline - time.time())))
+
+    def _replace(self, round_id: int, weights: dict[str, BlobRef], deadline: float, target: int, accepted: int,
+                 open_uploads: int) -> int:
+        """Over-selection's second chance: an invited agent dropped out mid-round and the round can no longer
+        reach its target, so invite live agents standing by (not invited this round), seeded, while the deadline
+        leaves them time. Returns how many were invited."""
+        wanted = replacements_wanted(target, accepted, open_uploads)
+        if not wanted or not time_allows_replacement(time.time(), deadline, self.config.round_timeout_s):
+            return 0
+        now = time.monotonic()
+        standby = sorted(a for a, rec in self.agents.items() if rec.live(now) and a not in self.pending)
+        if not standby:
+            return 0
+        rng = np.random.default_rng([self.config.seed, round_id, self.attempt, len(self.pending)])
+        chosen = sorted(str(a) for a in rng.choice(standby, size=min(wanted, len(standby)), replace=False))
+        for agent_id in chosen:
+            log.warning("round %d: inviting %s from standby in place of an agent that dropped out", round_id,
+                        agent_id)
+            self._invite(agent_id, round_id, weights, deadline)
+        return len(chosen)
 
     def _group_updates(self, accepted: list[Candidate]) -> list[ClientUpdate]:
         """One pseudo-update per group from the accepted updates on disk: the streaming weighted mean (one update
@@ -708,8 +771,9 @@ class Coordinator:
 
     # --- end ---------------------------------------------------------------------------------------
 
-    def _finish(self, reason: str) -> None:
-        finish = Finish(run_id=self.run_id, reason=reason[:4000])
+    def _finish(self, reason: str, code: FinishCode) -> None:
+        """Tell every agent the run is over and why (its exit code follows ``code``), signed like every order."""
+        finish = Finish(run_id=self.run_id, reason=reason[:4000], code=code)
         mids = [self._send(topics.agent_inbox(agent_id), finish) for agent_id in self.agents]
         for ref in self.bundle_refs.values():
             clear_blob(self.endpoint, ref)

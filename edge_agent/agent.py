@@ -17,6 +17,7 @@ from edge_agent.bundle_store import BundleStore, default_cache_dir
 from edge_agent.data import Sample, load_examples
 from edge_agent.data_check import DataFiles, check_before_join, check_labels
 from edge_agent.device_state import default_state_dir
+from edge_agent.heartbeat import HeartbeatThread
 from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.profile import profile_device
@@ -51,7 +52,12 @@ from protocols.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger("edge_agent")
 
+# Exit codes of `edge-agent join` (documented in its --help and docs/reliability.md): 0 every round done; 2 bad
+# input (data, key, options); 3 refused by the coordinator; 4 broker unreachable or a download it never completed;
+# 5 no word from any coordinator for --max-idle; 6 stopped by its owner (SIGTERM/Ctrl-C); 7 the run ended early
+# (the coordinator aborted it or was stopped; its reason is logged).
 EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_BROKER, EXIT_IDLE, EXIT_STOPPED = 0, 2, 3, 4, 5, 6
+EXIT_RUN_ABORTED = 7
 ACK_TIMEOUT_S = 15.0  # upload again when the coordinator has not acknowledged an update for this long
 LEAVE_PUBLISH_TIMEOUT_S = 5.0  # how long a leaving agent waits for the broker to take its "left" status
 
@@ -164,6 +170,7 @@ class EdgeAgent:
                       retain=True, delay_seconds=10),
             on_connect=lambda _session_present: self._announce_online(),
         )
+        self.heartbeat = HeartbeatThread(self.endpoint, self.signer, config.agent_id, lambda: self.run_id)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -190,6 +197,7 @@ class EdgeAgent:
             self._leave(str(exc) or type(exc).__name__)
             raise
         finally:
+            self.heartbeat.stop()
             self.endpoint.stop()
 
     def _leave(self, reason: str) -> None:
@@ -255,7 +263,7 @@ class EdgeAgent:
             log.info("run %s finished: %s; this device's model is kept in %s", message.run_id, message.reason,
                      self.state_dir)
             self._status("left")
-            return EXIT_FINISHED
+            return EXIT_FINISHED if message.code == "completed" else EXIT_RUN_ABORTED
         return None
 
     # --- joining -----------------------------------------------------------------------------------
@@ -275,6 +283,7 @@ class EdgeAgent:
 
     def _on_accepted(self, message: JoinAccepted) -> None:
         self.run_id = message.run_id
+        self.heartbeat.start()  # from now on the coordinator can tell a frozen device from a busy one
         log.info("joined run %s with backbone %s: %s", message.run_id, message.backbone, message.explanation)
         if message.labels is not None and self._files is not None:  # before the download, not after
             check_labels(self._files, self.config.data, self.config.global_test, message.labels)

@@ -73,7 +73,20 @@ def join(
         exists=True, dir_okay=False)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Join a coordinator and train every round it assigns until the run ends."""
+    """Join a coordinator and train every round it assigns until the run ends.
+
+    \b
+    Exit codes:
+      0  the run finished all its rounds
+      2  bad input: data, labels, key or options
+      3  the coordinator refused this device
+      4  broker unreachable, or a download it never completed
+      5  no word from any coordinator for --max-idle seconds
+      6  stopped by its owner (SIGTERM / Ctrl-C)
+      7  the run ended early: aborted by the coordinator
+         (too few agents, a round missed its minimum) or the
+         coordinator was stopped; the reason is logged
+    """
     from edge_agent.allocator import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the trainer allocates anything (edge_agent/allocator.py says why)

@@ -210,10 +210,23 @@ class ResendRequest(_Message):
     indices: Annotated[list[NonNegInt], Field(min_length=1)]
 
 
+FinishCode = Literal["completed", "aborted", "coordinator_stopped"]
+
+
 class Finish(_Message):
     type: Literal["finish"] = "finish"
     run_id: Token
     reason: Text
+    # Why the run ended, for the agent's exit code (edge_agent/agent.py EXIT_*): every round done, the run gave up
+    # (too few agents, a round missed its minimum, no live agents), or its coordinator was stopped (Ctrl-C/SIGTERM).
+    code: FinishCode = "completed"
+
+
+class Heartbeat(_Message):
+    """An agent's "still here", every HEARTBEAT_INTERVAL_S, signed with its report key (protocols/liveness.py)."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    agent_id: AgentId
 
 
 class CoordStatus(_Message):
@@ -242,7 +255,8 @@ Message = Annotated[
     | ResendRequest
     | Finish
     | CoordStatus
-    | AgentStatus,
+    | AgentStatus
+    | Heartbeat,
     Field(discriminator="type"),
 ]
 
@@ -257,6 +271,7 @@ MESSAGE_TYPES: tuple[type[_Message], ...] = (
     ResendRequest,
     Finish,
     CoordStatus,
+    Heartbeat,
     AgentStatus,
 )
 _BY_TYPE: Mapping[str, type[_Message]] = MappingProxyType(

@@ -21,8 +21,8 @@ _AGENT_ID_RE = re.compile(AGENT_ID_PATTERN)
 _SHA256_RE = re.compile(SHA256_PATTERN)
 
 # Per-agent topic kinds without an extra level; "update" carries the round id as an extra level.
-AGENT_KINDS = frozenset({"join", "status", "inbox", "report", "request"})
-FILTER_KINDS = frozenset({"join", "status", "report", "request"})
+AGENT_KINDS = frozenset({"join", "status", "inbox", "report", "request", "heartbeat"})
+FILTER_KINDS = frozenset({"join", "status", "report", "request", "heartbeat"})
 UPDATE_KIND = "update"
 
 
@@ -81,6 +81,11 @@ def agent_inbox(agent_id: str) -> str:
 def agent_report(agent_id: str) -> str:
     """Agent -> coordinator: update manifests and metrics."""
     return _agent(agent_id, "report")
+
+
+def agent_heartbeat(agent_id: str) -> str:
+    """Agent -> coordinator: signed "still here" beats (protocols/liveness.py), so a frozen device is noticed."""
+    return _agent(agent_id, "heartbeat")
 
 
 def agent_request(agent_id: str) -> str:
