@@ -260,8 +260,12 @@ class EdgeAgent:
         elif isinstance(message, ResendRequest):
             self._resend_update(message)
         elif isinstance(message, Finish) and message.run_id == self.run_id:
-            log.info("run %s finished: %s; this device's model is kept in %s", message.run_id, message.reason,
-                     self.state_dir)
+            if message.code == "completed":
+                log.info("run %s finished: %s; this device's model is kept in %s", message.run_id, message.reason,
+                         self.state_dir)
+            else:
+                log.warning("run %s ended early (%s): %s; this device's model is kept in %s", message.run_id,
+                            message.code, message.reason, self.state_dir)
             self._status("left")
             return EXIT_FINISHED if message.code == "completed" else EXIT_RUN_ABORTED
         return None

@@ -20,6 +20,7 @@ from protocols.messages import (
     CoordStatus,
     DeviceProfile,
     Finish,
+    Heartbeat,
     JoinAccepted,
     JoinRefused,
     JoinRequest,
@@ -89,6 +90,8 @@ SAMPLES = [
     UpdateAck(round=3, nonce="r3-a1", accepted=False, reason="norm 12.3 above bound 10"),
     ResendRequest(blob=SHA_B, indices=[0, 2]),
     Finish(run_id="run-1", reason="10 rounds done"),
+    Finish(run_id="run-1", reason="round 2 missed its minimum", code="aborted"),
+    Heartbeat(agent_id="a1"),
     CoordStatus(state="online", run_id="run-1"),
     AgentStatus(agent_id="a1", state="training"),
 ]
