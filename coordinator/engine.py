@@ -309,6 +309,16 @@ class Coordinator:
         item = self.endpoint.get(timeout=timeout)
         return self._dispatch(item) if item is not None else None
 
+    def _catch_up(self, limit: int = 100_000) -> None:
+        """Handle every message already received before judging liveness: after a long aggregation or commit the
+        queue holds beats that arrived while the coordinator was busy, and an agent is silent only if it sent
+        nothing, not if we had not read it yet."""
+        for _ in range(limit):
+            item = self.endpoint.get(timeout=0)
+            if item is None:
+                return
+            self._dispatch(item)
+
     def _dispatch(self, item: Inbound) -> str | None:
         try:
             agent_id, kind, extra = topics.parse_agent_topic(item.topic)
@@ -477,6 +487,7 @@ class Coordinator:
 
     def _select(self, round_id: int, attempt: int) -> tuple[list[str], int]:
         """Invite over_selection x the target from the live agents, seeded so a resumed run picks the same."""
+        self._catch_up()
         now = time.monotonic()
         live = sorted(a for a, rec in self.agents.items() if rec.live(now))
         if not live:
@@ -492,6 +503,7 @@ class Coordinator:
         started = time.time()
         self.current_round, self.attempt = round_id, attempt
         if evaluate_only:
+            self._catch_up()
             now = time.monotonic()
             selected = sorted(a for a, rec in self.agents.items() if rec.live(now))
             target = len(selected)
@@ -514,6 +526,7 @@ class Coordinator:
             # Look only at the upload a message touched, plus every upload once a second (resend grace, lost
             # agents): scanning all after every message was quadratic in the fleet (docs/performance.md).
             if time.monotonic() >= next_scan:
+                self._catch_up()  # liveness is judged on everything received so far
                 candidates = list(self.pending.values())
                 open_uploads = sum(not p.done for p in candidates)
                 next_scan = time.monotonic() + 1.0

@@ -64,7 +64,7 @@ def acl_text(prefix: str = PREFIX) -> str:
         f"pattern read {prefix}/coord/status",
         f"pattern read {prefix}/blobs/#",
         f"pattern read {prefix}/agents/%u/inbox",
-        *(f"pattern write {prefix}/agents/%u/{kind}" for kind in ("join", "status", "report", "request")),
+        *(f"pattern write {prefix}/agents/%u/{kind}" for kind in ("join", "status", "report", "request", "heartbeat")),
         f"pattern write {prefix}/agents/%u/update/#",
         "",
         "# the coordinator alone writes coordinator topics, blobs and inboxes, and reads what agents send",
