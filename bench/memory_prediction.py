@@ -162,8 +162,9 @@ def render(outcome: dict[str, Any], command: str) -> str:
         "cap): the larger of the VmHWM each agent reports after every round and the VmHWM read from "
         "`/proc/PID/status` until the process exits (which also covers the bundle download and uploads).",
         "",
-        "The coordinator admits a backbone when `predicted <= memory_fraction x budget` (0.8 by default, 0.9 in "
-        "the demo), and each agent started with `--max-memory` aborts a round whose RSS crosses its cap "
+        "The coordinator admits a backbone when `predicted <= memory_fraction x budget` (0.9, one default for "
+        "every run and the demo: `DEFAULT_MEMORY_FRACTION` in `coordinator/assignment.py`), and each agent "
+        "started with `--max-memory` aborts a round whose RSS crosses its cap "
         "(`edge_agent/limits.py`). Probe version 1 measured a bare ORT trainer on random token ids and read "
         "261 MB for MiniLM-L3 and 353 MB for MiniLM-L6 against 317-321 and 414-420 MB in demo agents "
         "(0.82 and 0.85 of the real peak).",

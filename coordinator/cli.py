@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -159,6 +159,10 @@ def assign(
         typer.echo(format_plan(plans, cards, run_config, source=source, explain=explain))
 
 
+AlphaOption = Annotated[float | None, typer.Option(
+    min=1e-3, help="Dirichlet label skew of the split (e.g. 0.3 = strong skew); default: an even (IID) split")]
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
@@ -166,6 +170,10 @@ def demo(
     seed: int = 0,
     fleet: FleetOption = None,
     config: ConfigOption = None,
+    data: Annotated[Path | None, typer.Option(
+        help="your own labelled data instead of the tweets: JSONL/CSV with text,label; an .npz with images, labels; "
+             "or a folder with one sub-folder of PNG/JPEG images per class")] = None,
+    alpha: AlphaOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A real federated run on this machine: own mosquitto on loopback + emulated edge agents (4 by default)."""
@@ -174,17 +182,22 @@ def demo(
     from coordinator.report import _pct
     from coordinator.runner import set_aside
 
+    if alpha is not None and data is None:
+        typer.echo("error: --alpha splits your --data; the tweets' skew is the fleet file's [data] alpha", err=True)
+        raise typer.Exit(2)
     _logging(verbose)
     moved = set_aside(out)  # the demo is meant to be run again: keep the previous run beside the new one
     if moved is not None:
         typer.echo(f"the previous run in {out} was moved to {moved}", err=True)
-    if fleet is None and config is None:
+    if data is not None:
+        summary, models = _user_data_demo(out, data, fleet, config, rounds, seed, alpha)
+    elif fleet is None and config is None:
         summary = run_demo(out, rounds=rounds or 5, seed=seed)
     else:
-        agents, run_config, data, source = _fleet_inputs(fleet, config, rounds, seed)
-        run_config, plans = plan_for(agents, run_config, data)
+        agents, run_config, tweets, source = _fleet_inputs(fleet, config, rounds, seed)
+        run_config, plans = plan_for(agents, run_config, tweets)
         typer.echo(format_plan(plans, [], run_config, source=source, explain=False), err=True)
-        summary = run_fleet(out, agents, run_config, data, seed=seed)
+        summary = run_fleet(out, agents, run_config, tweets, seed=seed)
     typer.echo(f"\ndemo finished in {summary['wall_seconds']:.0f} s; run directory: {out}")
     for agent_id, backbone in sorted(summary["agents"].items()):
         typer.echo(f"  {agent_id}: {backbone}")
@@ -193,8 +206,86 @@ def demo(
     for entry in summary["per_round"]:
         typer.echo(f"  round {entry['round']}: global accuracy {_pct(entry['global_accuracy'])} %, "
                    f"personal accuracy {_pct(entry['personal_accuracy'])} %")
-    for line in model_locations(out, list(summary["agents"])):
-        typer.echo(line)
+    final = summary["final"]  # the model after the last round's aggregation, measured by the agents
+    typer.echo(f"  final model: global accuracy {_pct(final['global_accuracy'])} %, "
+               f"personal accuracy {_pct(final['personal_accuracy'])} %")
+    if data is not None:
+        typer.echo("\neach device's model, and how to use it:")
+        for line in models:
+            typer.echo(line)
+    else:
+        for line in model_locations(out, list(summary["agents"])):
+            typer.echo(line)
+
+
+def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | None, rounds: int | None, seed: int,
+                    alpha: float | None) -> tuple[dict[str, Any], list[str]]:
+    """`demo --data`: the user's data split over the fleet, its labels and the modality's backbones (or the
+    --config's backbones); returns the summary and the lines saying where each device's model is."""
+    from coordinator.datasets import FLEET_SUMMARY
+    from coordinator.demo import device_state_dir, plan_for, run_agents
+    from coordinator.fleet import DataSplit, format_plan
+    from coordinator.user_data import (
+        example_input,
+        load_user_data,
+        predict_command,
+        split_user_data,
+        user_config,
+    )
+
+    agents, base, _tweets, source = _fleet_inputs(fleet, config, rounds, seed)
+    try:
+        dataset = load_user_data(data)
+        run_config = user_config(dataset, base, keep_backbones=config is not None)
+        files = split_user_data(dataset, [a.agent_id for a in agents], out / "data", alpha=alpha, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:  # UserDataError, or the agents' own reader's message
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sizes = [sum(counts) for counts in files.label_counts.values()]
+    held_out = json.loads((out / "data" / FLEET_SUMMARY).read_text())["global_test"]["size"]
+    split = DataSplit(samples_per_agent=max(8, *sizes), global_test_per_class=max(1, held_out // len(dataset.labels)))
+    run_config, plans = plan_for(agents, run_config, split)
+    typer.echo(format_plan(plans, [], run_config, source=f"{source}, data {data}", explain=False), err=True)
+    summary = run_agents(out, agents, run_config, files)
+    example = example_input(dataset, data)
+    lines = [f"  {agent_id}: {device_state_dir(out, agent_id)}\n"
+             f"    {predict_command(device_state_dir(out, agent_id), dataset, example)}"
+             for agent_id in sorted(summary["agents"])]
+    return summary, lines
+
+
+@app.command()
+def split(
+    data: Annotated[Path, typer.Argument(help="labelled data: JSONL/CSV (text,label), .npz (images, labels) or a "
+                                              "folder with one sub-folder of PNG/JPEG images per class")],
+    agents: Annotated[int, typer.Option(min=1, max=1000, help="number of devices to split the data over")],
+    out: Annotated[Path, typer.Option(help="directory for the device files, the held-out set and config.toml")],
+    alpha: AlphaOption = None,
+    seed: int = 0,
+    broker: Annotated[str, typer.Option(help="the broker address the printed join lines use")] = "127.0.0.1:1883",
+) -> None:
+    """Split your labelled data for a fleet of real agents: a balanced held-out set, one file per device, a run
+    configuration with the data's labels, and the `edge-agent join` line of every device."""
+    from coordinator.user_data import join_command, load_user_data, split_user_data, user_config, write_run_config
+
+    try:
+        dataset = load_user_data(data)
+        ids = [f"device-{i:0{max(2, len(str(agents)))}d}" for i in range(1, agents + 1)]
+        files = split_user_data(dataset, ids, out, alpha=alpha, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from coordinator.config import RunConfig
+
+    run_config = user_config(dataset, RunConfig(min_agents=agents))
+    config_path = write_run_config(out / "config.toml", run_config)
+    typer.echo(f"{len(dataset.label_array())} examples, labels {', '.join(dataset.labels)}; held-out set "
+               f"{files.global_test_file}, device files in {out / 'clients'} (fleet.json has the counts)")
+    typer.echo(f"\n# the coordinator (with a mosquitto at {broker}):")
+    typer.echo(f"coordinator run --config {config_path} --broker {broker} --out {out / 'run'}")
+    typer.echo("\n# one agent per device (each on its own machine, or here in its own terminal):")
+    for agent_id in ids:
+        typer.echo(join_command(files, agent_id, broker))
 
 
 @app.command()

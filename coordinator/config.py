@@ -14,6 +14,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coordinator.aggregation import STRATEGY_NAMES
+from coordinator.assignment import DEFAULT_MEMORY_FRACTION
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,7 @@ class RunConfig(_Strict):
     over_selection: float = Field(1.3, ge=1.0, le=5.0)
     min_fraction: float = Field(1.0, gt=0, le=1)  # of the target that must be accepted for a round to count
     max_round_attempts: int = Field(3, ge=1)  # an abandoned round is retried with the same id this often
-    memory_fraction: float = Field(0.8, gt=0, le=1)
+    memory_fraction: float = Field(DEFAULT_MEMORY_FRACTION, gt=0, le=1)
     max_update_norm: float = Field(1e4, gt=0)
     # Relative norm bound (coordinator/report_checks.py): an update whose L2 norm exceeds this many times the
     # median norm of its group's updates in the same round is rejected (groups of 3 or more updates).

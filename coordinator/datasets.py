@@ -404,6 +404,15 @@ def dirichlet_label_split(
     )
 
 
+def even_split(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
+    """IID split: a seeded permutation cut into ``num_clients`` parts whose sizes differ by at most one; one
+    sorted int64 index array per client, together a partition of ``range(n)``."""
+    if num_clients < 1 or n < num_clients:
+        raise ValueError(f"cannot split {n} samples over {num_clients} clients; use fewer clients or more data")
+    perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    return [np.sort(part) for part in np.array_split(perm, num_clients)]
+
+
 def balanced_holdout(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Pick exactly ``per_class`` samples of every class at random: (holdout_idx, rest_idx), both sorted.
 
@@ -505,7 +514,7 @@ def write_fleet_data(
     agent_ids: Sequence[str],
     out_dir: Path,
     *,
-    alpha: float = 0.3,
+    alpha: float | None = 0.3,
     seed: int = 0,
     global_per_class: int = 100,
     max_per_client: int | None = None,
@@ -544,7 +553,8 @@ def write_fleet_data(
             raise ValueError(f"a public set of {public_size} leaves nothing of the {len(pool)} samples for agents")
         public = np.sort(np.random.default_rng([seed, 1]).choice(pool, size=public_size, replace=False))
         pool = np.setdiff1d(pool, public)
-    parts = dirichlet_label_split(labels[pool], len(agent_ids), alpha, split_seed, min_size=min_per_client)
+    parts = (even_split(len(pool), len(agent_ids), split_seed) if alpha is None
+             else dirichlet_label_split(labels[pool], len(agent_ids), alpha, split_seed, min_size=min_per_client))
     cap_rng = np.random.default_rng(cap_seed)
     client_idx: dict[str, np.ndarray] = {}
     for agent_id, part in zip(agent_ids, parts, strict=True):

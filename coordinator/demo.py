@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
-from coordinator.datasets import PUBLIC_STEM, load_tweet_sentiment, write_fleet_data
+from coordinator.datasets import PUBLIC_STEM, FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from coordinator.methods import public_samples_for
 from coordinator.runner import build_bundles, run_federation, run_key_path
@@ -26,19 +26,15 @@ from export.bundle import single_thread_env
 from protocols.signing import public_path
 
 # (agent id, memory cap in MB). The cost cards measure a whole agent process (MiniLM-L3 ~312 MB, L6 ~410 MB
-# on the builder), so 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
+# on the builder), so at the default memory fraction (coordinator/assignment.py DEFAULT_MEMORY_FRACTION, 0.9)
+# 0.9 x 384 MB = 346 MB admits MiniLM-L3 but not L6, and 0.9 x 2048 MB admits L6.
 DEMO_FLEET: tuple[tuple[str, float], ...] = (("pi4-a", 384), ("pi4-b", 384), ("orin-a", 2048), ("orin-b", 2048))
-
-# The demo's memory fraction. The run default (0.8) leaves 20 % for what a cost card might miss; the cards
-# now measure a complete agent within a few per cent (docs/cost-model.md), and every agent enforces its cap
-# for real, so 10 % covers allocator growth over rounds (+3 % over five measured).
-DEMO_MEMORY_FRACTION = 0.9
 
 
 def demo_config(rounds: int = 5, seed: int = 0) -> RunConfig:
     return RunConfig(run_name="demo", method="heterotune", backbones=("minilm-l3", "minilm-l6"), rounds=rounds,
                      local_steps=20, learning_rate=2e-3, min_agents=len(DEMO_FLEET), join_timeout_s=300,
-                     round_timeout_s=300, memory_fraction=DEMO_MEMORY_FRACTION, seed=seed)
+                     round_timeout_s=300, seed=seed)
 
 
 def demo_agents(fleet: Sequence[tuple[str, float]] = DEMO_FLEET) -> list[EmulatedAgent]:
@@ -101,6 +97,12 @@ def run_fleet(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig,
                              global_per_class=data.global_test_per_class, max_per_client=data.samples_per_agent,
                              public_size=public_size)
     public = out_dir / "data" / f"{PUBLIC_STEM}.jsonl" if public_size else None
+    return run_agents(out_dir, agents, config, files, public)
+
+
+def run_agents(out_dir: Path, agents: Sequence[EmulatedAgent], config: RunConfig, files: FleetData,
+               public: Path | None = None) -> dict[str, Any]:
+    """Start one `edge-agent join` process per agent on its data file and run the federation."""
     processes: list[subprocess.Popen[bytes]] = []
 
     def start_agents(host: str, port: int) -> None:

@@ -118,6 +118,7 @@ class PendingUpload:
     resend_asked: bool = False
     done: bool = False
     assignment: Assignment | None = None  # as sent, to send again to an agent that reconnects without reporting
+    evaluate_only: bool = False  # the final evaluation: metrics only, an empty update
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Coordinator:
         self.store = store
         self.on_round = on_round
         self.observers = ObserverSet(list(observers))
+        self._watch = self.observers  # who sees this round's events (nobody for the final evaluation)
         self.attempt = 0
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
@@ -155,6 +157,7 @@ class Coordinator:
         self.pending: dict[str, PendingUpload] = {}
         self.declined_rows: list[MetricRow] = []
         self.current_round = 0
+        self.final: RoundResult | None = None  # the final model's evaluation, after the last round
         self.state = federation_state.initial_state(bundles, self.scopes, prototypes=self.prototypes,
                                                     public_samples=self.public_samples,
                                                     public_scope=public_scope_for(config),
@@ -211,6 +214,7 @@ class Coordinator:
                 results.append(result)
                 if self.on_round:
                     self.on_round(result)
+            self.final = self._run_round(self.config.rounds + 1, evaluate_only=True)
             self._finish("completed all rounds")
             return results
         except RunStopped as exc:
@@ -269,7 +273,7 @@ class Coordinator:
 
     def _wait_for_agents(self) -> None:
         deadline = time.monotonic() + self.config.join_timeout_s
-        while len(self.agents) < self.config.min_agents:
+        while sum(rec.status != "left" for rec in self.agents.values()) < self.config.min_agents:
             if time.monotonic() > deadline:
                 if not self.agents:
                     refused = f" ({len(self.refused)} joins refused, see the log)" if self.refused else ""
@@ -338,6 +342,12 @@ class Coordinator:
             self._on_declined(message)
         elif isinstance(message, AgentStatus) and agent_id in self.agents:
             record = self.agents[agent_id]
+            if message.state == "left" and record.status != "left":
+                # Dropped at once: an open upload of it is closed by the round loop (AgentRecord.gone), it is
+                # not invited again, and a resume does not wait for it. It may join again later.
+                log.warning("%s left the run: %s", agent_id, message.reason or "no reason given")
+                self.store.upsert_agent(agent_id, record.backbone, "left", record.profile,
+                                        message.reason or "left", record.n_train)
             record.status = message.state
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
             if message.state == "online":
@@ -408,7 +418,7 @@ class Coordinator:
         log.info("%s joined -> %s (%s)", request.agent_id, decision.backbone, decision.reason)
         self._send(inbox, JoinAccepted(run_id=self.run_id, agent_id=request.agent_id, backbone=decision.backbone,
                                        bundle=BlobRefModel.from_ref(bundle_ref), explanation=decision.reason,
-                                       nonce=request.nonce))
+                                       nonce=request.nonce, labels=list(self.config.task.labels)))
 
     def _serve_bundle(self, backbone: str, part: str | None = None) -> BlobRef:
         """Publish a backbone's bundle tar, or one of its parts (e.g. the torch backbone), once per run."""
@@ -449,22 +459,31 @@ class Coordinator:
         rng = np.random.default_rng([self.config.seed, round_id, attempt])
         return sorted(str(a) for a in rng.choice(live, size=invited, replace=False)), target
 
-    def _run_round(self, round_id: int, attempt: int = 0) -> RoundResult | None:
+    def _run_round(self, round_id: int, attempt: int = 0, *, evaluate_only: bool = False) -> RoundResult | None:
+        """One round; with ``evaluate_only`` (after the last round) every live agent measures the final model and
+        reports metrics only: nothing is aggregated or committed, and the result is not None."""
         started = time.time()
         self.current_round, self.attempt = round_id, attempt
-        selected, target = self._select(round_id, attempt)
+        # The final evaluation is no round of the federation: observers (progress, reports) do not see it.
+        self._watch = ObserverSet() if evaluate_only else self.observers
+        if evaluate_only:
+            selected = sorted(a for a, rec in self.agents.items() if rec.status not in ("lost", "left"))
+            target = len(selected)
+        else:
+            selected, target = self._select(round_id, attempt)
         weights = self._publish_weights({self.agents[a].backbone for a in selected})
         deadline = time.time() + self.config.round_timeout_s
         self.pending = {}
         for agent_id in selected:
             record = self.agents[agent_id]
             nonce = secrets.token_hex(8)
-            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone)
+            self.pending[agent_id] = PendingUpload(agent_id, nonce, record.backbone, evaluate_only=evaluate_only)
             assignment = Assignment(
                 run_id=self.run_id, round=round_id, nonce=nonce, backbone=record.backbone,
                 bundle=BlobRefModel.from_ref(self._serve_bundle(record.backbone)),
                 weights=BlobRefModel.from_ref(weights[record.backbone]),
-                upload_names=self.upload_names(record.backbone), local_steps=self.config.local_steps,
+                upload_names=[] if evaluate_only else self.upload_names(record.backbone),
+                local_steps=self.config.local_steps, evaluate_only=evaluate_only,
                 batch_size=self.config.task.batch_size, learning_rate=self.config.learning_rate,
                 deadline_unix=deadline, seed=self.config.seed,
                 prototype_weight=prototype_weight_for(self.config), distill_steps=self.config.distill_steps,
@@ -475,7 +494,7 @@ class Coordinator:
             self.pending[agent_id].assignment = assignment
             self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=int(self.config.round_timeout_s))
         needed = math.ceil(self.config.min_fraction * target)
-        self.observers.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
+        self._watch.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
         waiting = time.time()
         accepted: list[Candidate] = []  # on disk until the round's norms are known; then summed one at a time
         rows: list[MetricRow] = []
@@ -496,7 +515,7 @@ class Coordinator:
                     upload.done = True  # its last will arrived: stop waiting for it
                     open_uploads -= 1
                     log.warning("round %d: %s was lost mid-round", round_id, upload.agent_id)
-                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost"))
+                    self._watch.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost"))
                 outcome = self._try_finalize(upload)
                 if outcome is not None:
                     update, row = outcome
@@ -504,18 +523,21 @@ class Coordinator:
                     open_uploads -= 1
                     if update is not None:
                         accepted.append(update)
-                    self.observers.update_handled(UpdateHandled(
+                    self._watch.update_handled(UpdateHandled(
                         round_id, attempt, row.agent_id, "accepted" if row.accepted else "rejected", row.reason))
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
         rows += self.declined_rows
+        if evaluate_only:
+            self.pending = {}
+            return RoundResult(round_id, rows, time.time() - started)
         accepted, rows = self._screen_norms(accepted, rows, attempt)
         if len(accepted) < needed:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
                         round_id, attempt + 1, len(accepted), len(selected), needed)
             self.pending = {}
-            self.observers.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
+            self._watch.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
                                                   time.time() - started))
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
@@ -527,7 +549,7 @@ class Coordinator:
                   "aggregate_s": time.time() - aggregating, "attempt": attempt}
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
                                 diagnostics={**result.diagnostics, "timing": timing})
-        self.observers.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
+        self._watch.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
                                               time.time() - started))
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
 
@@ -555,7 +577,7 @@ class Coordinator:
             if reason is None:
                 continue
             log.warning("round %d: rejected update from %s: %s", self.current_round, candidate.agent_id, reason)
-            self.observers.update_handled(UpdateHandled(self.current_round, attempt, candidate.agent_id, "rejected",
+            self._watch.update_handled(UpdateHandled(self.current_round, attempt, candidate.agent_id, "rejected",
                                                         reason))  # replaces the "accepted" it was given on arrival
             candidate.path.unlink(missing_ok=True)
             upload = self.pending.get(candidate.agent_id)
@@ -616,7 +638,7 @@ class Coordinator:
             upload.done = True  # an impossible update: the round stops waiting for it
             log.warning("round %d: rejected report from %s: %s", report.round, report.agent_id, refusal)
             self.declined_rows.append(self._empty_row(upload, report.round, f"rejected: {refusal}"))
-            self.observers.update_handled(UpdateHandled(report.round, self.attempt, report.agent_id, "rejected",
+            self._watch.update_handled(UpdateHandled(report.round, self.attempt, report.agent_id, "rejected",
                                                         refusal))
             self._send(topics.agent_inbox(report.agent_id),
                        UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=refusal))
@@ -633,7 +655,7 @@ class Coordinator:
             return
         upload.done = True
         log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
-        self.observers.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
+        self._watch.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
                                                     declined.reason))
         self.declined_rows.append(self._empty_row(upload, declined.round, f"declined: {declined.reason}"))
 
@@ -664,14 +686,18 @@ class Coordinator:
             if refusal is not None:
                 raise ProtocolError(refusal)
             tensors = decode_tensors(assembler.assemble())
-            check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
-            path = self.store.save_update(self.current_round, upload.agent_id, tensors)
-            update: Candidate | None = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
-            reason = ""
+            if upload.evaluate_only:  # the final evaluation: metrics only, nothing to keep
+                check_tensors(tensors, {}, max_norm=self.config.max_update_norm)
+                update: Candidate | None = None
+            else:
+                check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
+                path = self.store.save_update(self.current_round, upload.agent_id, tensors)
+                update = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
+            ok, reason = True, ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
-            update, reason = None, str(exc)
+            update, ok, reason = None, False, str(exc)
             log.warning("round %d: rejected update from %s: %s", self.current_round, upload.agent_id, reason)
-        ack = UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=update is not None, reason=reason)
+        ack = UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=ok, reason=reason)
         self._send(topics.agent_inbox(upload.agent_id), ack)
         m = report.metrics
         row = MetricRow(
@@ -680,7 +706,7 @@ class Coordinator:
             n_global_test=m.n_global_test, n_train=report.n_train, train_loss=m.train_loss,
             bytes_up=report.update.size, bytes_down=m.bytes_down, train_seconds=m.train_seconds,
             eval_seconds=m.eval_seconds, peak_rss_mb=m.peak_rss_mb, backend=m.backend,
-            accepted=update is not None, reason=reason)
+            accepted=ok, reason=reason)
         return update, row
 
     # --- end ---------------------------------------------------------------------------------------

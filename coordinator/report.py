@@ -46,8 +46,9 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def print_round(console: Console, round_id: int, rows: Sequence[MetricRow], seconds: float) -> None:
-    table = Table(title=f"round {round_id}  ({seconds:.1f} s)", title_justify="left")
+def print_round(console: Console, round_id: int, rows: Sequence[MetricRow], seconds: float, *,
+                title: str | None = None) -> None:
+    table = Table(title=f"{title or f'round {round_id}'}  ({seconds:.1f} s)", title_justify="left")
     for column in ("agent", "backbone", "personal %", "global %", "loss", "up KB", "down KB", "train s",
                    "peak MB", "status"):
         table.add_column(column, justify="left" if column in ("agent", "backbone", "status") else "right")
@@ -82,3 +83,18 @@ def rounds_overview(rows: Sequence[MetricRow]) -> list[dict[str, Any]]:
     for r in rows:
         by_round[r.round].append(r)
     return [{"round": k, **round_summary(v)} for k, v in sorted(by_round.items())]
+
+
+def final_overview(rows: Sequence[MetricRow]) -> dict[str, Any]:
+    """The final model's evaluation (after the last round): both views overall and per group, and per agent the
+    personal accuracy of its own final model and the global accuracy of the aggregate it received."""
+    summary = round_summary(rows)
+    return {
+        "personal_accuracy": summary["personal_accuracy"],
+        "global_accuracy": summary["global_accuracy"],
+        "groups": summary["groups"],
+        "agents": {r.agent_id: {"backbone": r.backbone, "personal_accuracy": r.personal_accuracy,
+                                "global_accuracy": r.global_accuracy, "n_test": r.n_test,
+                                "n_global_test": r.n_global_test}
+                   for r in sorted(rows, key=lambda r: r.agent_id) if r.accepted},
+    }

@@ -15,7 +15,7 @@ from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
 from coordinator.observers import ProgressPrinter, RoundObserver
-from coordinator.report import print_round, rounds_overview, write_metrics_csv, write_summary
+from coordinator.report import final_overview, print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
@@ -172,6 +172,9 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             if start_agents is not None:
                 start_agents(host, port)
             results = coordinator.run()
+            if coordinator.final is not None:
+                print_round(console, coordinator.final.round_id, coordinator.final.metrics,
+                            coordinator.final.seconds, title="final model (after the last round)")
         rows = store.metrics()
         write_metrics_csv(run_dir / "metrics.csv", rows)
         summary = {
@@ -189,6 +192,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
                                         for name in bundles},
             "wall_seconds": time.time() - started,
             "per_round": rounds_overview(rows),
+            "final": final_overview(coordinator.final.metrics if coordinator.final else []),
         }
         write_summary(run_dir / "summary.json", summary)
         return summary

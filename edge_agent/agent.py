@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_agent.bundle_store import BundleStore, default_cache_dir
 from edge_agent.data import Sample, load_examples
+from edge_agent.data_check import DataFiles, check_before_join, check_labels
 from edge_agent.device_state import default_state_dir
 from edge_agent.limits import DeviceLimits, MemoryCapExceeded, slowed_profile
 from edge_agent.local_round import LocalLearner, RoundPlan
@@ -50,8 +51,13 @@ from protocols.tensors import decode_tensors, encode_tensors
 
 log = logging.getLogger("edge_agent")
 
-EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_BROKER, EXIT_IDLE = 0, 2, 3, 4, 5
+EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_BROKER, EXIT_IDLE, EXIT_STOPPED = 0, 2, 3, 4, 5, 6
 ACK_TIMEOUT_S = 15.0  # upload again when the coordinator has not acknowledged an update for this long
+LEAVE_PUBLISH_TIMEOUT_S = 5.0  # how long a leaving agent waits for the broker to take its "left" status
+
+
+class AgentStopped(Exception):
+    """The device's owner stopped the agent (SIGTERM, Ctrl-C): it tells the coordinator it leaves, then exits."""
 
 
 @dataclass
@@ -145,6 +151,7 @@ class EdgeAgent:
         self.gate = ControlGate(load_public_key(config.coordinator_key) if config.coordinator_key else None)
         self.signer = Signer(generate_key())  # this process's identity: it signs our reports
         self._join_nonce: str | None = None
+        self._files: DataFiles | None = None
         self.endpoint = MqttEndpoint(
             config.agent_id, config.host, config.port,
             username=config.username, password=config.password,
@@ -161,6 +168,8 @@ class EdgeAgent:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def run(self) -> int:
+        # A bad data file never joins: checked before the broker is even contacted (edge_agent/data_check.py).
+        self._files = check_before_join(self.config.data, self.config.global_test, self.config.public)
         # The backend goes in the profile: the coordinator assigns with that backend's cost card (torch peaks higher).
         measured = profile_device(max_memory_mb=self.config.max_memory_mb,
                                   max_round_seconds=self.config.max_round_seconds, disk_path=self.config.cache_dir,
@@ -170,9 +179,29 @@ class EdgeAgent:
         try:
             self.endpoint.subscribe(topics.agent_inbox(self.config.agent_id))
             self.endpoint.subscribe(topics.coord_status())
-            return self._loop()
+            code = self._loop()
+            if code == EXIT_IDLE:
+                self._leave("no word from the coordinator; the agent gave up waiting")
+            return code
+        except KeyboardInterrupt:
+            self._leave("stopped by its owner (Ctrl-C)")
+            raise AgentStopped("stopped by its owner (Ctrl-C)") from None
+        except BaseException as exc:  # anything this agent knows it leaves for: tell the coordinator first
+            self._leave(str(exc) or type(exc).__name__)
+            raise
         finally:
             self.endpoint.stop()
+
+    def _leave(self, reason: str) -> None:
+        """Tell the coordinator this device leaves the run and why, so it is dropped at once (never raises)."""
+        try:
+            status = AgentStatus(agent_id=self.config.agent_id, state="left", reason=reason[:4000])
+            mid = self.endpoint.publish(topics.agent_status(self.config.agent_id), encode_message(status),
+                                        retain=True)
+            self.endpoint.wait_published(mid, timeout=LEAVE_PUBLISH_TIMEOUT_S)
+            log.info("left the run: %s", reason)
+        except Exception as exc:  # the broker may be the reason we leave; the will covers us then
+            log.warning("could not tell the coordinator that this agent leaves: %s", exc)
 
     def _loop(self) -> int:
         last_activity = time.monotonic()
@@ -232,15 +261,12 @@ class EdgeAgent:
     # --- joining -----------------------------------------------------------------------------------
 
     def _send_join(self) -> None:
-        assert self._profile is not None
-        n = _count_records(self.config.data)
+        assert self._profile is not None and self._files is not None
+        n = self._files.n_examples
         self._join_nonce = secrets.token_hex(8)
         request = JoinRequest(agent_id=self.config.agent_id, nonce=self._join_nonce, profile=self._profile,
-                              n_train=n - n // 4, n_test=n // 4,
-                              n_global_test=_count_records(self.config.global_test) if self.config.global_test
-                              else 0,
-                              n_public=_count_records(self.config.public) if self.config.public else 0,
-                              agent_key=self.signer.public_hex)
+                              n_train=n - n // 4, n_test=n // 4, n_global_test=self._files.n_global_test,
+                              n_public=self._files.n_public, agent_key=self.signer.public_hex)
         if self.config.join_token is not None and self._join_sent_for is not None:
             request = request.model_copy(update={"proof": join_proof(self.config.join_token, self._join_sent_for,
                                                                      request)})
@@ -250,6 +276,8 @@ class EdgeAgent:
     def _on_accepted(self, message: JoinAccepted) -> None:
         self.run_id = message.run_id
         log.info("joined run %s with backbone %s: %s", message.run_id, message.backbone, message.explanation)
+        if message.labels is not None and self._files is not None:  # before the download, not after
+            check_labels(self._files, self.config.data, self.config.global_test, message.labels)
         self._ensure_bundle(message.bundle)
 
     def _ensure_bundle(self, ref: BlobRefModel) -> LocalLearner:
@@ -345,7 +373,7 @@ class EdgeAgent:
         learner.guard = DeviceLimits(self.config.max_memory_mb if self.config.enforce_memory else None,
                                      self.config.slowdown)
         try:
-            outcome = learner.run_round(plan, received)
+            outcome = learner.evaluate(received) if a.evaluate_only else learner.run_round(plan, received)
         except MemoryCapExceeded as exc:
             # Nothing is uploaded: the coordinator closes the round without us (min_fraction permitting) and
             # assigns the next one as usual; the next round reloads the model from scratch.
@@ -374,7 +402,8 @@ class EdgeAgent:
         report_mid = self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         save_round(self.state_dir, learner=learner, run_id=a.run_id, round_id=a.round, bundle_sha=a.bundle.sha256,
-                   bundle_dir=self.store.path(a.bundle.sha256), received=received, outcome=outcome)
+                   bundle_dir=self.store.path(a.bundle.sha256), received=received, outcome=outcome,
+                   final=a.evaluate_only)
         self._status("idle")
         # Load the next round's session now, while there is nothing else to do, but only once the broker has the
         # report: loading holds the GIL, and paho's network thread would otherwise sit on the upload meanwhile.
@@ -415,10 +444,3 @@ class EdgeAgent:
         self.endpoint.publish(topics.agent_status(self.config.agent_id), encode_message(status), retain=True)
 
 
-def _count_records(path: Path | None) -> int:
-    """Rows in a JSONL/CSV data file, without parsing (labels are known only once the bundle is)."""
-    if path is None:
-        return 0
-    with open(path, "rb") as handle:
-        rows = sum(1 for line in handle if line.strip())
-    return rows - 1 if path.suffix.lower() == ".csv" else rows

@@ -6,13 +6,16 @@ part is stored inside its bundle's directory once its hash checks out, so its pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
+from export.locks import exclusive
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, PartEntry
 
 _FILES_CHECKED = ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
@@ -40,30 +43,49 @@ class BundleStore:
     def manifest(self, sha256: str) -> BundleManifest:
         return BundleManifest.model_validate_json((self.path(sha256) / MANIFEST_NAME).read_text())
 
+    def _lock(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        """One installer of a bundle at a time, across processes: agents may share one cache directory."""
+        return exclusive(self.root / f".{sha256}.lock")
+
     def install(self, sha256: str, archive: bytes) -> Path:
-        """Verify and unpack a bundle tar; the directory appears atomically or not at all."""
+        """Verify and unpack a bundle tar; the directory appears atomically or not at all.
+
+        Several agents sharing one cache may fetch the same bundle at once: each unpacks into its own staging
+        directory under the bundle's lock, and whoever comes second finds the bundle installed and keeps it
+        (one shared ``.partial`` directory used to be deleted by the second agent under the first's feet).
+        """
         actual = hashlib.sha256(archive).hexdigest()
         if actual != sha256:
             raise BundleError(f"bundle archive hashes to {actual[:12]}, expected {sha256[:12]}; fetch it again")
-        work = self.root / f".{sha256}.partial"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+        with self._lock(sha256):
+            final = self.path(sha256)
+            if self.has(sha256):
+                return final
+            work = Path(tempfile.mkdtemp(prefix=f".{sha256}.", suffix=".partial", dir=self.root))
+            try:
+                self._unpack(archive, work)
+                shutil.rmtree(final, ignore_errors=True)  # a damaged earlier copy without its manifest
+                work.rename(final)
+                _fsync_dir(self.root)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def _unpack(archive: bytes, work: Path) -> None:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
             for member in tar.getmembers():
                 if not member.isfile() or "/" in member.name or member.name.startswith("."):
                     raise BundleError(f"bundle member '{member.name}' is not a plain top-level file; refusing it")
                 source = tar.extractfile(member)
                 assert source is not None
-                (work / member.name).write_bytes(source.read())
+                _write_synced(work / member.name, source.read())
         manifest = BundleManifest.model_validate_json((work / MANIFEST_NAME).read_text())
         for name in _FILES_CHECKED:
             digest = hashlib.sha256((work / name).read_bytes()).hexdigest()
             if manifest.files.get(name) != digest:
                 raise BundleError(f"bundle file '{name}' does not match its manifest hash; the bundle is damaged")
-        final = self.path(sha256)
-        shutil.rmtree(final, ignore_errors=True)
-        work.rename(final)
-        return final
+        _fsync_dir(work)
 
     def has_part(self, sha256: str, part: PartEntry) -> bool:
         """Whether a bundle's part was fetched and verified (it is written under its name only after that)."""
@@ -79,7 +101,29 @@ class BundleStore:
             raise BundleError(f"bundle part '{part.file}' hashes to {actual[:12]} ({len(data)} bytes), the manifest "
                               f"says {part.sha256[:12]} ({part.size} bytes); fetch it again")
         final = self.path(sha256) / part.file
-        work = final.with_name(f".{part.file}.partial")
-        work.write_bytes(data)
-        work.replace(final)
+        with self._lock(sha256):
+            handle, name = tempfile.mkstemp(prefix=f".{part.file}.", suffix=".partial", dir=final.parent)
+            os.close(handle)
+            work = Path(name)
+            try:
+                _write_synced(work, data)
+                work.replace(final)
+                _fsync_dir(final.parent)
+            finally:
+                work.unlink(missing_ok=True)
         return final
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

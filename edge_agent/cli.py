@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -76,7 +77,7 @@ def join(
     from edge_agent.allocator import fix_mmap_threshold
 
     fix_mmap_threshold()  # before the trainer allocates anything (edge_agent/allocator.py says why)
-    from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, AgentConfig, EdgeAgent
+    from edge_agent.agent import EXIT_BAD_INPUT, EXIT_BROKER, EXIT_STOPPED, AgentConfig, AgentStopped, EdgeAgent
     from protocols.credentials import CredentialError, password_on_command_line, resolve_password
     from protocols.errors import BrokerUnavailable
     from protocols.topics import validate_agent_id
@@ -105,15 +106,26 @@ def join(
                          username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                          enforce_memory=enforce_memory, slowdown=slowdown, state_dir=state_dir,
                          coordinator_key=coordinator_key, insecure_no_verify=insecure_no_verify)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise AgentStopped(f"stopped by its owner ({signal.Signals(signum).name})")
+
+    signal.signal(signal.SIGTERM, stop)  # the agent tells the coordinator it leaves, then exits
     try:
         config.join_token = read_secret(join_token_file, "HETEROTUNE_JOIN_TOKEN")
         code = EdgeAgent(config).run()
+    except AgentStopped as exc:
+        typer.echo(f"{agent_id}: {exc}; the coordinator was told", err=True)
+        code = EXIT_STOPPED
     except BrokerUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         code = EXIT_BROKER
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         code = EXIT_BAD_INPUT
+    except TimeoutError as exc:  # a download the broker never completed; the coordinator was told we left
+        typer.echo(f"error: {exc}; check the broker and the coordinator, then join again", err=True)
+        code = EXIT_BROKER
     raise typer.Exit(code)
 
 

@@ -217,6 +217,27 @@ class LocalLearner:
                             train_seconds=train_seconds, eval_seconds=eval_seconds,
                             peak_rss_mb=peak_rss_mb(), n_train=len(self.train))
 
+    def evaluate(self, received: Mapping[str, np.ndarray]) -> RoundOutcome:
+        """The final model, measured without training: the received aggregate over this device's kept tensors
+        (e.g. its private experts and head), on the global test set (global view) and on its own test split
+        (personal view). Nothing changes on the device and nothing is uploaded."""
+        received = {k: v for k, v in received.items() if not is_exchange_only(k)}
+        unknown = sorted(set(received) - set(self.kept))
+        if unknown:
+            raise ValueError(f"received tensors this bundle does not have: {unknown[:3]}")
+        guard = self.guard or self._UNGUARDED
+        guard.begin()
+        start = time.perf_counter()
+        self.trainer.start_round({**self.kept, **received}, learning_rate=1e-3)  # no step is taken
+        guard.after("load", time.perf_counter() - start)
+        start = time.perf_counter()
+        global_result = (self.trainer.evaluate(self._batches(self.global_test, guard)) if self.global_test
+                         else None)
+        personal = self.trainer.evaluate(self._batches(self.test, guard))
+        return RoundOutcome(upload={}, personal=personal, global_=global_result, train_loss=0.0, train_seconds=0.0,
+                            eval_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+                            n_train=len(self.train))
+
     def _class_prototypes(self, guard: RoundGuard) -> dict[str, np.ndarray]:
         representations = self.trainer.represent(self._batches(self.train, guard))
         labels = np.array([example.label for example in self.train], dtype=np.int64)

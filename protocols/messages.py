@@ -131,6 +131,9 @@ class JoinAccepted(_Message):
     bundle: BlobRefModel
     explanation: Text
     nonce: Token | None = None  # the JoinRequest's: an agent acts only on the answer to its own join
+    # The run's task labels, so an agent checks its data file against them before it downloads the bundle
+    # (None from a coordinator that does not send them: the agent checks after the bundle's manifest instead).
+    labels: Annotated[list[Token], Field(min_length=1, max_length=1024)] | None = None
 
 
 class JoinRefused(_Message):
@@ -165,6 +168,9 @@ class Assignment(_Message):
     # at this weight; the anchors arrive with the weights.
     anchor_steps: Annotated[int, Field(ge=0)] = 0
     anchor_weight: Annotated[float, Field(ge=0)] = 0.0
+    # The final evaluation after the last round: no training, no tensors back (an empty update), only the
+    # metrics of the received model (global view) and of the device's own final model (personal view).
+    evaluate_only: bool = False
 
 
 class UpdateReport(_Message):
@@ -220,6 +226,9 @@ class AgentStatus(_Message):
     type: Literal["agent_status"] = "agent_status"
     agent_id: AgentId
     state: Literal["online", "training", "uploading", "idle", "left", "lost"]
+    # Why a device left (bad data, stopped by its owner, a failed download): the coordinator drops it at once
+    # and logs this, instead of waiting out the round's deadline for it.
+    reason: Text = ""
 
 
 Message = Annotated[

@@ -124,7 +124,8 @@ def test_cli_explain_agrees_with_assign_backbone_on_the_real_cards(tmp_path: Pat
     expected = {}
     for agent_id, (memory, speed, limit) in devices.items():
         decision = assign_backbone(DeviceBudget(agent_id, memory, base * speed, limit), cards, local_steps=3,
-                                   eval_samples=eval_samples, memory_fraction=0.8, deadline_seconds=120)
+                                   eval_samples=eval_samples, memory_fraction=config.memory_fraction,
+                                   deadline_seconds=120)
         expected[agent_id] = decision
         assert all(line in explained.output for line in decision.lines), decision.lines
         assert f"=> {decision.reason}" in explained.output
@@ -156,8 +157,8 @@ join_timeout_s = 240
 round_timeout_s = 300
 """
 
-# Cards on the builder (probe v2): tiny-3 ~131 MB, minilm-l3 ~312 MB. 0.8 x 250 = 200 MB admits only tiny-3,
-# 0.8 x 1000 = 800 MB admits minilm-l3, 0.8 x 64 = 51 MB nothing.
+# Cards on the builder (probe v2): tiny-3 ~131 MB, minilm-l3 ~312 MB. 0.9 x 250 = 225 MB admits only tiny-3,
+# 0.9 x 1000 = 900 MB admits minilm-l3, 0.9 x 64 = 58 MB nothing.
 MIXED_FLEET = """
 name = "mixed-test"
 [data]

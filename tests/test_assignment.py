@@ -43,6 +43,8 @@ def device(mb: float, gflops: float = 100.0, max_round: float | None = None) -> 
 
 
 def assign(dev: DeviceBudget, **kwargs: float | None) -> Decision:
+    # The arithmetic below is written for a fraction of 0.8 (the run default is DEFAULT_MEMORY_FRACTION).
+    kwargs.setdefault("memory_fraction", 0.8)
     return assign_backbone(dev, CARDS, local_steps=15, eval_samples=50, **kwargs)  # type: ignore[arg-type]
 
 

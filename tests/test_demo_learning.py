@@ -40,6 +40,11 @@ def test_global_accuracy_rises_and_both_views_are_reported(demo_run: tuple[Path,
     assert all(r["personal_accuracy"] is not None for r in per_round)
     csv_rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 5 * len(DEMO_FLEET)
+    # The final aggregate, measured by every agent after the last round (global view and each device's own model).
+    final = summary["final"]
+    assert isinstance(final, dict) and set(final["agents"]) == {agent for agent, _ in DEMO_FLEET}
+    print(json.dumps({k: final[k] for k in ("global_accuracy", "personal_accuracy")}))
+    assert final["global_accuracy"] >= first["global_accuracy"] + 0.05, (first, final)
 
 
 def test_agent_memory_stays_flat_and_matches_the_cost_card(demo_run: tuple[Path, dict[str, object]]) -> None:

@@ -201,7 +201,7 @@ class RogueAgent:
                 e.publish(topics.agent_report(me), b"\x00not json at all")  # malformed flood, all topics
                 e.publish(topics.agent_join(me), b"{}" * 100)
                 e.publish(topics.agent_update_chunk(me, 1), os.urandom(300))
-            if isinstance(message, Assignment):
+            if isinstance(message, Assignment) and not message.evaluate_only:  # the final evaluation: ignored
                 for old in self.sent_reports:  # replay every earlier report: must be refused as stale
                     e.publish(topics.agent_report(me), old)
                 weights = decode_tensors(fetch_blob(e, message.weights.to_ref(), request_resend=lambda _i: None))

@@ -225,7 +225,7 @@ def run_with_cards(tmp: Path, config: RunConfig, broker: MosquittoBroker, agents
 
 
 def test_agent_over_its_cap_aborts_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
-    # The card says tiny-3 needs 10 MB, so a device capped at 40 MB is admitted (0.8 x 40 = 32 MB); a real agent
+    # The card says tiny-3 needs 10 MB, so a device capped at 40 MB is admitted (0.9 x 40 = 36 MB); a real agent
     # process holds far more than 40 MB, so its guard must abort every round it is given.
     config = RunConfig(run_name="memcap", backbones=("tiny-3",), rounds=1, local_steps=2, min_agents=2,
                        task=TINY_TASK, round_timeout_s=10, join_timeout_s=120, min_fraction=0.5)
@@ -247,8 +247,8 @@ def test_agent_over_its_cap_aborts_the_round_and_the_run_goes_on(tmp_path: Path)
 
 
 def test_rejoin_with_a_lower_cap_moves_the_agent_to_the_smaller_group(tmp_path: Path) -> None:
-    # Cards: tiny-6 needs 400 MB, tiny-3 100 MB. a1 first joins with 1000 MB (0.8 x 1000 >= 400: tiny-6); after
-    # round 1 it restarts capped at 300 MB (240 < 400: tiny-3). a2 is on tiny-3 throughout.
+    # Cards: tiny-6 needs 400 MB, tiny-3 100 MB. a1 first joins with 1000 MB (0.9 x 1000 >= 400: tiny-6); after
+    # round 1 it restarts capped at 300 MB (270 < 400: tiny-3). a2 is on tiny-3 throughout.
     config = RunConfig(run_name="rejoin", backbones=("tiny-3", "tiny-6"), rounds=2, local_steps=2, min_agents=2,
                        task=TINY_TASK, round_timeout_s=60, join_timeout_s=120, learning_rate=5e-3)
     data = fleet_data(tmp_path, ["a1", "a2"], per_client=48)
