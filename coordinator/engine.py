@@ -21,9 +21,10 @@ import numpy as np
 
 from coordinator import federation_state
 from coordinator.aggregation import ClientUpdate
+from coordinator.aggregation.dp import admit
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, privacy_plan
 from coordinator.methods import (
     anchor_weight_for,
     prototype_weight_for,
@@ -34,6 +35,7 @@ from coordinator.methods import (
     strategy_for,
     uses_prototypes,
 )
+from coordinator.privacy import check_resumed_privacy
 from coordinator.store import MetricRow, RunStore, load_state
 from export.bundle import Bundle
 from protocols import topics
@@ -193,6 +195,7 @@ class Coordinator:
         if run_id is None:
             raise ValueError(f"{store.run_dir} holds no started run to resume")
         coordinator.run_id = run_id
+        check_resumed_privacy(privacy_plan(config), store.round_diagnostics())  # refuses an exhausted budget
         coordinator.state = load_state(store.tensors_path(store.last_round()))
         for agent_id, backbone, n_train, profile in store.joined_agents():
             coordinator.agents[agent_id] = AgentRecord(agent_id, backbone, n_train, profile)
@@ -414,7 +417,7 @@ class Coordinator:
                     rows.append(row)
                     open_uploads -= 1
                     if update is not None:
-                        accepted.add(update)
+                        accepted.add(admit(self.strategy, self.state, update))  # clipped in a private run
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
             self.blobs.pop(blob_ref.sha256, None)
