@@ -19,6 +19,7 @@ from bench.methods_federation import AgentSpec, run_inprocess
 from coordinator.aggregation import ClientUpdate, FederatedState, GroupFedAvg, HeteroTune, HeteroTuneNoAlign
 from coordinator.aggregation.dp import DifferentiallyPrivate, admit
 from coordinator.aggregation.streaming import GroupAccumulator
+from coordinator.broker import MosquittoBroker
 from coordinator.config import ConfigError, RunConfig, TaskConfig, parse_config, privacy_plan
 from coordinator.methods import strategy_for
 from coordinator.privacy import (
@@ -31,9 +32,9 @@ from coordinator.privacy import (
     epsilon,
     plan,
 )
-from coordinator.runner import build_bundles
+from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore
-from tests.harness import fleet_data
+from tests.harness import agent_processes, fleet_data
 
 DELTA = 1e-5
 
@@ -292,3 +293,25 @@ def test_a_private_run_completes_in_process(tmp_path: Path) -> None:
             assert norm <= 0.05 * (1 + 1e-9)
     assert len(run.final_global) == 3 and all(e.total > 0 for e in run.final_global.values())
     assert np.isfinite(run.states[2].global_tensors[next(iter(run.states[2].global_tensors))]).all()
+
+
+def test_a_private_run_over_mqtt_records_its_epsilon_and_refuses_an_overspending_resume(tmp_path: Path) -> None:
+    """The engine path: real mosquitto, real agent processes; updates stream into per-group sums after clipping."""
+    data = fleet_data(tmp_path, list(PINS))
+    privacy = {"clip_norm": 0.05, "target_epsilon": 8.0, "population": 3, "noise_seed": 2}
+    config = RunConfig(run_name="dp-mqtt", method="heterotune", backbones=("tiny-3", "tiny-6"), rounds=2,
+                       local_steps=3, min_agents=3, pinned=PINS, task=TaskConfig(max_length=32, batch_size=8),
+                       round_timeout_s=120, join_timeout_s=120, learning_rate=5e-3, seed=7, privacy=privacy)
+    with MosquittoBroker(tmp_path / "broker") as broker, agent_processes(tmp_path, data) as agents:
+        run_federation(config, tmp_path / "run", broker=broker.address, start_agents=agents.start)
+        codes = agents.wait(60)
+    assert all(c == 0 for c in codes.values()), {a: agents.log(a) for a in PINS}
+    store = RunStore(tmp_path / "run")
+    recorded = [d["privacy"] for d in store.round_diagnostics()]
+    store.close()
+    assert [r["devices"] for r in recorded] == [3, 3]
+    assert recorded[0]["epsilon"] < recorded[1]["epsilon"] == pytest.approx(8.0, rel=1e-3)
+    # Resumed asking for 2 more rounds with z recalibrated for 4: the 2 rounds spent at the 2-round z overspend.
+    longer = RunConfig.model_validate({**config.model_dump(), "rounds": 4})
+    with MosquittoBroker(tmp_path / "broker2") as broker, pytest.raises(PrivacyBudgetError, match="on resume"):
+        run_federation(longer, tmp_path / "run", broker=broker.address, resume=True)
