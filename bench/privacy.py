@@ -126,7 +126,9 @@ def render(raw: dict[str, Any]) -> str:
              f"Gaussian noise z·C on each group's sum, δ = {raw['delta']:g}; z calibrated by the RDP accountant "
              "(dp-accounting) so the 3 rounds spend exactly the target ε (fixed-size selection, replace-one)",
              f"- Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); every setting of a seed runs on the same agents, "
-             "data and training seed, so differences are paired; noise seed 1000 + seed", ""]
+             "data and training seed, so differences are paired; noise seed 1000 + seed",
+             "- Federations from commits " + ", ".join(f"`{c}`" for c in sorted({str(r["commit"]) for r in results}))
+             + " (a finished federation is reused with --reuse; the no-DP ones do not depend on the DP code)", ""]
     if len(seeds) < 5:
         lines += [f"**Only {len(seeds)} of the planned 5 seeds ran** (CPU time); rerun the full page with "
                   "`python -m bench.privacy --reuse` (5 seeds by default).", ""]
@@ -173,6 +175,35 @@ def render(raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_finished(args: argparse.Namespace, seeds: tuple[int, ...], epsilons: list[float | None], commit: str,
+                     started: float) -> int:
+    """The page from the federations finished so far, keeping only seeds that have every setting; the wall time is
+    the span of their job files (first federation's start to last one's end)."""
+    found: dict[tuple[int, float | None], tuple[dict[str, Any], float]] = {}
+    for s in seeds:
+        for e in epsilons:
+            path = _job_file(args.out, {"seed": s, "epsilon": e, "clip_norm": args.clip_norm})
+            if path.exists():
+                found[(s, e)] = (read_json(path), path.stat().st_mtime)
+    complete = [s for s in seeds if all((s, e) in found for e in epsilons)]
+    kept = [found[(s, e)] for s in complete for e in epsilons]
+    if not kept:
+        log("no seed has every setting finished yet")
+        return 1
+    span = max(t for _, t in kept) - min(t - r["wall_seconds"] for r, t in kept)
+    load = load_average()
+    raw = {"command": "python -m bench.privacy --reuse", "commit": commit,
+           "finished_at": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "wall_seconds": span,
+           "machine": machine_facts(), "load_before": load, "load_after": load, "clip_norm": args.clip_norm,
+           "delta": args.delta, "epsilons": [e for e in epsilons if e is not None], "planned_seeds": list(seeds),
+           "results": [r for r, _ in kept]}
+    write_json(args.out / "results.json", raw)
+    args.page.write_text(render(raw))
+    write_json(args.page.with_suffix(".json"), raw)
+    log(f"wrote {args.page} from seeds {complete} ({time.time() - started:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -197,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started, load_before = time.time(), load_average()
     settings = _settings(tuple(args.seeds))
+    epsilons: list[float | None] = [None] if args.no_dp_only else [None, *args.epsilons]
+    commit = git_commit()
+    if args.render_finished:  # touches neither bundles nor fleet files (a run may still be reading them)
+        return _render_finished(args, settings.seeds, epsilons, commit, started)
     bundles = prepare_bundles(settings)
     fleets = prepare_fleets(settings, args.out)
-    commit = git_commit()
-    epsilons: list[float | None] = [None] if args.no_dp_only else [None, *args.epsilons]
     jobs = [{"settings": settings.to_dict(), "seed": s, "epsilon": e, "clip_norm": args.clip_norm,
              "delta": args.delta, "commit": commit,
              "bundle_dirs": {b: str(bundle.directory) for b, bundle in bundles.items()},
@@ -209,15 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     results, todo = [], []
     for job in jobs:
         path = _job_file(args.out, job)
-        if (args.reuse or args.render_finished) and path.exists():
+        if args.reuse and path.exists():
             results.append(read_json(path))
-        elif not args.render_finished:
+        else:
             todo.append(job)
-    if args.render_finished:
-        complete = {s for s in settings.seeds
-                    if all(any(r["seed"] == s and r["epsilon"] == e for r in results) for e in epsilons)}
-        results = [r for r in results if r["seed"] in complete]
-        log(f"rendering {len(results)} finished federations (seeds {sorted(complete)})")
     log(f"{len(jobs)} federations, {len(todo)} to run on {args.workers} workers")
     if todo:
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
