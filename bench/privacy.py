@@ -163,8 +163,21 @@ def render(raw: dict[str, Any]) -> str:
         total = sum(len(v) for v in norms.values())
         lines += ["", f"Round-delta norms without DP (median per seed): {medians}; {clipped} of {total} device "
                   f"rounds exceed C = {raw['clip_norm']:g}.", ""]
+    chance = 100 / 3
+    dp_rows = {eps: [by[(eps, s)] for s in seeds if (eps, s) in by] for eps in raw["epsilons"]}
+    dp_global = {eps: mean_sd([100 * r["global"] for r in rows])[0] for eps, rows in dp_rows.items() if rows}
+    per_coordinate = {eps: rows[0]["noise_multiplier"] * raw["clip_norm"] / 2 for eps, rows in dp_rows.items() if rows}
+    if dp_global:
+        at_chance = all(abs(g - chance) < 3 for g in dp_global.values())
+        lines += ["Noise std per coordinate on a group's mean delta (z·C/2 devices): "
+                  + ", ".join(f"{v:.3g} at {_label(e)}" for e, v in per_coordinate.items())
+                  + f", against a clipped delta of norm ≤ C = {raw['clip_norm']:g} over all the adapter coordinates. "
+                  + ("Global accuracy under DP is within 3 points of chance (33.3 %) at every ε: on this fleet the "
+                     "noisy aggregate carries no measurable task signal, so the settings do not differ from each "
+                     "other." if at_chance else "Global accuracy under DP: "
+                     + ", ".join(f"{g:.1f} % at {_label(e)}" for e, g in dp_global.items()) + "."), ""]
     lines += ["Sign-flip p over seeds (smallest possible: 2/2^n, 0.0625 with 5 seeds). Per-seed results: "
-              "`runs/bench/privacy/results.json` (regenerate the page with `--render-from`).", "",
+              "`docs/privacy.json` (redraw the page with `--render-from docs/privacy.json`).", "",
               "## Reading it", "",
               "With 4 devices a round, DP noise is large next to the signal: the noise on a group's mean delta has "
               "std z·C/m_g per coordinate with m_g = 2 devices, against a clipped delta of norm ≤ C spread over "
