@@ -24,10 +24,11 @@ from safetensors.numpy import load_file
 from coordinator import federation_state
 from coordinator.admission import AdmissionPolicy, authentic_body
 from coordinator.aggregation import ClientUpdate
+from coordinator.aggregation.dp import admit
 from coordinator.aggregation.robust import robust_group_updates
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, privacy_plan
 from coordinator.methods import (
     anchor_weight_for,
     prototype_weight_for,
@@ -39,6 +40,7 @@ from coordinator.methods import (
     uses_prototypes,
 )
 from coordinator.observers import ObserverSet, RoundEnded, RoundObserver, RoundStarted, UpdateHandled
+from coordinator.privacy import check_resumed_privacy
 from coordinator.report_checks import (
     Candidate,
     blob_ref_refusal,
@@ -243,6 +245,7 @@ class Coordinator:
         if run_id is None:
             raise ValueError(f"{store.run_dir} holds no started run to resume")
         coordinator.run_id = run_id
+        check_resumed_privacy(privacy_plan(config), store.round_diagnostics())  # refuses an exhausted budget
         coordinator.state = load_state(store.tensors_path(store.last_round()))
         keys = store.meta("agent_keys") or {}
         for agent_id, backbone, n_train, profile in store.joined_agents():
@@ -564,7 +567,7 @@ class Coordinator:
                                         self.config.trim_fraction)
         sums = GroupAccumulator()
         for candidate in accepted:
-            sums.add(load(candidate))
+            sums.add(admit(self.strategy, self.state, load(candidate)))  # clipped first in a private run
         return sums.as_updates()
 
     def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow], attempt: int
