@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import ClientUpdate, FederatedState
+from coordinator.aggregation.dp import admit
 from coordinator.config import RunConfig
 from coordinator.federation_state import initial_state, upload_names, weights_for
 from coordinator.methods import (
@@ -184,8 +185,8 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
                                  anchor_weight_for(config))
                 outcome = learners[spec.agent_id].run_round(plan, received)
                 up_blob = encode_tensors(outcome.upload)
-                updates.append(ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,
-                                            dict(decode_tensors(up_blob))))
+                updates.append(admit(strategy, state, ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,
+                                                                   dict(decode_tensors(up_blob)))))
                 g = outcome.global_
                 rows.append(AgentRound(
                     round=round_id, agent_id=spec.agent_id, backbone=spec.backbone, n_train=outcome.n_train,

@@ -218,33 +218,14 @@ def demo(
             typer.echo(line)
 
 
-@app.command()
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory (the --out of `coordinator run` or `demo`)")],
-    out: Annotated[Path | None, typer.Option(help="where to write the page and plots (default RUN_DIR/report)")]
-    = None,
-) -> None:
-    """Plots (accuracy per backbone group in both views, bytes, round time, outcomes) and a one-page summary."""
-    from coordinator.run_report import ReportError, write_report
-
-    try:
-        written = write_report(run_dir, out)
-    except ReportError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    for path in written:
-        typer.echo(str(path))
-
-
 def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | None, rounds: int | None, seed: int,
                     alpha: float | None) -> tuple[dict[str, Any], list[str]]:
     """`demo --data`: the user's data split over the fleet, its labels and the modality's backbones (or the
     --config's backbones); returns the summary and the lines saying where each device's model is."""
     from coordinator.datasets import FLEET_SUMMARY
-    from coordinator.demo import plan_for, run_agents
+    from coordinator.demo import device_state_dir, plan_for, run_agents
     from coordinator.fleet import DataSplit, format_plan
     from coordinator.user_data import (
-        device_state_dir,
         example_input,
         load_user_data,
         predict_command,
@@ -267,8 +248,8 @@ def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | No
     typer.echo(format_plan(plans, [], run_config, source=f"{source}, data {data}", explain=False), err=True)
     summary = run_agents(out, agents, run_config, files)
     example = example_input(dataset, data)
-    lines = [f"  {agent_id}: {device_state_dir(files.client_files[agent_id], agent_id)}\n"
-             f"    {predict_command(device_state_dir(files.client_files[agent_id], agent_id), dataset, example)}"
+    lines = [f"  {agent_id}: {device_state_dir(out, agent_id)}\n"
+             f"    {predict_command(device_state_dir(out, agent_id), dataset, example)}"
              for agent_id in sorted(summary["agents"])]
     return summary, lines
 
@@ -305,6 +286,24 @@ def split(
     typer.echo("\n# one agent per device (each on its own machine, or here in its own terminal):")
     for agent_id in ids:
         typer.echo(join_command(files, agent_id, broker))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (the --out of `coordinator run` or `demo`)")],
+    out: Annotated[Path | None, typer.Option(help="where to write the page and plots (default RUN_DIR/report)")]
+    = None,
+) -> None:
+    """Plots (accuracy per backbone group in both views, bytes, round time, outcomes) and a one-page summary."""
+    from coordinator.run_report import ReportError, write_report
+
+    try:
+        written = write_report(run_dir, out)
+    except ReportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command()

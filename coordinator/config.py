@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from coordinator.aggregation import STRATEGY_NAMES
 from coordinator.assignment import DEFAULT_MEMORY_FRACTION
+from coordinator.privacy import PrivacyPlan, plan
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,24 @@ class DemaSettings(_Strict):
     experts: int = Field(4, ge=1)
     private_experts: int = Field(0, ge=0)  # never sent (scope "local"); see export/dema/config.py
     seed: int = 0
+
+
+class PrivacySettings(_Strict):
+    """``[privacy]``: client-level DP (coordinator/privacy.py, docs/privacy.md). Absent = no DP."""
+
+    clip_norm: float = Field(gt=0)  # C: each device's delta over the travelling tensors is clipped to this L2 norm
+    target_epsilon: float = Field(gt=0)  # the run's budget: it refuses to start (or resume) if it would spend more
+    delta: float = Field(1e-5, gt=0, lt=1)
+    # z: noise std on each group's sum of clipped deltas is z * C. Unset = the smallest z that fits the budget.
+    noise_multiplier: float | None = Field(None, gt=0)
+    population: int = Field(ge=1)  # devices the rounds select from (agents_per_round of them; all when unset)
+    # The Gaussian noise's seed. Unset (the default, and the only private choice) = drawn fresh by the coordinator
+    # at start; set it only to reproduce a benchmark: anyone who knows it can subtract the noise.
+    noise_seed: int | None = Field(None, ge=0)
+
+
+# Methods whose every travelling tensor is model weights the DP decorator can clip and average.
+PRIVATE_METHODS = ("heterotune", "heterotune-noalign", "group-fedavg")
 
 
 class RunConfig(_Strict):
@@ -90,6 +109,7 @@ class RunConfig(_Strict):
     seed: int = 0
     # Operator pinning: agent id -> backbone. The device must still fit it, or it is refused with the reason.
     pinned: dict[str, str] = Field(default_factory=dict)
+    privacy: PrivacySettings | None = None
 
     @field_validator("method")
     @classmethod
@@ -138,6 +158,22 @@ class RunConfig(_Strict):
                              "prototypes or a public-set table use robust_rule = \"mean\"")
         return self
 
+    @model_validator(mode="after")
+    def _privacy_budget_fits(self) -> RunConfig:
+        """Refuse a private run whose planned rounds exhaust its budget before anything starts."""
+        if self.privacy is None:
+            return self
+        if self.method not in PRIVATE_METHODS or self.share_prototypes or self.distill_steps or self.anchor_steps:
+            raise ValueError(f"privacy clips and noises model updates only: use method = one of {PRIVATE_METHODS} "
+                             "without share_prototypes, distill_steps or anchor_steps (their tables would travel "
+                             "without noise)")
+        if self.robust_rule != "mean":
+            raise ValueError(f"privacy's noise is calibrated to the mean of clipped updates; robust_rule "
+                             f"{self.robust_rule!r} changes that sensitivity: use robust_rule = \"mean\" with "
+                             "[privacy]")
+        privacy_plan(self)
+        return self
+
     @field_validator("scopes")
     @classmethod
     def _valid_scopes(cls, value: dict[str, str]) -> dict[str, str]:
@@ -145,6 +181,17 @@ class RunConfig(_Strict):
 
         resolve_scopes(value)
         return value
+
+
+def privacy_plan(config: RunConfig) -> PrivacyPlan | None:
+    """The run's DP plan (noise multiplier, planned epsilon), or None without ``[privacy]``; raises
+    PrivacyBudgetError naming the fields when the planned rounds exhaust the budget."""
+    p = config.privacy
+    if p is None:
+        return None
+    return plan(clip_norm=p.clip_norm, target_epsilon=p.target_epsilon, delta=p.delta, population=p.population,
+                per_round=config.agents_per_round or p.population, rounds=config.rounds,
+                noise_multiplier=p.noise_multiplier)
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -24,10 +24,11 @@ from safetensors.numpy import load_file
 from coordinator import federation_state
 from coordinator.admission import AdmissionPolicy, authentic_body
 from coordinator.aggregation import ClientUpdate
+from coordinator.aggregation.dp import admit
 from coordinator.aggregation.robust import robust_group_updates
 from coordinator.aggregation.streaming import GroupAccumulator
 from coordinator.assignment import DeviceBudget, assign_backbone, cost_cards_of
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, privacy_plan
 from coordinator.liveness import heartbeat_seq, replacements_wanted, stalled, time_allows_replacement
 from coordinator.methods import (
     anchor_weight_for,
@@ -40,6 +41,7 @@ from coordinator.methods import (
     uses_prototypes,
 )
 from coordinator.observers import ObserverSet, RoundEnded, RoundObserver, RoundStarted, UpdateHandled
+from coordinator.privacy import check_resumed_privacy
 from coordinator.report_checks import (
     Candidate,
     blob_ref_refusal,
@@ -150,6 +152,7 @@ class Coordinator:
         self.store = store
         self.on_round = on_round
         self.observers = ObserverSet(list(observers))
+        self._watch = self.observers  # who sees this round's events (nobody for the final evaluation)
         self.attempt = 0
         self.run_id = f"{config.run_name}-{secrets.token_hex(4)}"
         self.strategy = strategy_for(config)
@@ -253,6 +256,7 @@ class Coordinator:
         if run_id is None:
             raise ValueError(f"{store.run_dir} holds no started run to resume")
         coordinator.run_id = run_id
+        check_resumed_privacy(privacy_plan(config), store.round_diagnostics())  # refuses an exhausted budget
         coordinator.state = load_state(store.tensors_path(store.last_round()))
         keys = store.meta("agent_keys") or {}
         for agent_id, backbone, n_train, profile in store.joined_agents():
@@ -502,6 +506,8 @@ class Coordinator:
         reports metrics only: nothing is aggregated or committed, and the result is not None."""
         started = time.time()
         self.current_round, self.attempt = round_id, attempt
+        # The final evaluation is no round of the federation: observers (progress, reports) do not see it.
+        self._watch = ObserverSet() if evaluate_only else self.observers
         if evaluate_only:
             self._catch_up()
             now = time.monotonic()
@@ -515,7 +521,7 @@ class Coordinator:
         for agent_id in selected:
             self._invite(agent_id, round_id, weights, deadline, evaluate_only)
         needed = math.ceil(self.config.min_fraction * target)
-        self.observers.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
+        self._watch.round_started(RoundStarted(round_id, attempt, tuple(selected), target, needed, deadline))
         waiting = time.time()
         accepted: list[Candidate] = []  # on disk until the round's norms are known; then summed one at a time
         rows: list[MetricRow] = []
@@ -540,7 +546,7 @@ class Coordinator:
                     why = "lost" if record.gone(time.monotonic()) else \
                         f"stalled (no heartbeat for {time.monotonic() - (record.heard or 0.0):.0f} s)"
                     log.warning("round %d: %s was %s mid-round", round_id, upload.agent_id, why)
-                    self.observers.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost", why))
+                    self._watch.update_handled(UpdateHandled(round_id, attempt, upload.agent_id, "lost", why))
                     if not evaluate_only:
                         open_uploads += self._replace(round_id, weights, deadline, target, len(accepted),
                                                       open_uploads)
@@ -549,9 +555,9 @@ class Coordinator:
                     update, row = outcome
                     rows.append(row)
                     open_uploads -= 1
-                    if update is not None and not evaluate_only:
+                    if update is not None:
                         accepted.append(update)
-                    self.observers.update_handled(UpdateHandled(
+                    self._watch.update_handled(UpdateHandled(
                         round_id, attempt, row.agent_id, "accepted" if row.accepted else "rejected", row.reason))
         for blob_ref in weights.values():
             clear_blob(self.endpoint, blob_ref)
@@ -566,7 +572,7 @@ class Coordinator:
             log.warning("round %d (attempt %d): %d of %d invited agents' updates accepted, %d needed; abandoning",
                         round_id, attempt + 1, len(accepted), len(selected), needed)
             self.pending = {}
-            self.observers.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
+            self._watch.round_ended(RoundEnded(round_id, attempt, False, len(selected), len(accepted),
                                                   time.time() - started))
             return None
         self.pending = {}  # anything arriving from now on is a straggler and is ignored
@@ -578,7 +584,7 @@ class Coordinator:
                   "aggregate_s": time.time() - aggregating, "attempt": attempt}
         self.store.commit_round(round_id, self.state, started=started, selected=len(selected), metrics=rows,
                                 diagnostics={**result.diagnostics, "timing": timing})
-        self.observers.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
+        self._watch.round_ended(RoundEnded(round_id, attempt, True, len(selected), len(accepted),
                                               time.time() - started))
         return RoundResult(round_id, rows, time.time() - started, result.diagnostics)
 
@@ -637,7 +643,7 @@ class Coordinator:
                                         self.config.trim_fraction)
         sums = GroupAccumulator()
         for candidate in accepted:
-            sums.add(load(candidate))
+            sums.add(admit(self.strategy, self.state, load(candidate)))  # clipped first in a private run
         return sums.as_updates()
 
     def _screen_norms(self, candidates: list[Candidate], rows: list[MetricRow], attempt: int
@@ -650,7 +656,7 @@ class Coordinator:
             if reason is None:
                 continue
             log.warning("round %d: rejected update from %s: %s", self.current_round, candidate.agent_id, reason)
-            self.observers.update_handled(UpdateHandled(self.current_round, attempt, candidate.agent_id, "rejected",
+            self._watch.update_handled(UpdateHandled(self.current_round, attempt, candidate.agent_id, "rejected",
                                                         reason))  # replaces the "accepted" it was given on arrival
             candidate.path.unlink(missing_ok=True)
             upload = self.pending.get(candidate.agent_id)
@@ -711,7 +717,7 @@ class Coordinator:
             upload.done = True  # an impossible update: the round stops waiting for it
             log.warning("round %d: rejected report from %s: %s", report.round, report.agent_id, refusal)
             self.declined_rows.append(self._empty_row(upload, report.round, f"rejected: {refusal}"))
-            self.observers.update_handled(UpdateHandled(report.round, self.attempt, report.agent_id, "rejected",
+            self._watch.update_handled(UpdateHandled(report.round, self.attempt, report.agent_id, "rejected",
                                                         refusal))
             self._send(topics.agent_inbox(report.agent_id),
                        UpdateAck(round=report.round, nonce=report.nonce, accepted=False, reason=refusal))
@@ -728,7 +734,7 @@ class Coordinator:
             return
         upload.done = True
         log.warning("round %d: %s declined: %s", declined.round, declined.agent_id, declined.reason)
-        self.observers.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
+        self._watch.update_handled(UpdateHandled(declined.round, self.attempt, declined.agent_id, "declined",
                                                     declined.reason))
         self.declined_rows.append(self._empty_row(upload, declined.round, f"declined: {declined.reason}"))
 
@@ -761,16 +767,16 @@ class Coordinator:
             tensors = decode_tensors(assembler.assemble())
             if upload.evaluate_only:  # the final evaluation: metrics only, nothing to keep
                 check_tensors(tensors, {}, max_norm=self.config.max_update_norm)
-                update: Candidate | None = Candidate(upload.agent_id, backbone, report.n_train, 0.0, Path())
+                update: Candidate | None = None
             else:
                 check_tensors(tensors, self._expected_tensors(backbone), max_norm=self.config.max_update_norm)
                 path = self.store.save_update(self.current_round, upload.agent_id, tensors)
                 update = Candidate(upload.agent_id, backbone, report.n_train, l2_norm(tensors), path)
-            reason = ""
+            ok, reason = True, ""
         except (BlobIntegrityError, TensorDecodeError, ProtocolError) as exc:
-            update, reason = None, str(exc)
+            update, ok, reason = None, False, str(exc)
             log.warning("round %d: rejected update from %s: %s", self.current_round, upload.agent_id, reason)
-        ack = UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=update is not None, reason=reason)
+        ack = UpdateAck(round=self.current_round, nonce=upload.nonce, accepted=ok, reason=reason)
         self._send(topics.agent_inbox(upload.agent_id), ack)
         m = report.metrics
         row = MetricRow(
@@ -779,7 +785,7 @@ class Coordinator:
             n_global_test=m.n_global_test, n_train=report.n_train, train_loss=m.train_loss,
             bytes_up=report.update.size, bytes_down=m.bytes_down, train_seconds=m.train_seconds,
             eval_seconds=m.eval_seconds, peak_rss_mb=m.peak_rss_mb, backend=m.backend,
-            accepted=update is not None, reason=reason)
+            accepted=ok, reason=reason)
         return update, row
 
     # --- end ---------------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ these defaults family by family.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 
 from coordinator.aggregation import make_strategy
 from coordinator.aggregation.base import Strategy
+from coordinator.aggregation.dp import DifferentiallyPrivate
 from coordinator.aggregation.with_anchors import with_anchors
 from coordinator.aggregation.with_distillation import with_distillation
 from coordinator.aggregation.with_prototypes import WithPrototypes
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, privacy_plan
 from export.dema.config import FAMILIES, resolve_scopes
 
 METHOD_SCOPES: Mapping[str, Mapping[str, str]] = {
@@ -86,7 +88,8 @@ def public_samples_for(config: RunConfig) -> int:
 
 def strategy_for(config: RunConfig) -> Strategy:
     """The run's aggregation rule: its method's, wrapped to also average prototypes when the run shares them,
-    the public set's class probabilities when it distils and its representations when it anchors."""
+    the public set's class probabilities when it distils and its representations when it anchors, and made
+    client-level differentially private when the run has a ``[privacy]`` table."""
     strategy = make_strategy(config.method, **config.method_options)
     if config.share_prototypes and config.method not in PROTOTYPE_METHODS:
         strategy = WithPrototypes(strategy)
@@ -94,6 +97,11 @@ def strategy_for(config: RunConfig) -> Strategy:
         strategy = with_distillation(strategy)
     if anchoring_scope(config) is not None:
         strategy = with_anchors(strategy)
+    plan = privacy_plan(config)
+    if plan is not None and config.privacy is not None:
+        # The noise seed is the coordinator's secret: drawn here, once per coordinator, unless pinned for a benchmark.
+        seed = config.privacy.noise_seed if config.privacy.noise_seed is not None else secrets.randbits(63)
+        strategy = DifferentiallyPrivate(strategy, plan, seed)
     return strategy
 
 

@@ -137,6 +137,11 @@ class RunStore:
         names = [f.name for f in fields(MetricRow)]
         return [MetricRow(**{**dict(zip(names, row, strict=True)), "accepted": bool(row[15])}) for row in rows]
 
+    def round_diagnostics(self) -> list[dict[str, Any]]:
+        """Every committed round's diagnostics, oldest first (the privacy accountant's ledger on resume)."""
+        rows = self.db.execute("SELECT diagnostics FROM rounds ORDER BY round_id").fetchall()
+        return [json.loads(row[0]) for row in rows]
+
     def last_round(self) -> int:
         row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
         return int(row[0]) if row and row[0] is not None else 0

@@ -9,7 +9,6 @@ split (a balanced held-out set, the rest spread evenly or Dirichlet-skewed over 
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 from collections import Counter
@@ -200,15 +199,6 @@ def write_run_config(path: Path, config: RunConfig) -> Path:
 def join_command(files: FleetData, agent_id: str, broker: str) -> str:
     return (f"edge-agent join --broker {broker} --id {agent_id} --data {shlex.quote(str(files.client_files[agent_id]))}"
             f" --global-test {shlex.quote(str(files.global_test_file))}")
-
-
-def device_state_dir(data_file: Path, agent_id: str) -> Path:
-    """Where an agent keeps its model (edge_agent/device_state.py: beside its data file, one directory per id)."""
-    try:
-        module = importlib.import_module("edge_agent.device_state")
-    except ImportError:  # the same rule, for a checkout without the device-state module
-        return Path(data_file).resolve().parent / "heterotune-state" / agent_id
-    return Path(module.default_state_dir(data_file, agent_id))
 
 
 def predict_command(state_dir: Path, ds: LabeledDataset, example: str) -> str:

@@ -415,7 +415,8 @@ class EdgeAgent:
         report_mid = self.endpoint.publish(topics.agent_report(self.config.agent_id), report_bytes)
         self.bytes_down = 0  # the next round counts from here (round 1 includes the bundle download)
         save_round(self.state_dir, learner=learner, run_id=a.run_id, round_id=a.round, bundle_sha=a.bundle.sha256,
-                   bundle_dir=self.store.path(a.bundle.sha256), received=received, outcome=outcome)
+                   bundle_dir=self.store.path(a.bundle.sha256), received=received, outcome=outcome,
+                   final=a.evaluate_only)
         self._status("idle")
         # Load the next round's session now, while there is nothing else to do, but only once the broker has the
         # report: loading holds the GIL, and paho's network thread would otherwise sit on the upload meanwhile.

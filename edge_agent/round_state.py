@@ -46,8 +46,12 @@ def resume_learner(learner: LocalLearner, state_dir: Path, run_id: str | None, b
 
 
 def save_round(state_dir: Path, *, learner: LocalLearner, run_id: str, round_id: int, bundle_sha: str,
-               bundle_dir: Path, received: Mapping[str, np.ndarray], outcome: RoundOutcome) -> Path | None:
+               bundle_dir: Path, received: Mapping[str, np.ndarray], outcome: RoundOutcome,
+               final: bool = False) -> Path | None:
     """Save the learner's whole trainable state after ``round_id``; the state's directory, or None on failure.
+
+    ``final``: ``round_id`` was the run's final evaluation (no training): the device's model from then on is the
+    final aggregate over its own kept tensors (e.g. its local head), the model whose accuracy it just measured.
 
     No optimizer state: both trainer backends start every round with fresh AdamW moments
     (`TrainerBackend.start_round`), so there is none that carries from one round to the next.
@@ -56,10 +60,11 @@ def save_round(state_dir: Path, *, learner: LocalLearner, run_id: str, round_id:
     shared = {name for name in received if not is_exchange_only(name)}
     start = learner.round_start
     before = ({name: value for name, value in start[1].items() if name not in shared}
-              if start is not None and start[0] == round_id else {})
+              if start is not None and start[0] == round_id and not final else {})
+    tensors = {**learner.kept, **{name: received[name] for name in shared}} if final else dict(learner.kept)
     model = DeviceModel(
         agent_id=learner.agent_id, run_id=run_id, round_id=round_id, bundle_sha=bundle_sha, bundle_dir=bundle_dir,
-        backbone=learner.manifest.backbone, labels=tuple(learner.manifest.task.labels), tensors=dict(learner.kept),
+        backbone=learner.manifest.backbone, labels=tuple(learner.manifest.task.labels), tensors=tensors,
         received={name: received[name] for name in shared}, optimizer={}, before=before,
         metrics={"personal_accuracy": personal.accuracy, "personal_loss": personal.loss, "n_test": personal.total,
                  "global_accuracy": global_.accuracy if global_ else None,

@@ -46,7 +46,8 @@ def start_odd_agent(tmp: Path, broker: MosquittoBroker, agent_id: str, data: Pat
         return subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "join", "--broker", broker.address, "--id", agent_id,
              "--data", str(data), "--threads", "1", "--cache-dir", str(tmp / "cache" / agent_id),
-             "--max-idle", "60", "--insecure-no-verify"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             "--max-idle", "60", "--insecure-no-verify"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
         log.close()
 

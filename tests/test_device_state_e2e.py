@@ -208,31 +208,54 @@ def test_no_usable_copy_is_a_warning_and_a_fresh_start(federation: Federation) -
 
 
 @pytest.mark.parametrize("agent_id", list(PINS))
-def test_final_model_stays_with_the_metrics_of_its_last_round(federation: Federation, agent_id: str) -> None:
-    state_dir = _state_dir(federation.tmp, agent_id)
-    final = load_model(state_dir)
+def test_last_trained_round_is_saved_with_its_metrics(federation: Federation, agent_id: str) -> None:
+    """The state saved after the device's last training round (the copy the final evaluation's save keeps as the
+    previous good one) holds that round's metrics and every trainable tensor, the shared ones as uploaded."""
+    trained = _previous_copy(federation, agent_id)
     rows = RunStore(federation.tmp / "run").metrics()
-    mine = [r for r in rows if r.agent_id == agent_id]
-    last = max(mine, key=lambda r: r.round)
-    assert final.round_id == last.round
-    assert final.metrics["personal_accuracy"] == pytest.approx(last.personal_accuracy, abs=1e-9)
-    assert final.metrics["global_accuracy"] == pytest.approx(last.global_accuracy, abs=1e-9)
-    assert final.metrics["n_train"] == last.n_train and final.metrics["backend"] == "ort"
-    assert final.backbone == PINS[agent_id] and final.optimizer == {}
+    last = max((r for r in rows if r.agent_id == agent_id), key=lambda r: r.round)
+    assert trained.round_id == last.round
+    assert trained.metrics["personal_accuracy"] == pytest.approx(last.personal_accuracy, abs=1e-9)
+    assert trained.metrics["global_accuracy"] == pytest.approx(last.global_accuracy, abs=1e-9)
+    assert trained.metrics["n_train"] == last.n_train and trained.metrics["backend"] == "ort"
+    assert trained.backbone == PINS[agent_id] and trained.optimizer == {}
     # Every trainable tensor of the bundle, including the local head the coordinator never sees.
-    manifest = BundleStore(final.bundle_dir.parent).manifest(final.bundle_sha)
-    assert set(final.tensors) == {t.name for t in manifest.tensors}
-    assert "head.weight" in final.tensors and "head.weight" not in _stored_update(federation, agent_id, last.round)
+    manifest = BundleStore(trained.bundle_dir.parent).manifest(trained.bundle_sha)
+    assert set(trained.tensors) == {t.name for t in manifest.tensors}
+    assert "head.weight" in trained.tensors and "head.weight" not in _stored_update(federation, agent_id, last.round)
     # The shared tensors it saved are the ones it uploaded in that round.
     for name, value in _stored_update(federation, agent_id, last.round).items():
-        np.testing.assert_array_equal(final.tensors[name], value)
+        np.testing.assert_array_equal(trained.tensors[name], value)
+
+
+@pytest.mark.parametrize("agent_id", list(PINS))
+def test_final_model_is_the_final_aggregate_over_the_devices_own_tensors(federation: Federation,
+                                                                         agent_id: str) -> None:
+    """After the run's final evaluation the device keeps the model it evaluated: the final aggregate's shared
+    tensors over its own local ones (head), with the accuracies the run's summary reports for it."""
+    final = load_model(_state_dir(federation.tmp, agent_id))
+    store = RunStore(federation.tmp / "run")
+    last_round = store.last_round()
+    assert final.round_id == last_round + 1  # the evaluation, after the last committed round
+    summary = json.loads((federation.tmp / "run" / "summary.json").read_text())["final"]["agents"][agent_id]
+    assert final.metrics["personal_accuracy"] == pytest.approx(summary["personal_accuracy"], abs=1e-9)
+    assert final.metrics["global_accuracy"] == pytest.approx(summary["global_accuracy"], abs=1e-9)
+    aggregate = load_state(federation.tmp / "run" / "tensors" / f"round-{last_round:04d}.safetensors")
+    shared = {**aggregate.global_tensors, **aggregate.group_tensors[PINS[agent_id]]}
+    assert final.received and set(final.received) <= set(shared)
+    for name, value in final.received.items():
+        np.testing.assert_array_equal(final.tensors[name], shared[name])
+        np.testing.assert_array_equal(value, shared[name])
+    trained = _previous_copy(federation, agent_id)
+    assert "head.weight" not in final.received
+    np.testing.assert_array_equal(final.tensors["head.weight"], trained.tensors["head.weight"])
 
 
 @pytest.mark.parametrize("agent_id", ["intact", "steady"])
 def test_predict_on_its_own_test_split_gives_the_accuracy_it_reported(federation: Federation, agent_id: str,
                                                                      tmp_path: Path) -> None:
     """`edge-agent predict --state-dir --file` with the device's final model on its own test split (the split
-    LocalLearner evaluates on) gives the personal accuracy the device reported in its last round."""
+    LocalLearner evaluates on) gives the personal accuracy the device reported in the run's final evaluation."""
     state_dir = _state_dir(federation.tmp, agent_id)
     final = load_model(state_dir)
     examples = load_examples(federation.data.client_files[agent_id], final.labels)
@@ -244,7 +267,17 @@ def test_predict_on_its_own_test_split_gives_the_accuracy_it_reported(federation
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    last = max((r for r in RunStore(federation.tmp / "run").metrics() if r.agent_id == agent_id),
-               key=lambda r: r.round)
-    assert len(doc["predictions"]) == len(test) == last.n_test
-    assert doc["accuracy"] == pytest.approx(last.personal_accuracy, abs=1e-9)
+    reported = json.loads((federation.tmp / "run" / "summary.json").read_text())["final"]["agents"][agent_id]
+    assert len(doc["predictions"]) == len(test) == reported["n_test"]
+    assert doc["accuracy"] == pytest.approx(reported["personal_accuracy"], abs=1e-9)
+
+
+def _previous_copy(federation: Federation, agent_id: str) -> DeviceModel:
+    """The device's state as it was before its newest save: the previous good copy kept beside the current one."""
+    state_dir = _state_dir(federation.tmp, agent_id)
+    copy = federation.tmp / "previous" / agent_id
+    if not copy.exists():
+        shutil.copytree(state_dir, copy)
+        for slot in copy.glob("*/*"):
+            (slot / CURRENT).unlink()  # what is left is the previous good copy
+    return load_model(copy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -188,10 +189,17 @@ def check_demo(result: subprocess.CompletedProcess[str], out: Path, labels: tupl
     final_line = next(i for i, line in enumerate(lines) if line.startswith("  final model:"))
     assert final_line == rounds[-1] + 1  # the table ends with the final model
     assert f"global accuracy {100 * final['global_accuracy']:.1f} %" in lines[final_line]
+    printed = {}
     for agent_id in ("pi-1", "jetson-1"):
-        state_dir = (out / "data" / "clients" / "heterotune-state" / agent_id).resolve()
-        assert any(re.fullmatch(rf"\s+edge-agent predict --state-dir {re.escape(str(state_dir))} {option} .+", line)
-                   for line in lines), result.stdout[-2000:]
+        state_dir = out / "devices" / agent_id
+        printed[agent_id] = next((line.strip() for line in lines if re.fullmatch(
+            rf"\s+edge-agent predict --state-dir {re.escape(str(state_dir))} {option} .+", line)), None)
+        assert printed[agent_id] is not None, result.stdout[-2000:]
+    # the printed command works as printed (edge-agent = python -m edge_agent.cli): it answers with a data label
+    predicted = subprocess.run([sys.executable, "-m", "edge_agent.cli", *shlex.split(printed["pi-1"])[1:], "--json"],
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads(predicted.stdout)["predictions"][0]["label"] in labels, predicted.stdout
     with sqlite3.connect(out / "coordinator.sqlite") as db:
         stored = json.loads(db.execute("SELECT value FROM run WHERE key = 'config'").fetchone()[0])
     assert tuple(stored["task"]["labels"]) == labels  # the bundles were built for the data's labels
