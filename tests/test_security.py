@@ -58,6 +58,24 @@ def test_agent_cannot_write_another_agents_topics(secured: tuple[MosquittoBroker
         coordinator.stop()
 
 
+def test_agent_beats_on_its_own_heartbeat_topic_only(secured: tuple[MosquittoBroker, Provisioned]) -> None:
+    """The provisioned ACL lets each agent publish its heartbeat (liveness) and refuses one for another agent."""
+    broker, creds = secured
+    coordinator = _client(broker, creds, COORDINATOR_USER)
+    a1 = _client(broker, creds, "a1")
+    try:
+        coordinator.subscribe(topics.agents_filter("heartbeat"))
+        forged = a1.publish(topics.agent_heartbeat("a2"), b"beat")
+        own = a1.publish(topics.agent_heartbeat("a1"), b"beat")
+        assert not a1.wait_published(forged, 5), "the broker accepted a heartbeat for another agent"
+        assert a1.wait_published(own, 5), "the broker refused an agent's own heartbeat: re-provision the ACL"
+        received = [coordinator.get(timeout=2), coordinator.get(timeout=1)]
+        assert [m.topic for m in received if m is not None] == [topics.agent_heartbeat("a1")]
+    finally:
+        a1.stop()
+        coordinator.stop()
+
+
 def test_agent_cannot_read_another_agents_inbox(secured: tuple[MosquittoBroker, Provisioned]) -> None:
     broker, creds = secured
     coordinator = _client(broker, creds, COORDINATOR_USER)
