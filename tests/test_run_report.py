@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
@@ -137,7 +138,12 @@ def test_report_writes_plots_and_a_page_with_the_stores_numbers(watched_run: tup
     assert {p.stem for p in pngs} == {"accuracy", "bytes", "round-time", "outcomes"}
     for png in pngs:
         blob = png.read_bytes()
-        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 10_000, png
+        # a PNG with axes (an empty chart is ~8.7 KB; the size follows the axes, e.g. a 12 s round-time chart is
+        # 9.4 KB), and bars drawn: the round-time chart's "wait" bars are tab:orange
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 8_000, png
+    with Image.open(tmp_path / "report" / "round-time.png") as chart:
+        orange = sum(n for n, rgb in chart.convert("RGB").getcolors(1 << 20) or [] if rgb == (255, 127, 14))
+    assert orange > 1000, orange
     page = (tmp_path / "report" / "report.md").read_text()
     for png in pngs:
         assert f"]({png.name})" in page
