@@ -1,7 +1,8 @@
 """The device's bundle cache, keyed by content sha256, so a rejoin or restart never downloads twice.
 
-A bundle is its tar plus optional parts (blobs only some trainer backends need, e.g. the torch backbone); a
-part is stored inside its bundle's directory once its hash checks out, so its presence means it is verified.
+A bundle is its tar plus optional parts (blobs only some trainer backends need: the torch backbone for torch; the
+checkpoint and training/optimizer graphs for ORT); a part is stored inside its bundle's directory once its hash checks
+out, so its presence means it is verified.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ class BundleStore:
                 assert source is not None
                 (work / member.name).write_bytes(source.read())
         manifest = BundleManifest.model_validate_json((work / MANIFEST_NAME).read_text())
+        in_parts = {part.file for part in manifest.parts.values()}
         for name in _FILES_CHECKED:
-            digest = hashlib.sha256((work / name).read_bytes()).hexdigest()
+            if name in in_parts and name not in manifest.files:
+                continue  # a part (e.g. the ORT checkpoint): verified by install_part when this backend fetches it
+            path = work / name
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
             if manifest.files.get(name) != digest:
-                raise BundleError(f"bundle file '{name}' does not match its manifest hash; the bundle is damaged")
+                raise BundleError(f"bundle file '{name}' is {digest if digest == 'missing' else 'damaged'}: it does "
+                                  "not match its manifest hash; the bundle is damaged, fetch it again")
         final = self.path(sha256)
         shutil.rmtree(final, ignore_errors=True)
         work.rename(final)

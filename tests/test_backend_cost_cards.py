@@ -79,11 +79,15 @@ def test_bundle_has_an_ort_and_a_torch_card(tiny_bundle: Bundle) -> None:
     # torch and the eager model cost far more than ORT's sessions: well over 100 MB more, even for tiny-3
     assert torch.peak_train_rss_mb > ort.peak_train_rss_mb + 100, (ort, torch)
     assert torch.step_seconds > 0 and torch.eval_seconds_per_sample > 0 and torch.builder_gflops > 0
-    # bytes: the tar's files for ORT; the same plus the torch part for a torch device
+    # bytes: the tar's files plus the ORT parts (checkpoint, graphs) for ORT; the tar's files plus the torch part
+    # for a torch device, which never downloads the ORT training artefacts
     tar_files = sum((tiny_bundle.directory / name).stat().st_size for name in manifest.files)
     part = manifest.parts[TORCH_PART]
     assert part.size == tiny_bundle.part_path(TORCH_PART).stat().st_size > 1_000_000
-    assert ort.bundle_bytes == tar_files
+    ort_parts = sum(p.size for p in manifest.parts_for("ort").values())
+    assert ort_parts == sum((tiny_bundle.directory / f).stat().st_size
+                            for f in ("checkpoint", "training_model.onnx", "optimizer_model.onnx"))
+    assert ort.bundle_bytes == tar_files + ort_parts
     assert torch.bundle_bytes == tar_files + part.size
     # what a round uploads and computes does not depend on the trainer
     assert torch.payload_bytes == ort.payload_bytes > 0
