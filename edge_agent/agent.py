@@ -271,10 +271,10 @@ class EdgeAgent:
         return self.learner
 
     def _ensure_parts(self, bundle_sha: str, manifest: BundleManifest) -> None:
-        """Fetch the bundle parts this device's backend needs (the torch backbone; nothing for ORT).
+        """Fetch the bundle parts this device's backend needs (the torch backbone; the ORT checkpoint and graphs).
 
         The coordinator publishes a part only once some agent asks for it, so a resend request for chunk 0
-        goes out first; an ORT-only fleet never puts the part on the broker.
+        goes out first; a part no agent's backend needs never goes on the broker.
         """
         for name, part in manifest.parts_for(resolve_backend(self.config.backend)).items():
             if self.store.has_part(bundle_sha, part):
