@@ -193,9 +193,12 @@ def test_a_download_resumes_from_kept_chunks_after_a_restart(
         link.refuse = False
         # the restarted device: a new process, its broker session gone (clean start), the spool on disk
         second = _through(link, f"restart-b-{os.getpid()}", clean_start=True)
+
+        def resend(indices: list[int]) -> None:
+            publish_blob(publisher, blob, indices=indices)
+
         try:
-            data = fetch_blob(second, ref, request_resend=lambda i: publish_blob(publisher, blob, indices=i),
-                              timeout=120, spool=spool)
+            data = fetch_blob(second, ref, request_resend=resend, timeout=120, spool=spool)
         finally:
             second.stop()
         assert hashlib.sha256(data).hexdigest() == ref.sha256
