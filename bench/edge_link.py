@@ -9,6 +9,7 @@ computed from the measured bytes and the rate. Bytes per torch-backend device ar
 (the tar and its parts), before and after splitting the ORT training artefacts out of the tar.
 
     python -m bench.edge_link --backbones minilm-l3 minilm-l6 --rounds 2 --local-steps 2
+    python -m bench.edge_link --backbones minilm-l3 --backend torch --links loopback   # a torch device's bytes
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def one_run(work: Path, backbone: str, spec: LinkSpec, cache: Path, args: argpar
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"127.0.0.1:{link.port}", "--id", agent_id,
              "--data", str(data.client_files[agent_id]), "--global-test", str(data.global_test_file),
-             "--threads", "1", "--cache-dir", str(cache), "--max-idle", "300",
+             "--threads", "1", "--cache-dir", str(cache), "--max-idle", "300", "--backend", args.backend,
              "--coordinator-key", str(work / "run" / "keys" / "run-key.pub")],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
         log.close()
@@ -87,7 +88,8 @@ def one_run(work: Path, backbone: str, spec: LinkSpec, cache: Path, args: argpar
         for link in links:
             link.close()
     link = links[0]
-    return {"backbone": backbone, "link": "edge" if spec.rate_bps else "loopback", "exit_code": code,
+    return {"backbone": backbone, "link": "edge" if spec.rate_bps else "loopback", "backend": args.backend,
+            "exit_code": code,
             "rounds": summary["rounds"], "round_seconds": clock.seconds, "wall_seconds": time.monotonic() - started,
             "bytes_down": link.bytes_down, "bytes_up": link.bytes_up, "bundle_bytes": summary["bundle_bytes"][backbone]}
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", nargs="+", default=["minilm-l3", "minilm-l6"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--backend", choices=["ort", "torch"], default="ort", help="the agent's trainer backend")
+    parser.add_argument("--links", nargs="+", choices=["loopback", "edge"], default=["loopback", "edge"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "edge-link")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for backbone in args.backbones:
         cache = args.out / backbone / "agent-cache"
         for name, spec in (("loopback", LOOPBACK), ("edge", EDGE)):
+            if name not in args.links:
+                continue
             work = args.out / backbone / name
             if (work / "run").exists():
                 raise SystemExit(f"{work} exists from an earlier run; remove {args.out} first")
