@@ -122,6 +122,10 @@ class Bundle:
     def archive_bytes(self) -> bytes:
         return self.archive.read_bytes()
 
+    def download_bytes(self, backend: str = "ort") -> int:
+        """What a device on ``backend`` downloads to join: the tar plus the parts that backend needs."""
+        return self.size + sum(part.size for part in self.manifest.parts_for(backend).values())
+
     def part_path(self, name: str) -> Path:
         """Where a part (e.g. the torch backbone) lives on the builder's disk, beside the tar."""
         return self.directory / self.manifest.parts[name].file
