@@ -163,8 +163,12 @@ class EdgeLink:
     def cut(self) -> None:
         """Close every open connection now (both ends see the link die)."""
         with self._lock:
-            stops = list(self._conns)
             self.cuts += 1
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            stops = list(self._conns)
         for stop in stops:
             self.close_connection(stop)
 
@@ -176,7 +180,7 @@ class EdgeLink:
     def close(self) -> None:
         self._closed.set()
         self._server.close()
-        self.cut()
+        self._close_all()
 
     def __enter__(self) -> EdgeLink:
         return self

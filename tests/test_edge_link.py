@@ -15,16 +15,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.link_emulator import EdgeLink, LinkSpec
 from coordinator.broker import MosquittoBroker
+from coordinator.config import RunConfig, TaskConfig
+from coordinator.runner import run_federation
 from protocols.chunk_spool import ChunkSpool
 from protocols.chunks import BlobRef
 from protocols.errors import BlobFetchTimeout
 from protocols.mqtt import MqttEndpoint, clear_blob, fetch_blob, publish_blob
 from tests.conftest import EndpointFactory
+from tests.harness import agent_processes, fleet_data
 
 
 @pytest.fixture
@@ -207,3 +211,40 @@ def test_a_download_resumes_from_kept_chunks_after_a_restart(
         assert link.bytes_down <= 1.1 * SIZE, f"{link.bytes_down} bytes down for a {SIZE}-byte blob"
     assert not (tmp_path / "partial" / ref.sha256).exists()
     clear_blob(publisher, ref, wait_timeout=30)
+
+
+def _agent_run(tmp: Path, cut_at: int | None) -> tuple[EdgeLink, dict[str, Any], str, int]:
+    """One real agent process (tiny-3, ORT) joining a real coordinator through the link; optionally cut once."""
+    data = fleet_data(tmp, ["link-1"], per_client=40)
+    config = RunConfig(run_name="edge-cut", backbones=("tiny-3",), rounds=1, local_steps=2, min_agents=1,
+                       pinned={"link-1": "tiny-3"}, task=TaskConfig(max_length=32, batch_size=8),
+                       round_timeout_s=120, join_timeout_s=120)
+    links: list[EdgeLink] = []
+    with agent_processes(tmp, data) as agents:
+        def start(host: str, port: int) -> None:
+            link = EdgeLink((host, port), LinkSpec(rate_bps=None, rtt=0.01))
+            if cut_at is not None:
+                link.cut_after_down(cut_at)
+            links.append(link)
+            agents.start("127.0.0.1", link.port)
+
+        try:
+            summary = run_federation(config, tmp / "run", start_agents=start)
+            code = agents.wait(60)["link-1"]
+        finally:
+            for link in links:
+                link.close()
+        return links[0], summary, agents.full_log("link-1"), code or 0
+
+
+def test_a_real_agent_whose_link_is_cut_mid_bundle_resumes_and_trains(tmp_path: Path) -> None:
+    quiet, quiet_summary, _, quiet_code = _agent_run(tmp_path / "quiet", None)
+    download = quiet_summary["bundle_bytes"]["tiny-3"]  # an ORT device's download: the tar and its ORT parts
+    cut, summary, log, code = _agent_run(tmp_path / "cut", download // 2)
+    assert (quiet_code, code) == (0, 0), log[-2000:]
+    assert summary["rounds"] == quiet_summary["rounds"] == 1 and cut.cuts == 1
+    assert "lost connection" in log and "fetching" in log and "100 %" in log  # cut, then progress to the end
+    print(f"download {download} B; link bytes down: quiet {quiet.bytes_down}, cut {cut.bytes_down} "
+          f"(+{(cut.bytes_down - quiet.bytes_down) / download:.1%} of the download)")
+    # the cut costs at most a tenth of the download: nothing already received is fetched again
+    assert cut.bytes_down - quiet.bytes_down <= 0.1 * download, (cut.bytes_down, quiet.bytes_down, download)
