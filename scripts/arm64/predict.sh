@@ -55,6 +55,12 @@ build_serve_rootfs() {
         in_root /opt/serve-venv/bin/pip install -q "${SERVE_PACKAGES[@]}"
         touch "$SERVE_ROOT/.serve-venv-done"
     fi
+    # No host /sys while onnxruntime runs: its cpuinfo library reads the x86_64 host's CPU list from /sys, then
+    # fails to parse the host's x86 /proc/cpuinfo as an ARM one, and the process dies with SIGSEGV under
+    # qemu-user (measured here: /proc + /sys mounted -> "qemu: uncaught target signal 11"; without /sys it
+    # warns "cpuinfo_initialize failed" and runs).
+    mountpoint -q "$SERVE_ROOT/sys" && umount -l "$SERVE_ROOT/sys"
+    return 0
 }
 
 cleanup() {
@@ -81,7 +87,7 @@ main_predict() {
     local machine ort_info
     machine=$(in_serve uname -m)
     ort_info=$(in_serve /opt/serve-venv/bin/python -c \
-        'import platform, onnxruntime as o, numpy, tokenizers; print(platform.machine(), platform.python_version(), o.__version__, o.get_available_providers()[0], numpy.__version__, tokenizers.__version__)')
+        'import platform, onnxruntime as o, numpy, tokenizers; print(platform.machine(), platform.python_version(), o.__version__, ",".join(o.get_available_providers()), numpy.__version__, tokenizers.__version__)')
     log "inside: uname -m $machine; python, onnxruntime, provider, numpy, tokenizers: $ort_info"
     if in_serve /opt/serve-venv/bin/python -c 'import onnxruntime.training' 2>/dev/null; then
         log "error: the chroot's onnxruntime has the training API; this proof is about the plain package"; exit 1
@@ -134,7 +140,7 @@ from pathlib import Path
 run, machine, info, cpu, n, x86_s, one_s, arm_s, size = sys.argv[1:]
 n, x86_s, one_s, arm_s = int(n), float(x86_s), float(one_s), float(arm_s)
 py, ort, provider, np_, tok = info.split()[1:]
-summary = {"uname_m_inside": machine, "python_inside": py, "onnxruntime_inside": ort, "provider": provider,
+summary = {"uname_m_inside": machine, "python_inside": py, "onnxruntime_inside": ort, "providers": provider,
            "numpy_inside": np_, "tokenizers_inside": tok, "qemu_cpu": cpu, "rootfs_mb": int(size), "texts": n,
            "x86_predict_s": x86_s, "arm64_predict_one_text_s": one_s, "arm64_predict_all_s": arm_s,
            # the command's start-up (python, imports, session creation) is the one-text run; the rest is inference
