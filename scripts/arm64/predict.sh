@@ -15,7 +15,8 @@
 #   3. `edge-agent predict --model PKG --file texts.jsonl --json` on the host (onnxruntime-training's
 #      InferenceSession) and in the chroot (plain onnxruntime, aarch64, QEMU_CPU emulated core);
 #   4. compare labels (must be identical) and probabilities (compare_predictions.py); exit 0 only on PASS.
-# RUN_DIR gets the package, texts.jsonl, x86.json, arm64.json, compare.json and summary.json.
+# RUN_DIR gets the package, texts.jsonl, x86.json, arm64.json, the unrounded probabilities of both
+# (x86-probs.npy, arm64-probs.npy), compare.json and summary.json.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -128,9 +129,15 @@ main_predict() {
     local arm_s
     arm_s=$(elapsed "$t0" "$t1")
 
+    log "unrounded probabilities on both sides (raw_probs.py; --json rounds to 6 decimals)"
+    (cd "$REPO" && PYTHONPATH="$REPO" OMP_NUM_THREADS=1 "$PYTHON" "$HERE/raw_probs.py" --model "$RUN_DIR/model" \
+        --file "$RUN_DIR/texts.jsonl" --out "$RUN_DIR/x86-probs.npy")
+    in_serve /opt/serve-venv/bin/python "$REPO_IN_ROOT/scripts/arm64/raw_probs.py" --model "$RUN_IN_ROOT/model" \
+        --file "$RUN_IN_ROOT/texts.jsonl" --out "$RUN_IN_ROOT/arm64-probs.npy"
+
     local status=0
     "$PYTHON" "$HERE/compare_predictions.py" "$RUN_DIR/x86.json" "$RUN_DIR/arm64.json" \
-        --out "$RUN_DIR/compare.json" || status=$?
+        --raw "$RUN_DIR/x86-probs.npy" "$RUN_DIR/arm64-probs.npy" --out "$RUN_DIR/compare.json" || status=$?
     local size
     size=$(du -sxm "$SERVE_ROOT" --exclude="$SERVE_ROOT$REPO_IN_ROOT" --exclude="$SERVE_ROOT$RUN_IN_ROOT" \
         --exclude="$SERVE_ROOT/proc" --exclude="$SERVE_ROOT/sys" --exclude="$SERVE_ROOT/dev" | cut -f1)
