@@ -227,7 +227,7 @@ def run(sizes: list[int], *, rounds: int = 3, out_dir: Path, time_limit_s: float
         log(f"scale: N={profile_size} with cProfile on the coordinator's engine thread")
         profiled = run_one(profile_size, rounds=2, out_dir=out_dir, shapes=shapes, profile=True,
                            time_limit_s=min(deadline - time.monotonic(), 120.0 + 1.5 * profile_size))
-    return {"rounds": rounds, "bundle_bytes": bundle.size, "backbone": "tiny-3", "sizes": results,
+    return {"rounds": rounds, "bundle_bytes": bundle.download_bytes(), "backbone": "tiny-3", "sizes": results,
             "agents_per_process": AGENTS_PER_PROCESS, "profiled": profiled}
 
 

@@ -134,10 +134,10 @@ def measure(bundle_dirs: dict[str, Path], demo_updates: Path | None = None) -> d
     for name, directory in bundle_dirs.items():
         bundle = load_bundle(directory)
         manifest = bundle.manifest
-        counted = per_round(manifest, bundle.size)
+        counted = per_round(manifest, bundle.download_bytes())
         full = full_model_bytes(manifest)
         counted.update({
-            "bundle_bytes": bundle.size,
+            "bundle_bytes": bundle.download_bytes(),
             "full_model_bytes": full,
             "backbone_params": manifest.backbone_params,
             "up_ratio_wire": counted["up_wire"] / full,
@@ -145,7 +145,7 @@ def measure(bundle_dirs: dict[str, Path], demo_updates: Path | None = None) -> d
             "payload_ratio": counted["blob_bytes"] / full,
             "fp16_ratio": counted["fp16_blob_bytes"] / full,
             "int8_ratio": counted["int8_blob_bytes"] / full,
-            "rounds_per_bundle": bundle.size / (counted["up_wire"] + counted["down_wire"]),
+            "rounds_per_bundle": bundle.download_bytes() / (counted["up_wire"] + counted["down_wire"]),
         })
         if demo_updates is not None and demo_updates.exists():
             counted["zlib_ratio_demo_updates"] = zlib_ratio(_updates_of(demo_updates, name))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from coordinator.broker import (
     parse_broker_address,
     stop_pid,
 )
+from protocols.durable import write_atomic
 
 log = logging.getLogger("coordinator")
 
@@ -61,19 +61,9 @@ class BrokerRecord:
 
 
 def save_record(broker_dir: Path, record: BrokerRecord) -> None:
-    """Atomic: temp file, fsync, rename, fsync the directory."""
+    """Atomic (protocols/durable.py): a crash never leaves a half-written record to resume from."""
     broker_dir.mkdir(parents=True, exist_ok=True)
-    path, tmp = broker_dir / RECORD_FILE, broker_dir / (RECORD_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(asdict(record), handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(broker_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(broker_dir / RECORD_FILE, json.dumps(asdict(record), indent=2).encode("utf-8"))
 
 
 def load_record(broker_dir: Path) -> BrokerRecord | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from coordinator.report import _pct, weighted
 from coordinator.store import STORE_FILE, MetricRow
+from protocols.durable import write_atomic
 
 METRICS_FILE = "metrics.csv"
 REPORT_FILE = "report.md"
@@ -257,16 +258,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_all(series, out_dir)
     page = out_dir / REPORT_FILE
-    _atomic_write(page, markdown_page(records, series, [p.name for p in plots]))
+    write_atomic(page, markdown_page(records, series, [p.name for p in plots]).encode("utf-8"))
     return [*plots, page]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

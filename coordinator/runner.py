@@ -185,7 +185,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
             "stopped": coordinator.stopped,
             "agents": {a.agent_id: a.backbone for a in coordinator.agents.values()},
             "refused": coordinator.refused,
-            "bundle_bytes": {name: b.size for name, b in bundles.items()},
+            "bundle_bytes": {name: b.download_bytes() for name, b in bundles.items()},  # an ORT device's download
             "payload_bytes_per_round": {name: payload_bytes(bundles[name].manifest, coordinator.upload_names(name),
                                                                public_samples=coordinator.public_samples,
                                                                public_kind=coordinator.public_kind)

@@ -21,6 +21,7 @@ from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import FleetData, ImageDataset, LabeledDataset, LabeledText, TextDataset, write_fleet_data
 from edge_agent.data import CSV_SUFFIXES, JSONL_SUFFIXES, NPZ_SUFFIXES, ImageExample, load_examples
 from edge_agent.data_check import labels_for_format_check, raw_labels
+from protocols.durable import write_atomic
 
 TEXT_BACKBONES: tuple[str, ...] = ("minilm-l3", "minilm-l6")
 IMAGE_BACKBONES: tuple[str, ...] = ("dinov2-s4", "dinov2-s8", "dinov2-s12")
@@ -190,9 +191,7 @@ def write_run_config(path: Path, config: RunConfig) -> Path:
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text("\n".join(lines), encoding="utf-8")
-    temp.replace(path)
+    write_atomic(path, "\n".join(lines).encode("utf-8"))
     return path
 
 

@@ -27,6 +27,7 @@ from edge_agent.trust import ControlGate
 from edge_agent.upload_guard import refused_upload_names
 from protocols import topics
 from protocols.bundle_manifest import BundleManifest
+from protocols.chunk_spool import ChunkSpool
 from protocols.errors import BlobFetchTimeout, ProtocolError
 from protocols.messages import (
     AgentStatus,
@@ -311,10 +312,10 @@ class EdgeAgent:
         return self.learner
 
     def _ensure_parts(self, bundle_sha: str, manifest: BundleManifest) -> None:
-        """Fetch the bundle parts this device's backend needs (the torch backbone; nothing for ORT).
+        """Fetch the bundle parts this device's backend needs (the torch backbone; the ORT checkpoint and graphs).
 
         The coordinator publishes a part only once some agent asks for it, so a resend request for chunk 0
-        goes out first; an ORT-only fleet never puts the part on the broker.
+        goes out first; a part no agent's backend needs never goes on the broker.
         """
         for name, part in manifest.parts_for(resolve_backend(self.config.backend)).items():
             if self.store.has_part(bundle_sha, part):
@@ -340,15 +341,18 @@ class EdgeAgent:
             request = ResendRequest(blob=ref.sha256, indices=indices)
             self.endpoint.publish(topics.agent_request(self.config.agent_id), encode_message(request))
 
-        shown = [0]
+        large = ref.size > 4 * 1024 * 1024  # bundles and parts: progress lines, chunks kept for a resume
+        shown = [-1]
 
         def progress(received: int, total: int) -> None:
             tenth = received * 10 // max(total, 1)
-            if total > 4 * 1024 * 1024 and tenth > shown[0]:  # large blobs (bundles) only
+            if large and tenth > shown[0]:  # one line per 10 %
                 shown[0] = tenth
-                log.info("fetching %s: %.1f of %.1f MB", ref.sha256[:12], received / 1e6, total / 1e6)
+                log.info("fetching %s: %d %% (%.1f of %.1f MB)", ref.sha256[:12], tenth * 10, received / 1e6,
+                         total / 1e6)
 
-        data = fetch_blob(self.endpoint, ref.to_ref(), request_resend=ask, timeout=timeout, on_progress=progress)
+        data = fetch_blob(self.endpoint, ref.to_ref(), request_resend=ask, timeout=timeout, on_progress=progress,
+                          spool=ChunkSpool(self.config.cache_dir / "partial") if large else None)
         self.bytes_down += len(data)
         return data
 

@@ -1,7 +1,8 @@
 """The device's bundle cache, keyed by content sha256, so a rejoin or restart never downloads twice.
 
-A bundle is its tar plus optional parts (blobs only some trainer backends need, e.g. the torch backbone); a
-part is stored inside its bundle's directory once its hash checks out, so its presence means it is verified.
+A bundle is its tar plus optional parts (blobs only some trainer backends need: the torch backbone for torch; the
+checkpoint and training/optimizer graphs for ORT); a part is stored inside its bundle's directory once its hash checks
+out, so its presence means it is verified.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from export.locks import exclusive
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest, PartEntry
+from protocols.durable import fsync_dir, write_atomic
 
 _FILES_CHECKED = ("checkpoint", "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
 
@@ -66,7 +68,7 @@ class BundleStore:
                 self._unpack(archive, work)
                 shutil.rmtree(final, ignore_errors=True)  # a damaged earlier copy without its manifest
                 work.rename(final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return final
@@ -81,11 +83,16 @@ class BundleStore:
                 assert source is not None
                 _write_synced(work / member.name, source.read())
         manifest = BundleManifest.model_validate_json((work / MANIFEST_NAME).read_text())
+        in_parts = {part.file for part in manifest.parts.values()}
         for name in _FILES_CHECKED:
-            digest = hashlib.sha256((work / name).read_bytes()).hexdigest()
+            if name in in_parts and name not in manifest.files:
+                continue  # a part (e.g. the ORT checkpoint): verified by install_part when this backend fetches it
+            path = work / name
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
             if manifest.files.get(name) != digest:
-                raise BundleError(f"bundle file '{name}' does not match its manifest hash; the bundle is damaged")
-        _fsync_dir(work)
+                raise BundleError(f"bundle file '{name}' is {digest if digest == 'missing' else 'damaged'}: it does "
+                                  "not match its manifest hash; the bundle is damaged, fetch it again")
+        fsync_dir(work)
 
     def has_part(self, sha256: str, part: PartEntry) -> bool:
         """Whether a bundle's part was fetched and verified (it is written under its name only after that)."""
@@ -102,15 +109,7 @@ class BundleStore:
                               f"says {part.sha256[:12]} ({part.size} bytes); fetch it again")
         final = self.path(sha256) / part.file
         with self._lock(sha256):
-            handle, name = tempfile.mkstemp(prefix=f".{part.file}.", suffix=".partial", dir=final.parent)
-            os.close(handle)
-            work = Path(name)
-            try:
-                _write_synced(work, data)
-                work.replace(final)
-                _fsync_dir(final.parent)
-            finally:
-                work.unlink(missing_ok=True)
+            write_atomic(final, data)
         return final
 
 
@@ -120,10 +119,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,13 +27,14 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from protocols.durable import write_atomic
 
 log = logging.getLogger("edge_agent.device_state")
 
@@ -216,31 +217,6 @@ def default_state_dir(data: Path, agent_id: str) -> Path:
 
 def slot_dir(state_dir: Path, run_id: str, bundle_sha: str) -> Path:
     return Path(state_dir) / safe_dir_name(run_id) / safe_dir_name(bundle_sha)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_model(state_dir: Path, model: DeviceModel) -> Path:

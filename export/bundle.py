@@ -35,10 +35,16 @@ from protocols.bundle_manifest import (
 )
 from protocols.chunks import BlobRef
 
-RECIPE_VERSION = 6  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too;
+RECIPE_VERSION = 7  # 2: the torch-backbone part beside the tar; 3: image backbones; 4: a torch cost card too;
 # 5: the graphs compute their own loss and take FedProto's prototype inputs (labels, prototypes, prototype_weights)
 # 6: and the public-set anchors (anchors, anchor_weights); label -100 marks an unlabelled sample
+# 7: the ORT training artefacts (checkpoint, training and optimizer graphs) are parts for ORT, not in the tar
 ARCHIVE_NAME = "bundle.tar"
+# What only the ORT trainer reads: parts beside the tar (backends ["ort"]), so a torch device never downloads them.
+# The tar keeps what every backend needs: manifest, tokenizer, initial tensors and the eval graph (which
+# `edge-agent export` turns into the inference model on both backends).
+ORT_PARTS = {"ort-checkpoint": "checkpoint", "ort-training-graph": "training_model.onnx",
+             "ort-optimizer-graph": "optimizer_model.onnx"}
 TORCH_BACKBONE_FILE = "backbone.safetensors"
 # Architectures the PyTorch trainer backend re-implements (edge_agent/trainers/torch_model.py, torch_vit.py), and
 # the torch part's format for each. A bundle of any other architecture (MPNet) gets no torch part and no torch card:
@@ -116,6 +122,10 @@ class Bundle:
     def archive_bytes(self) -> bytes:
         return self.archive.read_bytes()
 
+    def download_bytes(self, backend: str = "ort") -> int:
+        """What a device on ``backend`` downloads to join: the tar plus the parts that backend needs."""
+        return self.size + sum(part.size for part in self.manifest.parts_for(backend).values())
+
     def part_path(self, name: str) -> Path:
         """Where a part (e.g. the torch backbone) lives on the builder's disk, beside the tar."""
         return self.directory / self.manifest.parts[name].file
@@ -178,10 +188,12 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
     specs = model.tensor_specs()
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     # A torch part only where the PyTorch backend can run the encoder; without one, a torch device is not offered it.
-    parts: dict[str, PartEntry] = {}
+    parts: dict[str, PartEntry] = {name: _ort_part(work / file) for name, file in ORT_PARTS.items()}
     if spec.architecture in TORCH_BACKBONE_FORMATS:
         parts[TORCH_PART] = _write_torch_backbone(model, work / TORCH_BACKBONE_FILE)
-    files = sorted(name for name in (*ARTIFACT_FILES, tokenizer, "initial.safetensors") if name)
+    in_parts = set(ORT_PARTS.values())
+    files = sorted(name for name in (*ARTIFACT_FILES, tokenizer, "initial.safetensors")
+                   if name and name not in in_parts)
     manifest = BundleManifest(
         backbone=spec.name, hidden=spec.hidden, layers=spec.layers, slot_blocks=tuple(model.slot_blocks),
         dema=recipe.dema.to_dict(), modality="image" if spec.modality == "image" else "text", tokenizer=tokenizer,
@@ -199,10 +211,17 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
         # device can train gets no torch card (a card would claim a cost nobody can incur).
         ort_card = _cost_card(work, manifest, backend="ort")
         by_backend = {backend: _cost_card(work, manifest, backend=backend)
-                      for backend in sorted({b for part in parts.values() for b in part.backends})}
+                      for backend in sorted({b for part in parts.values() for b in part.backends} - {"ort"})}
         manifest = manifest.model_copy(update={"cost_card": ort_card, "cost_card_by_backend": by_backend})
         (work / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     (work / ARCHIVE_NAME).write_bytes(_deterministic_tar(work, [*files, MANIFEST_NAME]))
+
+
+def _ort_part(path: Path) -> PartEntry:
+    """One ORT training artefact as a part only ORT devices fetch (see ``ORT_PARTS``)."""
+    ref = BlobRef.from_blob(path.read_bytes())
+    return PartEntry(file=path.name, sha256=ref.sha256, size=ref.size, chunks=ref.chunks, backends=("ort",),
+                     description=f"ONNX Runtime Training artefact {path.name}, read by the ORT trainer only")
 
 
 def _write_torch_backbone(model: AdapterClassifier, path: Path) -> PartEntry:

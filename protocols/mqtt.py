@@ -26,10 +26,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from protocols.chunk_spool import ChunkSpool
 from protocols.chunks import (
     CHUNK_SIZE,
     BlobAssembler,
     BlobRef,
+    Chunk,
     ChunkError,
     decode_chunk,
     encode_chunk,
@@ -123,6 +125,10 @@ class MqttEndpoint:
         self._lock = threading.Lock()
         self._acks = threading.Condition(self._lock)
         self._subs: dict[str, int] = {}
+        # Filters whose retained messages must not be sent again when a reconnect restores them while the
+        # broker kept the session (MQTT 5 retain handling 1): a resumed blob download then gets only what
+        # it has not received, not every retained chunk a second time.
+        self._no_retained_on_restore: set[str] = set()
         # Per message id: how many packets were handed to paho and how many were acknowledged.
         # Counting (instead of a set) stays correct when paho reuses a message id.
         self._issued: dict[int, int] = {}
@@ -261,6 +267,7 @@ class MqttEndpoint:
         _check_filter(topic_filter)
         with self._lock:
             self._subs[topic_filter] = qos
+            self._no_retained_on_restore.discard(topic_filter)
         if not self._link_up.is_set():
             return False
         rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
@@ -280,13 +287,49 @@ class MqttEndpoint:
             )
         return ok is True
 
-    def unsubscribe(self, topic_filter: str, *, timeout: float = 5.0) -> None:
-        """Forget a subscription; waits for the UNSUBACK so no late message for it follows."""
+    def subscribe_many(self, filters: list[str], qos: int = 1, *, timeout: float = 10.0) -> bool:
+        """Subscribe to many filters in one SUBSCRIBE packet (one round trip, not one per filter).
+
+        Their retained messages come now; a reconnect that finds the broker kept the session restores
+        them without sending the retained messages again (retain handling 1). Returns False if offline or
+        no SUBACK came within ``timeout``; the subscriptions are then made by the next connect.
+        """
+        for topic_filter in filters:
+            _check_filter(topic_filter)
+        if not filters:
+            return True
         with self._lock:
-            self._subs.pop(topic_filter, None)
+            for topic_filter in filters:
+                self._subs[topic_filter] = qos
+                self._no_retained_on_restore.add(topic_filter)
+        if not self._link_up.is_set():
+            return False
+        rc, mid = self._client.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        self._track(mid)
+        if self._on_network_thread():
+            return False
+        ok = self._wait_ack(mid, timeout)
+        if ok is False:
+            raise ProtocolError(
+                f"the broker refused some of {len(filters)} subscriptions ({filters[0]!r}, ...): "
+                f"{self._failed.get(mid, 'refused')}; check the ACL for this user"
+            )
+        return ok is True
+
+    def unsubscribe(self, topic_filter: str | list[str], *, timeout: float = 5.0) -> None:
+        """Forget one or many subscriptions (one packet); waits for the UNSUBACK so no late message follows."""
+        filters = [topic_filter] if isinstance(topic_filter, str) else list(topic_filter)
+        if not filters:
+            return
+        with self._lock:
+            for f in filters:
+                self._subs.pop(f, None)
+                self._no_retained_on_restore.discard(f)
         if not self._link_up.is_set():
             return
-        rc, mid = self._client.unsubscribe(topic_filter)
+        rc, mid = self._client.unsubscribe(filters if len(filters) > 1 else filters[0])
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._track(mid)
             if not self._on_network_thread():
@@ -427,7 +470,10 @@ class MqttEndpoint:
                 subs = list(self._subs.items())
             self._restore_mid = None
             if subs:
-                rc, mid = client.subscribe([(f, SubscribeOptions(qos=q)) for f, q in subs])
+                keep = self._no_retained_on_restore
+                rc, mid = client.subscribe(
+                    [(f, SubscribeOptions(qos=q, retainHandling=1 if f in keep else 0)) for f, q in subs]
+                )
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                     self._track(mid)
                     self._restore_mid = mid
@@ -574,22 +620,39 @@ def fetch_blob(
     timeout: float = 120.0,
     resend_after: float = 5.0,
     on_progress: Callable[[int, int], None] | None = None,
+    spool: ChunkSpool | None = None,
 ) -> bytes:
     """Download and verify a retained blob, asking the publisher for damaged or missing chunks.
 
-    A corrupt chunk is re-requested at once; when no new chunk arrived for ``resend_after``
-    seconds the missing ones are re-requested and the filter re-subscribed, which makes the broker
-    redeliver every retained chunk (duplicates are harmless). The same index is asked for at most
-    once per ``resend_after`` window. Raises ``BlobFetchTimeout`` (a TimeoutError) naming the
-    missing indices if the blob is not complete after ``timeout`` seconds. ``on_progress(received, total)``
-    is called after every new chunk (bytes), e.g. to show a progress line.
+    Only the chunks still missing are subscribed to (exact topics, one SUBSCRIBE packet), so a download
+    resumed after a restart does not pull the kept chunks again; a reconnect that finds the broker kept
+    the session restores them without a second copy of the retained chunks (the broker sends what was
+    queued or unacknowledged). With ``spool`` every verified chunk is also kept on disk and chunks kept
+    by an earlier, interrupted attempt are reused after re-verifying their hashes.
+
+    A corrupt chunk is re-requested at once; when no new chunk arrived for ``resend_after`` seconds the
+    missing ones are re-requested and re-subscribed, which makes the broker redeliver those retained
+    chunks (duplicates are harmless). The same index is asked for at most once per ``resend_after``
+    window. Raises ``BlobFetchTimeout`` (a TimeoutError) naming the missing indices if the blob is not
+    complete after ``timeout`` seconds; the spool keeps what arrived. ``on_progress(received, total)`` is
+    called after every new chunk (bytes, kept ones included), e.g. to show a progress line.
     """
     topic_filter = blob_filter(ref.sha256)
     assembler = BlobAssembler(ref)
+    if spool is not None:
+        for kept in spool.load(ref):
+            assembler.add(kept)
+        if assembler.received_bytes:
+            log.info("blob %s: resuming with %d of %d chunks (%d of %d bytes) kept from an earlier attempt",
+                     ref.sha256[:12], ref.chunks - len(assembler.missing()), ref.chunks,
+                     assembler.received_bytes, ref.size)
+            if on_progress is not None:
+                on_progress(assembler.received_bytes, ref.size)
     asked: dict[int, float] = {}
     start = time.monotonic()
     deadline = start + timeout
     last_progress = start
+    subscribed: dict[str, None] = {}  # ordered set of the exact chunk topics subscribed to
 
     def ask(indices: list[int], now: float) -> None:
         fresh = [i for i in indices if now - asked.get(i, -1e18) >= resend_after]
@@ -599,20 +662,32 @@ def fetch_blob(
             log.info("blob %s: requesting %d chunks again: %s", ref.sha256[:12], len(fresh), fresh[:20])
             request_resend(fresh)
 
+    def subscribe_missing() -> None:
+        topics = [blob_chunk(ref.sha256, i) for i in assembler.missing()]
+        subscribed.update(dict.fromkeys(topics))
+        endpoint.subscribe_many(topics)  # (re-)subscribing sends those chunks' retained copies again
+
     with endpoint.route(topic_filter) as inbox:
-        endpoint.subscribe(topic_filter)
         try:
+            if not assembler.complete:
+                subscribe_missing()
             while True:
                 now = time.monotonic()
                 if assembler.complete:
                     try:
-                        return assembler.assemble()
+                        data = assembler.assemble()
                     except BlobIntegrityError as exc:
                         log.warning("%s", exc)
+                        if spool is not None:
+                            spool.discard(ref.sha256)
                         asked.clear()
                         ask(list(range(ref.chunks)), now)
+                        subscribe_missing()
                         last_progress = now
                         continue
+                    if spool is not None:
+                        spool.discard(ref.sha256)
+                    return data
                 if now >= deadline:
                     missing = assembler.missing()
                     raise BlobFetchTimeout(
@@ -624,7 +699,7 @@ def fetch_blob(
                     )
                 if now - last_progress >= resend_after:
                     ask(assembler.missing(), now)
-                    endpoint.subscribe(topic_filter)  # re-subscribing redelivers retained chunks
+                    subscribe_missing()
                     last_progress = time.monotonic()
                     continue
                 wait = max(0.001, min(deadline, last_progress + resend_after) - now)
@@ -632,22 +707,27 @@ def fetch_blob(
                     item = inbox.get(timeout=wait)
                 except queue.Empty:
                     continue
-                if _accept_chunk(assembler, item, ask):
+                chunk = _accept_chunk(assembler, item, ask)
+                if chunk is not None:
                     last_progress = time.monotonic()
+                    if spool is not None:
+                        spool.save(chunk)
                     if on_progress is not None:
                         on_progress(assembler.received_bytes, ref.size)
         finally:
-            endpoint.unsubscribe(topic_filter)
+            endpoint.unsubscribe(list(subscribed))
 
 
-def _accept_chunk(assembler: BlobAssembler, item: Inbound, ask: Callable[[list[int], float], None]) -> bool:
-    """Feed one delivery to the assembler; True if it was a new valid chunk."""
+def _accept_chunk(
+    assembler: BlobAssembler, item: Inbound, ask: Callable[[list[int], float], None]
+) -> Chunk | None:
+    """Feed one delivery to the assembler; the chunk if it was a new valid one."""
     if not item.payload:
-        return False  # a cleared retained chunk
+        return None  # a cleared retained chunk
     try:
         _, topic_index = parse_blob_topic(item.topic)
     except TopicError:
-        return False
+        return None
     try:
         chunk = decode_chunk(item.payload)
         if chunk.index != topic_index:
@@ -656,9 +736,9 @@ def _accept_chunk(assembler: BlobAssembler, item: Inbound, ask: Callable[[list[i
                 index=topic_index,
                 blob_sha=chunk.blob_sha,
             )
-        return assembler.add(chunk)
+        return chunk if assembler.add(chunk) else None
     except ChunkError as exc:
         log.warning("bad chunk on %s: %s", item.topic, exc)
         if 0 <= topic_index < assembler.ref.chunks and not assembler.has(topic_index):
             ask([topic_index], time.monotonic())
-        return False
+        return None

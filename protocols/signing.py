@@ -21,7 +21,6 @@ import hmac
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocols.durable import write_atomic
 from protocols.errors import MessageError
 from protocols.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SEALED_TYPE, JoinRequest, encode_message
 
@@ -165,25 +165,6 @@ def public_path(private_path: Path) -> Path:
     return private_path.with_name(private_path.name + ".pub")
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_key_pair(private_path: Path) -> Ed25519PrivateKey:
     """Generate a key pair: the private key (PEM, 0600) at ``private_path`` in a 0700 directory, the public key
     (PEM) beside it as ``<name>.pub``, which is what agents get (``edge-agent join --coordinator-key``)."""
@@ -192,9 +173,9 @@ def write_key_pair(private_path: Path) -> Ed25519PrivateKey:
     key = generate_key()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_atomic(private_path, pem, 0o600)
+    write_atomic(private_path, pem, mode=0o600)
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(public_path(private_path), pub, 0o644)
+    write_atomic(public_path(private_path), pub, mode=0o644)
     return key
 
 

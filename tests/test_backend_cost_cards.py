@@ -79,11 +79,15 @@ def test_bundle_has_an_ort_and_a_torch_card(tiny_bundle: Bundle) -> None:
     # torch and the eager model cost far more than ORT's sessions: well over 100 MB more, even for tiny-3
     assert torch.peak_train_rss_mb > ort.peak_train_rss_mb + 100, (ort, torch)
     assert torch.step_seconds > 0 and torch.eval_seconds_per_sample > 0 and torch.builder_gflops > 0
-    # bytes: the tar's files for ORT; the same plus the torch part for a torch device
+    # bytes: the tar's files plus the ORT parts (checkpoint, graphs) for ORT; the tar's files plus the torch part
+    # for a torch device, which never downloads the ORT training artefacts
     tar_files = sum((tiny_bundle.directory / name).stat().st_size for name in manifest.files)
     part = manifest.parts[TORCH_PART]
     assert part.size == tiny_bundle.part_path(TORCH_PART).stat().st_size > 1_000_000
-    assert ort.bundle_bytes == tar_files
+    ort_parts = sum(p.size for p in manifest.parts_for("ort").values())
+    assert ort_parts == sum((tiny_bundle.directory / f).stat().st_size
+                            for f in ("checkpoint", "training_model.onnx", "optimizer_model.onnx"))
+    assert ort.bundle_bytes == tar_files + ort_parts
     assert torch.bundle_bytes == tar_files + part.size
     # what a round uploads and computes does not depend on the trainer
     assert torch.payload_bytes == ort.payload_bytes > 0
@@ -497,10 +501,11 @@ def test_admitted_agents_train_on_their_backend_within_their_caps(fleet_run: dic
         measured = max(r.peak_rss_mb for r in rows if r.agent_id == agent_id)
         print(f"{agent_id}: card {predicted:.0f} MB, agent peak {measured:.0f} MB, ratio {predicted / measured:.2f}")
         assert 0.9 <= predicted / measured <= 1.1, (agent_id, predicted, measured)
-    # bundle_bytes is each backend's download: the torch agent fetched the part beside the tar, the ORT agent not
+    # bundle_bytes is each backend's download: the torch agent fetched the tar and the torch part, the ORT agent the
+    # tar and the ORT parts (checkpoint, graphs); beyond that both fetched the same (tar framing, round-1 weights)
     down = {r.agent_id: r.bytes_down for r in rows if r.round == 1}
-    assert torch.bundle_bytes <= down["torch-roomy-1"]
-    assert ort.bundle_bytes <= down["ort-mid-1"] < torch.bundle_bytes
+    assert torch.bundle_bytes != ort.bundle_bytes
+    assert down["torch-roomy-1"] - torch.bundle_bytes == down["ort-mid-1"] - ort.bundle_bytes > 0
     # the bug this fixes: by the ORT card the torch device between the peaks would have been admitted, yet a real
     # torch agent's peak is far above what its cap lets it use
     torch_peak = max(r.peak_rss_mb for r in rows if r.agent_id == "torch-roomy-1")

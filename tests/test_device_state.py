@@ -88,7 +88,7 @@ def test_crash_between_temp_write_and_rename_leaves_the_previous_good_copy(
     real_replace = os.replace
 
     def crash_on_commit(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        if str(dst).endswith(CURRENT) and Path(src).name.startswith(".tmp-"):
+        if str(dst).endswith(CURRENT) and Path(src).name.endswith(".part"):  # protocols/durable.py temp files
             raise KeyboardInterrupt("power cut")  # the new json is written and fsynced, but never renamed
         real_replace(src, dst)
 

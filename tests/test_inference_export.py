@@ -122,8 +122,16 @@ def test_both_backends_devices_build_the_same_graph(tmp_path: Path) -> None:
     for path in bundle.directory.iterdir():
         if path.name != bundle.manifest.parts[TORCH_PART].file:
             shutil.copy(path, ort_device / path.name)
+    torch_device = tmp_path / "torch-device"  # what a torch device holds: no ORT checkpoint or training graphs
+    torch_device.mkdir()
+    ort_only = {part.file for part in bundle.manifest.parts_for("ort").values()}
+    assert "checkpoint" in ort_only
+    for path in bundle.directory.iterdir():
+        if path.name not in ort_only:
+            shutil.copy(path, torch_device / path.name)
     with_part = build_inference_model(bundle.directory, bundle.manifest, tensors)
     without_part = build_inference_model(ort_device, bundle.manifest, tensors)
     assert with_part == without_part
+    assert build_inference_model(torch_device, bundle.manifest, tensors) == with_part
     changed = dict(tensors, **{"head.bias": tensors["head.bias"] + 1})
     assert build_inference_model(bundle.directory, bundle.manifest, changed) != with_part

@@ -21,6 +21,7 @@ from coordinator.config import RunConfig, TaskConfig
 from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.runner import run_federation
 from coordinator.store import RunStore, load_state
+from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 from tests.numerics import rel_diff
 
 PINS = {"m1": "tiny-3", "m2": "tiny-3", "m3": "tiny-6", "m4": "tiny-6"}
@@ -103,5 +104,10 @@ def test_only_torch_agents_download_the_torch_part(runs: dict[str, Path]) -> Non
     for agent_id, backend in MIXED.items():
         if backend == "ort":  # an ORT device downloads exactly what it did before the torch part existed
             assert mixed_first[agent_id] == ort_first[agent_id], agent_id
-        else:
-            assert mixed_first[agent_id] > ort_first[agent_id], agent_id
+        else:  # a torch device downloads the torch backbone instead of the ORT checkpoint and training graphs
+            bundle = next((runs["mixed"].parent / "cache" / agent_id).rglob("backbone.safetensors")).parent
+            assert not (bundle / "checkpoint").exists() and not (bundle / "training_model.onnx").exists()
+            manifest = BundleManifest.model_validate_json((bundle / MANIFEST_NAME).read_text())
+            torch_part = sum(p.size for p in manifest.parts_for("torch").values())
+            ort_parts = sum(p.size for p in manifest.parts_for("ort").values())
+            assert mixed_first[agent_id] - ort_first[agent_id] == torch_part - ort_parts, agent_id

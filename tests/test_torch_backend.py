@@ -9,6 +9,8 @@ the losses. Gradients and the first AdamW step are also pinned against a hand-wr
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +206,13 @@ def test_the_torch_part_is_separate_and_only_torch_devices_need_it(tiny_bundle: 
     data = tiny_bundle.part_bytes(TORCH_PART)
     assert hashlib.sha256(data).hexdigest() == part.sha256 and len(data) == part.size
     assert part.file not in manifest.files  # not in the tar: an ORT device does not download it
-    assert manifest.parts_for("ort") == {} and set(manifest.parts_for("torch")) == {TORCH_PART}
+    assert set(manifest.parts_for("torch")) == {TORCH_PART}
+    # and the ORT training artefacts are parts for ORT only: a torch device does not download them
+    ort_files = {p.file for p in manifest.parts_for("ort").values()}
+    assert ort_files == {"checkpoint", "training_model.onnx", "optimizer_model.onnx"}
+    assert not ort_files & set(manifest.files) and TORCH_PART not in manifest.parts_for("ort")
+    with tarfile.open(fileobj=io.BytesIO(tiny_bundle.archive_bytes())) as tar:
+        assert not ort_files & set(tar.getnames())
 
     store = BundleStore(tmp_path / "cache")
     store.install(tiny_bundle.sha256, tiny_bundle.archive_bytes())

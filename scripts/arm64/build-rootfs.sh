@@ -86,4 +86,7 @@ main() {
     log "rootfs ready: $ARM64_ROOT ($(du -shx "$ARM64_ROOT" 2>/dev/null | cut -f1))"
 }
 
-main "$@"
+# Sourced by predict.sh for its functions (host_tools, mount_pseudo, umount_pseudo, in_root); run only when executed.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi
