@@ -249,9 +249,9 @@ def main() -> None:
             continue
         merged = {key: float(np.median([r[key] for r in good])) for key in
                   ("p50_ms", "p95_ms", "throughput_per_s", "peak_rss_mb", "load_seconds")}
-        file = plans[name][2]
+        graph = plans[name][2]
         variants[name] = {**merged, "runtime": good[0]["runtime"], "logits_batch16": good[0]["logits_batch16"],
-                          "rounds": len(good), "file_mb": file.stat().st_size / 1e6 if file else None,
+                          "rounds": len(good), "file_mb": graph.stat().st_size / 1e6 if graph else None,
                           "p50_ms_each": [round(r["p50_ms"], 2) for r in good]}
     results = {"backbone": args.backbone, "steps": args.steps, "rounds": args.rounds, "iterations": args.iterations,
                "variants": variants, "fusion": fusion,

@@ -21,6 +21,7 @@ import numpy as np
 from bench.common import cpu_seconds, rss_mb
 from coordinator.aggregation import AggregationResult, ClientUpdate, FederatedState, Strategy
 from coordinator.engine import Coordinator, PendingUpload, RoundResult
+from coordinator.report_checks import Candidate
 from coordinator.store import MetricRow, RunStore
 from protocols.chunks import BlobRef
 
@@ -242,7 +243,7 @@ class DetailedTimedCoordinator(TimedCoordinator):
     """Also times every `_try_finalize` call (start and end of each accepted upload's validation)."""
 
     def _try_finalize(self, upload: PendingUpload, *args: Any, **kwargs: Any
-                      ) -> tuple[ClientUpdate | None, MetricRow] | None:
+                      ) -> tuple[Candidate | None, MetricRow] | None:
         current = self.current
         wall = time.time()
         t0 = time.perf_counter()

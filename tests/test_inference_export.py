@@ -61,7 +61,7 @@ def trained_learner(bundle: Bundle, backend: str, examples: list[Sample]) -> Loc
 
 
 def raw_inputs(samples: list[Sample]) -> list[object]:
-    return [s.image if isinstance(s, ImageExample) else s.text for s in samples]  # type: ignore[union-attr]
+    return [s.image if isinstance(s, ImageExample) else s.text for s in samples]
 
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])

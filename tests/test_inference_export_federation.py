@@ -75,7 +75,7 @@ def test_each_devices_export_after_a_real_federation_equals_its_own_logits(backb
         predictor = Predictor(package.graph_path(), modality=package.card.modality, labels=package.card.labels,
                               max_length=package.card.max_length, image_size=package.card.image_size,
                               tokenizer=package.tokenizer)
-        raw = [s.image if isinstance(s, ImageExample) else s.text for s in samples]  # type: ignore[union-attr]
+        raw = [s.image if isinstance(s, ImageExample) else s.text for s in samples]
         exported = np.concatenate([x for _, x in predictor.batches(raw, 16)])
         assert float(np.abs(exported - own).max()) <= 1e-4, (agent_id, backend)
         trainer.start_round({}, 0.0)  # the bundle's initial tensors
