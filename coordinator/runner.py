@@ -14,12 +14,14 @@ from coordinator.admission import AdmissionPolicy
 from coordinator.config import RunConfig
 from coordinator.engine import Coordinator, RoundResult
 from coordinator.federation_state import payload_bytes
+from coordinator.methods import scopes_for
 from coordinator.observers import ProgressPrinter, RoundObserver
 from coordinator.report import final_overview, print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
+from export.dema.config import shared_local_families
 from protocols.signing import ensure_key_pair, public_path
 
 log = logging.getLogger("coordinator")
@@ -29,7 +31,8 @@ def build_bundles(config: RunConfig) -> dict[str, Bundle]:
     """One bundle per catalogued backbone of the run (reused when its recipe was built before)."""
     task = TaskSpec(config.task.name, config.task.labels, config.task.max_length, config.task.batch_size)
     dema = DemaConfig(**config.dema.model_dump())
-    return {name: build_bundle(BundleRecipe(name, task, dema)) for name in config.backbones}
+    shared = shared_local_families(scopes_for(config.method, config.scopes))
+    return {name: build_bundle(BundleRecipe(name, task, dema, shared)) for name in config.backbones}
 
 
 def resume_config(run_dir: Path) -> RunConfig:

@@ -68,6 +68,10 @@ class BundleRecipe:
     backbone: str
     task: TaskSpec
     dema: DemaConfig = field(default_factory=DemaConfig)
+    # Families a run shares although they are local by default (e.g. ("head", "group")). The manifest's scopes are
+    # what a device goes by when it decides what it may send (edge_agent/upload_guard.py), so a run that shares its
+    # head needs bundles that say so; every other method and scope choice uses the same default bundles.
+    shared_local_families: tuple[tuple[str, str], ...] = ()
 
     def key(self) -> str:
         """Changes whenever anything that shapes the exported bytes changes."""
@@ -80,6 +84,8 @@ class BundleRecipe:
             "backbone": self.backbone,
             "task": asdict(self.task),
             "dema": self.dema.to_dict(),
+            **({"shared_local_families": [list(pair) for pair in self.shared_local_families]}
+               if self.shared_local_families else {}),
             "versions": [torch.__version__, transformers.__version__, onnx.__version__],
             "code": code_digest(),
         }
@@ -185,7 +191,7 @@ def _export_into(work: Path, spec: BackboneSpec, recipe: BundleRecipe, *, measur
     if spec.modality == "text":
         tokenizer = "tokenizer.json"
         shutil.copy(spec.tokenizer_json(), work / tokenizer)
-    specs = model.tensor_specs()
+    specs = model.tensor_specs(dict(recipe.shared_local_families))
     backbone_params = sum(p.numel() for p in model.backbone.parameters())
     # A torch part only where the PyTorch backend can run the encoder; without one, a torch device is not offered it.
     parts: dict[str, PartEntry] = {name: _ort_part(work / file) for name, file in ORT_PARTS.items()}

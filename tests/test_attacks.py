@@ -326,8 +326,8 @@ class LyingDevice:
                     e.publish(topics.agent_status(me), encode_message(AgentStatus(agent_id=me, state="left")),
                               retain=True)
                     return
-            if not isinstance(message, Assignment):
-                continue
+            if not isinstance(message, Assignment) or message.evaluate_only:
+                continue  # the final evaluation: this device has nothing to lie about there
             weights = decode_tensors(fetch_blob(e, message.weights.to_ref(), request_resend=lambda _i: None))
             upload = {n: np.array(weights[n], copy=True) for n in message.upload_names}
             n_train = self.lie(message.round, upload)
@@ -415,7 +415,8 @@ def test_a_device_cannot_report_for_another(tmp_path: Path, fleet: Any, caplog: 
         summary = run(tmp_path, config_for(HONEST), broker, agents)
     script.finish()
     assert "unsigned report" in caplog.text and "does not verify" in caplog.text  # both forgeries reached it
-    assert summary["rounds"] == 2 and struck == [1, 2]
+    assert summary["rounds"] == 2 and struck == [1, 2, 3]  # 3: the final evaluation, forged as well
+    assert summary["final"]["agents"]["a1"]["n_test"] != METRICS.n_test  # a1's own evaluation, not the forgery
     rows = RunStore(tmp_path / "run").metrics()
     assert {(r.round, r.agent_id) for r in rows if r.accepted} == {(r, a) for r in (1, 2) for a in HONEST}
     for round_id in (1, 2):

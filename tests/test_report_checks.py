@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from coordinator.config import RunConfig, TaskConfig
 from coordinator.engine import AgentRecord, Coordinator, PendingUpload
+from coordinator.methods import scopes_for
 from coordinator.report_checks import (
     Candidate,
     blob_ref_refusal,
@@ -31,6 +32,7 @@ from coordinator.report_checks import (
 from coordinator.runner import build_bundles
 from coordinator.store import RunStore
 from edge_agent.upload_guard import refused_upload_names
+from export.dema.config import shared_local_families
 from protocols import topics
 from protocols.chunks import BlobRef, encode_chunk, split_blob
 from protocols.errors import MessageError
@@ -262,3 +264,18 @@ def test_the_agent_never_uploads_a_local_tensor() -> None:
     refused = refused_upload_names(manifest, [*shared, *local, "made.up"])
     assert set(refused) == {*local, "made.up"}
     assert all("never leaves it" in refused[n] for n in local)
+
+
+def test_a_run_that_shares_the_head_gets_bundles_that_say_so() -> None:
+    """`[scopes] head = "group"` is a documented run setting: its bundles mark the head group-scoped, so the agent's
+    guard lets it travel; every other tensor keeps the default bundles' scope, and default runs keep their bundles."""
+    assert shared_local_families({"head": "group", "experts": "global", "private": "local"}) == (("head", "group"),)
+    assert shared_local_families(scopes_for("heterotune")) == ()
+    default = build_bundles(CONFIG)["tiny-3"]
+    shared_head = build_bundles(CONFIG.model_copy(update={"scopes": {"head": "group"}}))["tiny-3"]
+    assert shared_head.sha256 != default.sha256
+    scopes = {t.name: t.scope for t in shared_head.manifest.tensors}
+    assert {s for n, s in scopes.items() if n.startswith("head.")} == {"group"}
+    assert {n: s for n, s in scopes.items() if not n.startswith("head.")} == \
+        {t.name: t.scope for t in default.manifest.tensors if not t.name.startswith("head.")}
+    assert refused_upload_names(shared_head.manifest, [n for n in scopes if n.startswith("head.")]) == {}

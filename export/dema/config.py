@@ -84,3 +84,10 @@ def resolve_scopes(overrides: Mapping[str, str] | None = None) -> dict[str, str]
             raise ValueError(f"scope for '{family}' must be one of {', '.join(SCOPES)}, got '{scope}'")
         scopes[family] = scope
     return scopes
+
+
+def shared_local_families(scopes: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The families a run's scopes share although they are ``local`` by default (e.g. a group-shared head), in a
+    fixed order: the part of a run's scopes a bundle must carry (export/bundle.py, BundleRecipe)."""
+    return tuple((family, scopes[family]) for family in FAMILIES
+                 if DEFAULT_SCOPES[family] == "local" and scopes.get(family, "local") != "local")
