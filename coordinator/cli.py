@@ -276,16 +276,20 @@ def split(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     from coordinator.config import RunConfig
+    from protocols.signing import ensure_key_pair, public_path
 
-    run_config = user_config(dataset, RunConfig(min_agents=agents))
+    run_config = user_config(dataset, RunConfig(min_agents=agents, allowed_agents=tuple(ids)))
     config_path = write_run_config(out / "config.toml", run_config)
+    run_key = out / "keys" / "run-key"  # the coordinator signs with it; every device verifies with its .pub
+    ensure_key_pair(run_key)
     typer.echo(f"{len(dataset.label_array())} examples, labels {', '.join(dataset.labels)}; held-out set "
-               f"{files.global_test_file}, device files in {out / 'clients'} (fleet.json has the counts)")
+               f"{files.global_test_file}, device files in {out / 'clients'} (fleet.json has the counts); run key "
+               f"{run_key} (0600, the coordinator's) and {public_path(run_key)} (for every device)")
     typer.echo(f"\n# the coordinator (with a mosquitto at {broker}):")
-    typer.echo(f"coordinator run --config {config_path} --broker {broker} --out {out / 'run'}")
+    typer.echo(f"coordinator run --config {config_path} --broker {broker} --out {out / 'run'} --signing-key {run_key}")
     typer.echo("\n# one agent per device (each on its own machine, or here in its own terminal):")
     for agent_id in ids:
-        typer.echo(join_command(files, agent_id, broker))
+        typer.echo(join_command(files, agent_id, broker, public_path(run_key)))
 
 
 @app.command()

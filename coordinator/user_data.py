@@ -182,6 +182,8 @@ def write_run_config(path: Path, config: RunConfig) -> Path:
         f"local_steps = {config.local_steps}",
         f"learning_rate = {config.learning_rate!r}",
         f"min_agents = {config.min_agents}  # rounds start once this many agents have joined",
+        *([f"allowed_agents = {json.dumps(list(config.allowed_agents))}  # only these devices may join"]
+          if config.allowed_agents is not None else []),
         "",
         "[task]",
         f"name = {json.dumps(config.task.name)}",
@@ -195,9 +197,12 @@ def write_run_config(path: Path, config: RunConfig) -> Path:
     return path
 
 
-def join_command(files: FleetData, agent_id: str, broker: str) -> str:
+def join_command(files: FleetData, agent_id: str, broker: str, coordinator_key: Path) -> str:
+    """The `edge-agent join` line of one device of a split: its files and the run key's public half it verifies
+    the coordinator with."""
     return (f"edge-agent join --broker {broker} --id {agent_id} --data {shlex.quote(str(files.client_files[agent_id]))}"
-            f" --global-test {shlex.quote(str(files.global_test_file))}")
+            f" --global-test {shlex.quote(str(files.global_test_file))}"
+            f" --coordinator-key {shlex.quote(str(coordinator_key))}")
 
 
 def predict_command(state_dir: Path, ds: LabeledDataset, example: str) -> str:

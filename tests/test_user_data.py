@@ -135,10 +135,14 @@ def test_split_command_writes_the_files_the_config_and_the_join_lines(tmp_path: 
     assert result.returncode == 0, result.stderr
     config = load_config(out / "config.toml")
     assert config.task.labels == ("food", "sport", "weather") and config.min_agents == 3
-    assert f"coordinator run --config {out / 'config.toml'} --broker 10.0.0.2:1883" in result.stdout
+    assert f"coordinator run --config {out / 'config.toml'} --broker 10.0.0.2:1883 --out {out / 'run'} " \
+           f"--signing-key {out / 'keys' / 'run-key'}" in result.stdout
     joins = [line for line in result.stdout.splitlines() if line.startswith("edge-agent join")]
     assert joins == [f"edge-agent join --broker 10.0.0.2:1883 --id device-0{i} --data {out}/clients/device-0{i}.jsonl "
-                     f"--global-test {out}/global_test.jsonl" for i in (1, 2, 3)]
+                     f"--global-test {out}/global_test.jsonl --coordinator-key {out}/keys/run-key.pub"
+                     for i in (1, 2, 3)]
+    assert (out / "keys" / "run-key").stat().st_mode & 0o077 == 0  # the private half is the coordinator's only
+    assert config.allowed_agents == ("device-01", "device-02", "device-03")  # only the split's devices join
     for i in (1, 2, 3):  # every device file is one the agent's own reader takes with the run's labels
         assert len(load_examples(out / "clients" / f"device-0{i}.jsonl", config.task.labels)) >= 2
 
