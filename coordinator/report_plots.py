@@ -7,13 +7,14 @@ error rather than a failed coordinator start.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from coordinator.run_report import VIEWS, ReportError, RoundSeries
+from protocols.durable import write_atomic
 
 VIEW_TITLES = {"personal": "personal (own test split, after local training)",
                "global": "global (held-out set, model received)"}
@@ -124,8 +125,8 @@ def _legend_outside(axis: Any) -> None:
 
 
 def _save(plt: Any, figure: Any, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=DPI)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
     plt.close(figure)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
     return path

@@ -8,7 +8,6 @@ that claims tensors it does not have.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -17,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from coordinator.aggregation import FederatedState
+from protocols.durable import write_atomic
 
 STORE_FILE = "coordinator.sqlite"  # a run directory holds a run exactly when this file is in it
 
@@ -115,11 +115,9 @@ class RunStore:
         flat = {f"global/{k}": v for k, v in state.global_tensors.items()}
         for group, tensors in state.group_tensors.items():
             flat.update({f"group/{group}/{k}": v for k, v in tensors.items()})
-        tmp = path.with_suffix(".tmp")
         # asarray(order="C"), not ascontiguousarray: that turns 0-d tensors (fedproto's counts) into shape (1,)
-        save_file({k: np.asarray(v, order="C") for k, v in flat.items()}, str(tmp),
-                  metadata={"groups": json.dumps(sorted(state.group_tensors))})
-        os.replace(tmp, path)
+        write_atomic(path, save({k: np.asarray(v, order="C") for k, v in flat.items()},
+                                metadata={"groups": json.dumps(sorted(state.group_tensors))}))
         return path
 
     def save_update(self, round_id: int, agent_id: str, tensors: Mapping[str, np.ndarray]) -> Path:
@@ -127,9 +125,7 @@ class RunStore:
         folder = self.run_dir / "updates" / f"round-{round_id:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{agent_id}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, save({k: np.asarray(v, order="C") for k, v in tensors.items()}))
         return path
 
     def metrics(self) -> list[MetricRow]:

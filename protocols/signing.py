@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from protocols.credentials import read_private_file
 from protocols.durable import write_atomic
 from protocols.errors import MessageError
 from protocols.messages import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, SEALED_TYPE, JoinRequest, encode_message
@@ -180,15 +181,15 @@ def write_key_pair(private_path: Path) -> Ed25519PrivateKey:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """The coordinator's signing key; refused when other users may read it (see credentials.read_private_file)."""
+    pem = read_private_file(path, "signing key")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"cannot read the signing key {path}: {exc}; create one with `coordinator provision` or "
                          "let `coordinator run` generate it into the run directory") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
-    if path.stat().st_mode & 0o077:
-        raise ValueError(f"the signing key {path} is readable by other users; chmod 600 {path}")
     return key
 
 
