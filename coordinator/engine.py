@@ -78,6 +78,7 @@ from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import Signer, generate_key
 from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
 
+GREET_INTERVAL_S = 2.0  # re-announce the status to newcomers at most this often (_greet)
 log = logging.getLogger("coordinator")
 
 RESEND_GRACE_S = 3.0
@@ -181,6 +182,7 @@ class Coordinator:
             frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
         self.stopped: str | None = None  # why the run ended early, if it did
         self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
+        self._greeted = 0.0  # when the status was last re-announced to a newcomer (see _greet)
         self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -277,6 +279,15 @@ class Coordinator:
         self._announce("online")
         for data in list(self.blobs.values()):
             publish_blob(self.endpoint, data, retain=True)
+
+    def _greet(self) -> None:
+        """A device we do not know came online: announce the status again, live. On a broker cluster the retained
+        copy may not reach it: ejabberd's mod_mqtt keeps its index of retained topics per node (docs/deployment.md).
+        At most once per GREET_INTERVAL_S, so anyone can make the coordinator publish only a trickle."""
+        now = time.monotonic()
+        if now - self._greeted >= GREET_INTERVAL_S:
+            self._greeted = now
+            self._announce("online")
 
     def _announce(self, state: str) -> None:
         self._send(topics.coord_status(), CoordStatus(state=state, run_id=self.run_id), retain=True)
@@ -380,6 +391,8 @@ class Coordinator:
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
             if message.state == "online":
                 self._reassign(agent_id)
+        elif isinstance(message, AgentStatus) and message.state == "online":
+            self._greet()
 
     def _on_heartbeat(self, record: AgentRecord, item: Inbound) -> None:
         try:
