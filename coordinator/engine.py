@@ -182,7 +182,7 @@ class Coordinator:
             frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
         self.stopped: str | None = None  # why the run ended early, if it did
         self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
-        self._greeted = 0.0  # when the status was last re-announced to a newcomer (see _greet)
+        self._greeted, self._greet_owed = 0.0, False  # status re-announced to newcomers (see _greet)
         self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -280,14 +280,19 @@ class Coordinator:
         for data in list(self.blobs.values()):
             publish_blob(self.endpoint, data, retain=True)
 
-    def _greet(self) -> None:
+    def _greet(self, *, owed_only: bool = False) -> None:
         """A device we do not know came online: announce the status again, live. On a broker cluster the retained
         copy may not reach it: ejabberd's mod_mqtt keeps its index of retained topics per node (docs/deployment.md).
-        At most once per GREET_INTERVAL_S, so anyone can make the coordinator publish only a trickle."""
+        At most once per GREET_INTERVAL_S (anyone can make the coordinator publish only a trickle); a greeting
+        held back by that limit is sent when the interval is over (``_pump`` calls with ``owed_only``)."""
+        if owed_only and not self._greet_owed:
+            return
         now = time.monotonic()
         if now - self._greeted >= GREET_INTERVAL_S:
-            self._greeted = now
+            self._greeted, self._greet_owed = now, False
             self._announce("online")
+        else:
+            self._greet_owed = True
 
     def _announce(self, state: str) -> None:
         self._send(topics.coord_status(), CoordStatus(state=state, run_id=self.run_id), retain=True)
@@ -321,7 +326,8 @@ class Coordinator:
         if self._reconnected.is_set():
             self._reconnected.clear()
             self._republish()
-        item = self.endpoint.get(timeout=timeout)
+        self._greet(owed_only=True)
+        item = self.endpoint.get(timeout=min(timeout, GREET_INTERVAL_S) if self._greet_owed else timeout)
         return self._dispatch(item) if item is not None else None
 
     def _catch_up(self, limit: int = 100_000) -> None:

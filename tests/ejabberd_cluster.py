@@ -29,6 +29,9 @@ from pathlib import Path
 from protocols.mqtt import DEFAULT_MAX_PAYLOAD
 
 SESSION_EXPIRY_S = 3600  # what agents ask for (edge_agent/agent.py); ejabberd caps a client's request at this
+# mod_mqtt's max_payload_size counts more than the payload (1 MiB - 4 KiB passed, 1 MiB did not): room for the
+# topic and properties on top of the largest payload our clients send.
+MAX_PAYLOAD_SIZE = DEFAULT_MAX_PAYLOAD + 64 * 1024
 MAX_QUEUE = 10000  # messages kept for one offline persistent session (a bundle is ~300 chunks)
 XMPP_HOST = "localhost"  # the ejabberd virtual host MQTT users belong to
 
@@ -66,7 +69,7 @@ listen:
     ip: "127.0.0.1"
     module: mod_mqtt
     backlog: 1000
-    max_payload_size: {DEFAULT_MAX_PAYLOAD}
+    max_payload_size: {MAX_PAYLOAD_SIZE}
 auth_method: internal
 auth_password_format: scram
 acl:
@@ -135,7 +138,8 @@ class EjabberdCluster:
         epmd_log.close()
         _wait_port(self.epmd_port, 20, "the cluster's own epmd")
         for node in self.nodes:
-            (node.directory / "spool").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(node.directory / "spool", ignore_errors=True)  # a stale mnesia schema names other nodes
+            (node.directory / "spool").mkdir(parents=True)
             (node.directory / "log").mkdir(parents=True, exist_ok=True)
             (node.directory / "ejabberd.yml").write_text(node_config(node.mqtt_port), encoding="utf-8")
             self._launch(node)
@@ -165,7 +169,7 @@ class EjabberdCluster:
     def ctl(self, node: Node, *command: str, timeout: float = 60) -> str:
         """Run one ejabberdctl command against ``node`` (as ejabberdctl does: a hidden node calling ejabberd_ctl)."""
         args = [*self._erl_args(f"ctl{secrets.token_hex(4)}"), "-hidden", "-s", "ejabberd_ctl", "-extra",
-                node.name, *command]
+                node.name, "--no-timeout", *command]  # bounded by ``timeout`` here, not by ejabberd_ctl's 60 s
         done = subprocess.run(args, capture_output=True, env=self._env(), timeout=timeout, cwd=self.workdir)
         text = (done.stdout + done.stderr).decode("utf-8", "replace")
         if done.returncode != 0:
