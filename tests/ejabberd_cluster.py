@@ -72,10 +72,6 @@ listen:
     max_payload_size: {MAX_PAYLOAD_SIZE}
 auth_method: internal
 auth_password_format: scram
-acl:
-  loopback:
-    ip:
-      - 127.0.0.0/8
 modules:
   mod_mqtt:
     session_expiry: {SESSION_EXPIRY_S}
