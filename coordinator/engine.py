@@ -78,7 +78,9 @@ from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import Signer, generate_key
 from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
 
-GREET_INTERVAL_S = 2.0  # re-announce the status to newcomers at most this often (_greet)
+GREET_INTERVAL_S = 2.0  # send an unknown device that came online our status at most this often (_greet)
+GREETED_MAX = 10_000  # devices remembered for that limit; forgotten all at once beyond it
+
 log = logging.getLogger("coordinator")
 
 RESEND_GRACE_S = 3.0
@@ -182,7 +184,7 @@ class Coordinator:
             frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
         self.stopped: str | None = None  # why the run ended early, if it did
         self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
-        self._greeted, self._greet_owed = 0.0, False  # status re-announced to newcomers (see _greet)
+        self._greeted: dict[str, float] = {}  # unknown device -> when it was last sent our status (see _greet)
         self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -280,19 +282,18 @@ class Coordinator:
         for data in list(self.blobs.values()):
             publish_blob(self.endpoint, data, retain=True)
 
-    def _greet(self, *, owed_only: bool = False) -> None:
-        """A device we do not know came online: announce the status again, live. On a broker cluster the retained
-        copy may not reach it: ejabberd's mod_mqtt keeps its index of retained topics per node (docs/deployment.md).
-        At most once per GREET_INTERVAL_S (anyone can make the coordinator publish only a trickle); a greeting
-        held back by that limit is sent when the interval is over (``_pump`` calls with ``owed_only``)."""
-        if owed_only and not self._greet_owed:
-            return
+    def _greet(self, agent_id: str) -> None:
+        """A device we do not know came online: send it our status, to its inbox. On a broker cluster the retained
+        status may not reach it: ejabberd's mod_mqtt keeps its index of retained topics per node (docs/deployment.md).
+        One small message per greeting, to that device only, at most once per GREET_INTERVAL_S per device id: a
+        client claiming many ids makes the coordinator publish no more than it sent itself."""
         now = time.monotonic()
-        if now - self._greeted >= GREET_INTERVAL_S:
-            self._greeted, self._greet_owed = now, False
-            self._announce("online")
-        else:
-            self._greet_owed = True
+        if now - self._greeted.get(agent_id, -GREET_INTERVAL_S) < GREET_INTERVAL_S:
+            return
+        if len(self._greeted) >= GREETED_MAX:
+            self._greeted.clear()
+        self._greeted[agent_id] = now
+        self._send(topics.agent_inbox(agent_id), CoordStatus(state="online", run_id=self.run_id))
 
     def _announce(self, state: str) -> None:
         self._send(topics.coord_status(), CoordStatus(state=state, run_id=self.run_id), retain=True)
@@ -326,8 +327,7 @@ class Coordinator:
         if self._reconnected.is_set():
             self._reconnected.clear()
             self._republish()
-        self._greet(owed_only=True)
-        item = self.endpoint.get(timeout=min(timeout, GREET_INTERVAL_S) if self._greet_owed else timeout)
+        item = self.endpoint.get(timeout=timeout)
         return self._dispatch(item) if item is not None else None
 
     def _catch_up(self, limit: int = 100_000) -> None:
@@ -398,7 +398,7 @@ class Coordinator:
             if message.state == "online":
                 self._reassign(agent_id)
         elif isinstance(message, AgentStatus) and message.state == "online":
-            self._greet()
+            self._greet(agent_id)
 
     def _on_heartbeat(self, record: AgentRecord, item: Inbound) -> None:
         try:

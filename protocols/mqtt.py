@@ -51,6 +51,7 @@ from protocols.topics import blob_chunk, blob_filter, parse_blob_topic
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+_RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 8  # paho's reconnect backoff
 _MAX_TOPIC_BYTES = 65535
 
 
@@ -125,6 +126,7 @@ class MqttEndpoint:
         self._brokers = [BrokerAddress(host, int(port)), *failover]
         self._current = 0  # index into _brokers; changed only by start() and the network thread
         self._failovers = 0
+        self._failed_since_connect = 0  # failed connect attempts since the last CONNACK (network thread only)
         self._clean_start = clean_start
         self._session_expiry = int(session_expiry)
         self._keepalive = int(keepalive)
@@ -163,7 +165,7 @@ class MqttEndpoint:
             client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)  # cert/key: client certificates
         elif tls_cert is not None:
             raise ValueError("a client certificate needs TLS: give the broker's CA certificate (tls_ca) too")
-        client.reconnect_delay_set(1, 8)
+        client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         if will is not None:
             _check_topic(will.topic)
             will_props: Properties | None = None
@@ -495,6 +497,7 @@ class MqttEndpoint:
                 except OSError as exc:
                     log.debug("TCP_NODELAY not set: %s", exc)
             self._link_up.set()
+            self._failed_since_connect = 0
             with self._lock:
                 subs = list(self._subs.items())
             self._restore_mid = None
@@ -533,6 +536,11 @@ class MqttEndpoint:
             failed = self._brokers[self._current]
             self._current = (self._current + 1) % len(self._brokers)
             self._failovers += 1
+            self._failed_since_connect += 1
+            if self._failed_since_connect < len(self._brokers):
+                # A node not yet tried since the link was lost: try it after the shortest delay. Once every node
+                # failed, paho's backoff grows again (1 to 8 s), so a fleet does not hammer a cluster that is down.
+                client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
             nxt = self._brokers[self._current]
             log.warning("MQTT %s cannot reach %s; failing over to %s", self._client_id, failed, nxt)
             client.connect_async(
