@@ -77,6 +77,22 @@ def test_edge_agent_join_refuses_a_bad_broker_list_before_doing_anything(tmp_pat
     assert "--broker" in text and "entry 2 is empty" in text, text
 
 
+def test_the_run_directory_records_the_whole_list_for_a_resume(tmp_path: Path) -> None:
+    from coordinator.run_broker import NoRecordedBroker, load_record, run_broker
+
+    with run_broker(tmp_path / "broker", address="10.0.0.1:1883,10.0.0.2:1884", resume=False) as record:
+        assert (record.host, record.port) == ("10.0.0.1", 1883)
+        assert record.failover_brokers == (BrokerAddress("10.0.0.2", 1884),)
+    again = load_record(tmp_path / "broker")
+    assert again is not None and again.failover == ("10.0.0.2:1884",)
+    with run_broker(tmp_path / "broker", address=None, resume=True) as resumed:  # --resume without --broker
+        assert resumed.failover_brokers == (BrokerAddress("10.0.0.2", 1884),)
+    damaged = (tmp_path / "broker" / "broker.json").read_text().replace("10.0.0.2:1884", "10.0.0.2:0")
+    (tmp_path / "broker" / "broker.json").write_text(damaged)
+    with pytest.raises(NoRecordedBroker, match="damaged"):
+        load_record(tmp_path / "broker")
+
+
 # ----------------------------------------------------------------------------------- endpoint failover
 
 
