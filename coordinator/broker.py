@@ -25,6 +25,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from protocols.brokers import parse_broker_address as _parse_one
+
 SBIN_DIRS = "/usr/local/sbin:/usr/sbin:/sbin:/opt/homebrew/sbin:/usr/local/opt/mosquitto/sbin"
 DEFAULT_HOST = "127.0.0.1"
 _START_ATTEMPTS = 3
@@ -52,18 +54,9 @@ def find_mosquitto() -> str:
 
 
 def parse_broker_address(address: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (IPv6 as ``[::1]:1883``) as given on a command line."""
-    hint = "expected HOST:PORT, e.g. 127.0.0.1:1883 or broker.lan:8883"
-    if not isinstance(address, str) or ":" not in address:
-        raise ValueError(f"invalid broker address {address!r}: {hint}")
-    host, _, port_text = address.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c.isspace() for c in host) or "/" in host:
-        raise ValueError(f"invalid broker address {address!r}: missing or bad host; {hint}")
-    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid broker address {address!r}: port must be 1-65535; {hint}")
-    return host, int(port_text)
+    """Parse one ``HOST:PORT`` (IPv6 as ``[::1]:1883``) as given on a command line (protocols/brokers.py)."""
+    parsed = _parse_one(address)
+    return parsed.host, parsed.port
 
 
 def is_loopback(host: str) -> bool:

@@ -42,7 +42,8 @@ def _stop_on_sigterm() -> None:
 def run(
     config: Annotated[Path | None, typer.Option(help="run configuration (TOML)")] = None,
     broker: Annotated[str | None, typer.Option(
-        help="use this broker HOST:PORT instead of starting one (on --resume: instead of the run's own)")] = None,
+        help="use this broker HOST:PORT instead of starting one (on --resume: instead of the run's own); a "
+             "cluster's nodes as HOST:PORT,HOST:PORT,...: the coordinator fails over when its node dies")] = None,
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/run"),
     resume: Annotated[Path | None, typer.Option(
         help="continue this run directory after a crash, on the broker it used (restarted if it died)")] = None,

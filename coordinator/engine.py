@@ -78,6 +78,9 @@ from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import Signer, generate_key
 from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
 
+GREET_INTERVAL_S = 2.0  # send an unknown device that came online our status at most this often (_greet)
+GREETED_MAX = 10_000  # devices remembered for that limit; forgotten all at once beyond it
+
 log = logging.getLogger("coordinator")
 
 RESEND_GRACE_S = 3.0
@@ -181,6 +184,7 @@ class Coordinator:
             frozenset(config.allowed_agents) if config.allowed_agents is not None else None)
         self.stopped: str | None = None  # why the run ended early, if it did
         self._noise = RateLimitedLog(log)  # warnings about what agents send, rate-limited
+        self._greeted: dict[str, float] = {}  # unknown device -> when it was last sent our status (see _greet)
         self._expected: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
         self._reconnected = threading.Event()
         endpoint.add_connect_listener(lambda _session_present: self._reconnected.set())
@@ -277,6 +281,19 @@ class Coordinator:
         self._announce("online")
         for data in list(self.blobs.values()):
             publish_blob(self.endpoint, data, retain=True)
+
+    def _greet(self, agent_id: str) -> None:
+        """A device we do not know came online: send it our status, to its inbox. On a broker cluster the retained
+        status may not reach it: ejabberd's mod_mqtt keeps its index of retained topics per node (docs/deployment.md).
+        One small message per greeting, to that device only, at most once per GREET_INTERVAL_S per device id: a
+        client claiming many ids makes the coordinator publish no more than it sent itself."""
+        now = time.monotonic()
+        if now - self._greeted.get(agent_id, -GREET_INTERVAL_S) < GREET_INTERVAL_S:
+            return
+        if len(self._greeted) >= GREETED_MAX:
+            self._greeted.clear()
+        self._greeted[agent_id] = now
+        self._send(topics.agent_inbox(agent_id), CoordStatus(state="online", run_id=self.run_id))
 
     def _announce(self, state: str) -> None:
         self._send(topics.coord_status(), CoordStatus(state=state, run_id=self.run_id), retain=True)
@@ -380,6 +397,8 @@ class Coordinator:
             record.lost_since = (record.lost_since or time.monotonic()) if message.state == "lost" else None
             if message.state == "online":
                 self._reassign(agent_id)
+        elif isinstance(message, AgentStatus) and message.state == "online":
+            self._greet(agent_id)
 
     def _on_heartbeat(self, record: AgentRecord, item: Inbound) -> None:
         try:

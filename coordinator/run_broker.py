@@ -1,6 +1,7 @@
 """The broker a run uses, recorded in its run directory so that `coordinator run --resume RUN_DIR` finds it again.
 
-A new run either uses the broker it is given (``--broker HOST:PORT``) or starts its own mosquitto (persistence on)
+A new run either uses the broker it is given (``--broker HOST:PORT``, or ``HOST:PORT,HOST:PORT...`` for the nodes
+of a cluster: the coordinator fails over between them, docs/deployment.md) or starts its own mosquitto (persistence on)
 and records address, config file and PID in ``RUN_DIR/broker/broker.json``. A resume reuses that broker:
 
 - still running (the coordinator was killed, its broker kept serving the agents): adopted, and stopped by PID
@@ -28,9 +29,9 @@ from coordinator.broker import (
     MosquittoBroker,
     is_loopback,
     mosquitto_pid_running,
-    parse_broker_address,
     stop_pid,
 )
+from protocols.brokers import BrokerAddress, parse_broker_address, parse_broker_list
 from protocols.durable import write_atomic
 
 log = logging.getLogger("coordinator")
@@ -54,6 +55,11 @@ class BrokerRecord:
     pid: int | None = None
     config: str | None = None  # the embedded broker's mosquitto.conf
     unauthenticated_network: bool = False  # embedded, anonymous and reachable from other hosts (--insecure)
+    failover: tuple[str, ...] = ()  # further nodes of an external cluster (--broker A,B,...), tried in order
+
+    @property
+    def failover_brokers(self) -> tuple[BrokerAddress, ...]:
+        return tuple(parse_broker_address(a) for a in self.failover)
 
     @property
     def address(self) -> str:
@@ -75,7 +81,8 @@ def load_record(broker_dir: Path) -> BrokerRecord | None:
         record = BrokerRecord(embedded=bool(raw["embedded"]), host=str(raw["host"]), port=int(raw["port"]),
                               pid=None if raw.get("pid") is None else int(raw["pid"]),
                               config=None if raw.get("config") is None else str(raw["config"]),
-                              unauthenticated_network=bool(raw.get("unauthenticated_network", False)))
+                              unauthenticated_network=bool(raw.get("unauthenticated_network", False)),
+                              failover=tuple(str(parse_broker_address(str(a))) for a in raw.get("failover", [])))
     except (ValueError, KeyError, TypeError) as exc:
         raise NoRecordedBroker(f"{path} is damaged ({exc}); give the broker with --broker HOST:PORT") from None
     return record
@@ -101,7 +108,8 @@ def run_broker(broker_dir: Path, *, address: str | None, resume: bool, listen: s
             raise
         recorded = None  # a damaged record does not matter when the broker is given
     if address:
-        host, port = parse_broker_address(address)
+        first, *others = parse_broker_list(address)
+        host, port = first.host, first.port
         if recorded is not None and recorded.embedded and (recorded.host, recorded.port) == (host, port):
             with _resumed_embedded(broker_dir, recorded) as record:  # --broker named the run's own broker
                 yield record
@@ -111,7 +119,7 @@ def run_broker(broker_dir: Path, *, address: str | None, resume: bool, listen: s
             log.warning("the run's own broker %s (pid %d) is still running but --broker names %s; it is left "
                         "running for its agents: stop it with kill %d", recorded.address, recorded.pid, address,
                         recorded.pid)
-        record = BrokerRecord(embedded=False, host=host, port=port)
+        record = BrokerRecord(embedded=False, host=host, port=port, failover=tuple(str(a) for a in others))
         save_record(broker_dir, record)
         yield record
         return

@@ -151,7 +151,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
         with run_broker(run_dir / "broker", address=broker, resume=resume, listen=listen,
                         insecure=insecure) as record:
             host, port = record.host, record.port
-            console.print(f"[bold]coordinator[/] broker {record.address}, method {config.method}, "
+            brokers = ",".join((record.address, *record.failover))
+            console.print(f"[bold]coordinator[/] broker {brokers}, method {config.method}, "
                           f"{config.rounds} rounds, backbones {', '.join(config.backbones)}; agents verify with "
                           f"--coordinator-key {public_path(key_path)}")
 
@@ -166,7 +167,7 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
                                 "anyone can read and steer the run (started with --insecure)", record.address)
 
             make = Coordinator.resume if resume else Coordinator
-            endpoint = Coordinator.endpoint_for(host, port, **options)
+            endpoint = Coordinator.endpoint_for(host, port, failover=record.failover_brokers, **options)
             admission = AdmissionPolicy(frozenset(config.allowed_agents) if config.allowed_agents is not None
                                         else None, join_token)
             progress = ProgressPrinter(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))

@@ -26,6 +26,7 @@ from edge_agent.trainers.base import TrainerBackend
 from edge_agent.trust import ControlGate
 from edge_agent.upload_guard import refused_upload_names
 from protocols import topics
+from protocols.brokers import BrokerAddress
 from protocols.bundle_manifest import BundleManifest
 from protocols.chunk_spool import ChunkSpool
 from protocols.errors import BlobFetchTimeout, ProtocolError
@@ -97,6 +98,7 @@ class AgentConfig:
     coordinator_key: Path | None = None
     insecure_no_verify: bool = False
     join_token: bytes | None = None  # the run's join secret, if it uses one (coordinator/admission.py)
+    failover: tuple[BrokerAddress, ...] = ()  # further cluster nodes after host:port (protocols/brokers.py)
 
 
 BACKENDS = ("auto", "ort", "torch")
@@ -169,7 +171,7 @@ class EdgeAgent:
             will=Will(topics.agent_status(config.agent_id),
                       encode_message(AgentStatus(agent_id=config.agent_id, state="lost")),
                       retain=True, delay_seconds=10),
-            on_connect=lambda _session_present: self._announce_online(),
+            on_connect=lambda _session_present: self._announce_online(), failover=config.failover,
         )
         self.heartbeat = HeartbeatThread(self.endpoint, self.signer, config.agent_id, lambda: self.run_id)
 
@@ -183,10 +185,12 @@ class EdgeAgent:
                                   max_round_seconds=self.config.max_round_seconds, disk_path=self.config.cache_dir,
                                   backend=resolve_backend(self.config.backend))
         self._profile = DeviceProfile(**slowed_profile(measured, self.config.slowdown))
+        # Subscribed before connecting: the SUBSCRIBE then precedes our "online" status on the wire, so the status a
+        # coordinator announces in reply to it (on a cluster node without the retained copy) cannot be missed.
+        self.endpoint.subscribe(topics.agent_inbox(self.config.agent_id))
+        self.endpoint.subscribe(topics.coord_status())
         self.endpoint.start()
         try:
-            self.endpoint.subscribe(topics.agent_inbox(self.config.agent_id))
-            self.endpoint.subscribe(topics.coord_status())
             code = self._loop()
             if code == EXIT_IDLE:
                 self._leave("no word from the coordinator; the agent gave up waiting")

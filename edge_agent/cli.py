@@ -11,21 +11,23 @@ from typing import Annotated, Literal
 import typer
 
 from edge_agent.bundle_store import default_cache_dir
+from protocols.brokers import BrokerAddress, parse_broker_list
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HeteroTune edge agent: fine-tunes adapters on this device and shares only part of them.")
 
 
-def _broker(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise typer.BadParameter(f"'{address}' is not HOST:PORT (e.g. 127.0.0.1:1883)")
-    return host, int(port)
+def _brokers(address: str) -> tuple[BrokerAddress, ...]:
+    try:
+        return parse_broker_list(address)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--broker") from None
 
 
 @app.command()
 def join(
-    broker: Annotated[str, typer.Option(help="MQTT broker as HOST:PORT")],
+    broker: Annotated[str, typer.Option(help="MQTT broker as HOST:PORT, or a cluster's nodes as "
+                                             "HOST:PORT,HOST:PORT,... (fails over when its node dies)")],
     agent_id: Annotated[str, typer.Option("--id", help="this device's id (also its MQTT client id)")],
     data: Annotated[Path, typer.Option(help="private data: JSONL or CSV with text,label", exists=True,
                                        dir_okay=False)],
@@ -97,7 +99,7 @@ def join(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s {agent_id} %(levelname)s %(message)s")
-    host, port = _broker(broker)
+    first, *others = _brokers(broker)
     from protocols.credentials import read_secret
 
     try:
@@ -113,7 +115,8 @@ def join(
         password = resolve_password(password, password_file)
     except CredentialError as exc:
         raise typer.BadParameter(str(exc)) from None
-    config = AgentConfig(agent_id=agent_id, host=host, port=port, data=data, global_test=global_test, public=public,
+    config = AgentConfig(agent_id=agent_id, host=first.host, port=first.port, failover=tuple(others),
+                         data=data, global_test=global_test, public=public,
                          max_memory_mb=max_memory, max_round_seconds=max_round_seconds, threads=threads,
                          backend=backend, cache_dir=cache_dir or default_cache_dir(), max_idle_seconds=max_idle,
                          username=username, password=password, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,

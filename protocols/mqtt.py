@@ -14,7 +14,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from protocols.brokers import BrokerAddress
 from protocols.chunk_spool import ChunkSpool
 from protocols.chunks import (
     CHUNK_SIZE,
@@ -50,6 +51,7 @@ from protocols.topics import blob_chunk, blob_filter, parse_blob_topic
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+_RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 8  # paho's reconnect backoff
 _MAX_TOPIC_BYTES = 65535
 
 
@@ -92,7 +94,14 @@ def _check_filter(topic_filter: str) -> None:
 
 
 class MqttEndpoint:
-    """One MQTT v5 client with a background network thread and a queue of inbound messages."""
+    """One MQTT v5 client with a background network thread and a queue of inbound messages.
+
+    ``failover`` names further nodes of the same broker cluster (protocols/brokers.py): the first connect takes the
+    first node that answers, and whenever a reconnect cannot reach the current node the client moves on to the next
+    one (round robin). Credentials and TLS settings apply to every node alike. Subscriptions are restored on every
+    connect and unacknowledged QoS 1 publishes are sent again by paho, so a node's death costs a reconnect, not data
+    (what a dead node held for this client while it was away is lost: the protocol re-asks for it).
+    """
 
     def __init__(
         self,
@@ -111,10 +120,13 @@ class MqttEndpoint:
         will: Will | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         on_connect: Callable[[bool], None] | None = None,
+        failover: Sequence[BrokerAddress] = (),
     ) -> None:
         self._client_id = client_id
-        self._host = host
-        self._port = int(port)
+        self._brokers = [BrokerAddress(host, int(port)), *failover]
+        self._current = 0  # index into _brokers; changed only by start() and the network thread
+        self._failovers = 0
+        self._failed_since_connect = 0  # failed connect attempts since the last CONNACK (network thread only)
         self._clean_start = clean_start
         self._session_expiry = int(session_expiry)
         self._keepalive = int(keepalive)
@@ -153,7 +165,7 @@ class MqttEndpoint:
             client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)  # cert/key: client certificates
         elif tls_cert is not None:
             raise ValueError("a client certificate needs TLS: give the broker's CA certificate (tls_ca) too")
-        client.reconnect_delay_set(1, 8)
+        client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
         if will is not None:
             _check_topic(will.topic)
             will_props: Properties | None = None
@@ -162,6 +174,7 @@ class MqttEndpoint:
                 will_props.WillDelayInterval = int(will.delay_seconds)
             client.will_set(will.topic, will.payload, qos=1, retain=will.retain, properties=will_props)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -177,7 +190,13 @@ class MqttEndpoint:
 
     @property
     def address(self) -> str:
-        return f"{self._host}:{self._port}"
+        """The broker node this client uses (or tries) now."""
+        return str(self._brokers[self._current])
+
+    @property
+    def failovers(self) -> int:
+        """How often this client moved to another cluster node because its node could not be reached."""
+        return self._failovers
 
     @property
     def connected(self) -> bool:
@@ -193,22 +212,29 @@ class MqttEndpoint:
         if self._started:
             raise RuntimeError(f"MqttEndpoint {self._client_id!r} was already started; create a new one")
         self._started = True
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry
-        try:
-            self._client.connect(
-                self._host,
-                self._port,
-                keepalive=self._keepalive,
-                clean_start=self._clean_start,
-                properties=props,
-            )
-        except OSError as exc:
+        failures: list[str] = []
+        for index, broker in enumerate(self._brokers):
+            try:
+                self._client.connect(
+                    broker.host,
+                    broker.port,
+                    keepalive=self._keepalive,
+                    clean_start=self._clean_start,
+                    properties=self._connect_properties(),
+                )
+            except OSError as exc:
+                failures.append(f"{broker}: {exc}")
+                continue
+            self._current = index
+            if failures:
+                log.warning("MQTT %s: unreachable %s; using %s", self._client_id, "; ".join(failures), broker)
+            break
+        else:
             self._stopped = True
             raise BrokerUnavailable(
-                f"cannot connect to the MQTT broker at {self.address}: {exc}; check that the broker is "
+                f"cannot connect to the MQTT broker at {'; '.join(failures)}; check that the broker is "
                 "running and that host/port (and TLS settings) are right"
-            ) from exc
+            )
         self._client.loop_start()
         if not self._first_connack.wait(timeout):
             self.stop()
@@ -224,6 +250,11 @@ class MqttEndpoint:
                 "username/password and that the client id is allowed"
             )
         self._connected.wait(timeout)  # subscriptions made before start() are active on return
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        return props
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will is sent) and stop the network thread. Idempotent."""
@@ -466,6 +497,7 @@ class MqttEndpoint:
                 except OSError as exc:
                     log.debug("TCP_NODELAY not set: %s", exc)
             self._link_up.set()
+            self._failed_since_connect = 0
             with self._lock:
                 subs = list(self._subs.items())
             self._restore_mid = None
@@ -491,6 +523,35 @@ class MqttEndpoint:
                 listener(bool(flags.session_present))
         except Exception:  # an exception here would kill paho's network thread
             log.exception("on_connect handler of %s failed", self._client_id)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """A reconnect could not reach the current node: aim the next attempt at the next one (no I/O here).
+
+        paho's loop calls this after a failed TCP/TLS connect and then waits its reconnect delay before trying
+        again; ``connect_async`` only records the new address, so nothing blocks the network thread.
+        """
+        try:
+            if len(self._brokers) < 2 or self._stopped:
+                return
+            failed = self._brokers[self._current]
+            self._current = (self._current + 1) % len(self._brokers)
+            self._failovers += 1
+            self._failed_since_connect += 1
+            if self._failed_since_connect < len(self._brokers):
+                # A node not yet tried since the link was lost: try it after the shortest delay. Once every node
+                # failed, paho's backoff grows again (1 to 8 s), so a fleet does not hammer a cluster that is down.
+                client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
+            nxt = self._brokers[self._current]
+            log.warning("MQTT %s cannot reach %s; failing over to %s", self._client_id, failed, nxt)
+            client.connect_async(
+                nxt.host,
+                nxt.port,
+                keepalive=self._keepalive,
+                clean_start=self._clean_start,
+                properties=self._connect_properties(),
+            )
+        except Exception:  # an exception here would kill paho's network thread
+            log.exception("failover of %s failed", self._client_id)
 
     def _on_disconnect(
         self,

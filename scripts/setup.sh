@@ -14,6 +14,26 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
 
+# ejabberd: its MQTT module is the clustered broker tests/test_cluster.py runs (two private nodes on loopback,
+# tests/ejabberd_cluster.py). Installed WITHOUT starting or enabling its system service: a temporary policy-rc.d
+# denies the start (an existing one is left alone), and the boot-time unit the package enables is disabled again.
+if ! ls /usr/lib/*/ejabberd-*/ebin/ejabberd.beam >/dev/null 2>&1; then
+    echo "[setup] installing Debian package: ejabberd (its service is not started)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    status=0
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends ejabberd >/dev/null || status=$?
+    [ -n "$own_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d
+    [ "$status" -eq 0 ] || { echo "[setup] apt-get install ejabberd failed ($status)" >&2; exit "$status"; }
+    if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable ejabberd >/dev/null 2>&1 || true; fi
+fi
+
 PYTHON_BIN="${PYTHON:-}"
 if [ -z "$PYTHON_BIN" ]; then
     for candidate in python3.11 python3.12 python3.10 python3; do

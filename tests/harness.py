@@ -35,11 +35,13 @@ class AgentProcesses:
         self.trust = ["--coordinator-key", str(coordinator_key)] if coordinator_key else ["--insecure-no-verify"]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, host: str, port: int, agent_ids: list[str] | None = None) -> None:
+    def start(self, host: str, port: int, agent_ids: list[str] | None = None, *, brokers: str | None = None) -> None:
+        """``brokers``: a whole --broker value (e.g. a cluster's HOST:PORT,HOST:PORT) instead of host:port."""
         for agent_id in agent_ids or list(self.data.client_files):
             log = open(self.tmp / f"{agent_id}.log", "ab")  # noqa: SIM115 - the child holds it
             self.procs[agent_id] = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent.cli", "join", "--broker", f"{host}:{port}", "--id", agent_id,
+                [sys.executable, "-m", "edge_agent.cli", "join", "--broker", brokers or f"{host}:{port}",
+                 "--id", agent_id,
                  "--data", str(self.data.client_files[agent_id]), "--global-test", str(self.data.global_test_file),
                  "--threads", "1", "--cache-dir", str(self.tmp / "cache" / agent_id), "--max-idle", "120",
                  *self._trust(agent_id), *self.extra.get(agent_id, [])],
