@@ -31,6 +31,19 @@ from coordinator.store import STORE_FILE, load_state
 from protocols.durable import write_atomic
 
 BACKBONE = "minilm-l3"
+# Coordinator log lines that show how the system reacted, counted on the page.
+REACTIONS = {
+    "replaced from standby": "from standby in place of",
+    "noticed stalled": "stalled (no heartbeat",
+    "noticed lost (last will)": "was lost mid-round",
+    "heard again after a stall": "heard again after a stall",
+    "rejoined mid-round": "rejoined mid-round",
+    "left the run": "left the run",
+    "attempt abandoned": "abandoning",
+    "rejected update": "rejected update from",
+    "rejected report": "rejected report from",
+}
+REACTION_NAMES = tuple(REACTIONS)
 
 
 def check_rounds(result: dict[str, Any], run_dir: Path) -> tuple[bool, list[str], dict[int, list[bool]]]:
@@ -187,7 +200,7 @@ def render_page(results: dict[str, Any], out: Path, page: Path, plots: Path, *, 
         set((chaos["summary"].get("final") or {}).get("agents", {}))
     acc_common = {n: final_accuracy(r, common) for n, r in (("quiet", quiet), ("chaos", chaos))}
     gaps = {view: _gap(acc_all["quiet"][view], acc_all["chaos"][view]) for view in ("personal", "global")}
-    passed = {view: gap is not None and gap <= tolerance for view, gap in gaps.items()}
+    passed = {view: gap is not None and abs(gap) <= tolerance for view, gap in gaps.items()}
     acc_ok = all(passed.values())
     plots.mkdir(parents=True, exist_ok=True)
     written = write_report(chaos_dir, out / "chaos" / "report")
@@ -230,9 +243,9 @@ def render_page(results: dict[str, Any], out: Path, page: Path, plots: Path, *, 
         f"{kept.get('accepted and committed', 0)} accepted updates in {kept.get('rounds recomputed', 0)} recomputed "
         f"aggregates, {kept.get('accepted in an abandoned attempt (retried)', 0)} accepted in abandoned attempts |",
         f"| the same two checks on the quiet run | {'pass' if quiet_rounds_ok and quiet_kept_ok else 'FAIL'} |",
-        f"| final global accuracy, chaos vs quiet (<= {tolerance:g} points lower) | {_pass(passed['global'])}: "
+        f"| final global accuracy, chaos vs quiet (within {tolerance:g} points) | {_pass(passed['global'])}: "
         f"{_fmt(acc_all['chaos']['global'])} vs {_fmt(acc_all['quiet']['global'])} |",
-        f"| final personal accuracy, chaos vs quiet (<= {tolerance:g} points lower) | {_pass(passed['personal'])}: "
+        f"| final personal accuracy, chaos vs quiet (within {tolerance:g} points) | {_pass(passed['personal'])}: "
         f"{_fmt(acc_all['chaos']['personal'])} vs {_fmt(acc_all['quiet']['personal'])} |",
         "",
     ]
@@ -277,6 +290,13 @@ def render_page(results: dict[str, Any], out: Path, page: Path, plots: Path, *, 
         f"stopped, {done.get('broker_started', 0)} started | every client reconnected (counted above) |",
         f"| (any) | | skipped: {done.get('skipped', 0)}, failed: {done.get('failed', 0)} | replaced from standby: "
         f"{reactions.get('replaced from standby', 0)}; attempts abandoned: {reactions.get('attempt abandoned', 0)} |",
+        "",
+        "The coordinator's reaction lines counted in both runs (the quiet run has no faults; what it shows is the "
+        "shared machine's load, e.g. an agent starved of CPU for 12 s counts as stalled):",
+        "",
+        "| reaction (coordinator log) | quiet | chaos |",
+        "|---|---|---|",
+        *[f"| {name} | {quiet['reactions'].get(name, 0)} | {reactions.get(name, 0)} |" for name in REACTION_NAMES],
         "",
         "Outcomes of invited agents over all rounds (a later outcome for the same agent and attempt replaces an "
         "earlier one in the checks, but every event is counted here):",

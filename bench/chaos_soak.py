@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_plan import Fault, chaos_plan
-from bench.chaos_report import render_page
+from bench.chaos_report import REACTIONS, render_page
 from bench.common import DEFAULT_OUT, REPO, git_commit
 from bench.link_emulator import EdgeLink, LinkSpec
 from coordinator.broker import ConfiguredMosquitto, stop_pid
@@ -56,18 +56,6 @@ from protocols.signing import public_path
 
 BACKBONE = "minilm-l3"
 LINK = LinkSpec(rate_bps=None, rtt=0.02, loss=0.0)  # unshaped: the link is there to be cut
-# Coordinator log lines that show how the system reacted, counted on the page.
-REACTIONS = {
-    "replaced from standby": "from standby in place of",
-    "noticed stalled": "stalled (no heartbeat",
-    "noticed lost (last will)": "was lost mid-round",
-    "heard again after a stall": "heard again after a stall",
-    "rejoined mid-round": "rejoined mid-round",
-    "left the run": "left the run",
-    "attempt abandoned": "abandoning",
-    "rejected update": "rejected update from",
-    "rejected report": "rejected report from",
-}
 
 
 class Recorder:
