@@ -298,6 +298,15 @@ def render_page(results: dict[str, Any], out: Path, page: Path, plots: Path, *, 
         "|---|---|---|",
         *[f"| {name} | {quiet['reactions'].get(name, 0)} | {reactions.get(name, 0)} |" for name in REACTION_NAMES],
         "",
+        "A SIGKILLed agent stops beating too: it counts as stalled after 12 s of silence or as lost when its will "
+        "arrives (10 s will delay), whichever comes first, so `noticed stalled` also counts kills and CPU-starved "
+        "agents. Broker connections beyond the first include the restarts after kills, the reconnects after cuts and "
+        "every client's reconnect after the broker restart.",
+        "",
+        *([f"No attempt was abandoned: with `min_fraction` {cfg['min_fraction']} ({_needed(chaos)} of "
+           f"{cfg['agents_per_round']} updates needed), over-selection and standby replacement, every round reached "
+           "its minimum at the first attempt, so this soak did not exercise the retry path (tests/test_stalls.py and "
+           "tests/test_faults.py do).", ""] if not retried else []),
         "Outcomes of invited agents over all rounds (a later outcome for the same agent and attempt replaces an "
         "earlier one in the checks, but every event is counted here):",
         "",
@@ -335,6 +344,20 @@ def render_page(results: dict[str, Any], out: Path, page: Path, plots: Path, *, 
         "",
         "![accuracy per round, quiet vs chaos](chaos-soak/quiet-vs-chaos.png)",
         "",
+        "Per round, accuracy is pooled over the agents that reported in that round (a different subset each round, "
+        "hence the jumps in the personal view); the final values above are over all twelve.",
+        "",
+        "## Found while building the soak",
+        "",
+        "- The chaos script's first broker restart found nothing to stop: with a relative run directory (the default "
+        "`coordinator run --out runs/run`), the run's own mosquitto was started as `mosquitto -c runs/.../"
+        "mosquitto.conf` and wrote its log and persistence to relative paths, while broker.json recorded the "
+        "absolute config path. `mosquitto_pid_running` therefore never recognised it: `coordinator run --resume` "
+        "after a coordinator kill -9 started a second mosquitto on the busy port and left the first one running "
+        "for ever, and a dead broker restarted from another working directory logged and persisted elsewhere. "
+        "Fixed in coordinator/broker.py (the broker's directory is made absolute; a relative `-c` is resolved "
+        "against the process's cwd); tests/test_run_broker_paths.py (real mosquitto) fails without the fix.",
+        "",
         "The chaos run's `coordinator report` plots:",
         "",
     ]
@@ -370,6 +393,12 @@ def _gap(quiet: float | None, chaos: float | None) -> float | None:
 
 def _pass(ok: bool) -> str:
     return "pass" if ok else "FAIL"
+
+
+def _needed(result: dict[str, Any]) -> str:
+    """Updates a round needed to commit, as its RoundStarted events said."""
+    seen = sorted({e["needed"] for e in result["events"] if e["event"] == "round_started" and e["needed"]})
+    return "/".join(str(n) for n in seen) or "?"
 
 
 def _planned(results: dict[str, Any], kind: str) -> int:
