@@ -108,10 +108,13 @@ def mosquitto_pid_running(pid: int, config_path: Path) -> bool:
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except OSError:
+        given = Path(os.fsdecode(argv[-1]))
+        if not given.is_absolute():  # a broker started with a relative -c (before 2026-12-06): from its own cwd
+            given = Path(os.readlink(f"/proc/{pid}/cwd")) / given
+    except (OSError, IndexError):
         return False
     return (len(argv) >= 3 and Path(os.fsdecode(argv[0])).name == "mosquitto"
-            and os.fsdecode(argv[-2]) == "-c" and os.fsdecode(argv[-1]) == str(config_path))
+            and os.fsdecode(argv[-2]) == "-c" and os.path.normpath(given) == os.path.normpath(config_path))
 
 
 def stop_pid(pid: int, config_path: Path, grace: float = 5.0) -> bool:
@@ -247,7 +250,9 @@ class MosquittoBroker:
         if workdir is None:
             self._owned_tmp = tempfile.TemporaryDirectory(prefix="heterotune-mosquitto-")
             workdir = self._owned_tmp.name
-        self._workdir = Path(workdir)
+        # Absolute: the config's paths (log, persistence) and the ``-c`` argument must name the same files from any
+        # working directory, so that a resume started elsewhere (or with a relative --out) finds this broker again.
+        self._workdir = Path(workdir).resolve()
         self._host = host
         self._requested_port = port
         self._port: int | None = port
