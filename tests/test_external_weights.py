@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.inference_graph import (EXTERNAL_ALIGN, EXTERNAL_MIN_BYTES, InferenceExportError,
-                                        externalize_weights, load_onnx)
+from edge_agent.inference_graph import (
+    EXTERNAL_ALIGN,
+    EXTERNAL_MIN_BYTES,
+    InferenceExportError,
+    externalize_weights,
+    load_onnx,
+)
 from edge_agent.ort_api import load_inference_runtime
 
 HIDDEN = EXTERNAL_MIN_BYTES // 4  # so the bias is exactly EXTERNAL_MIN_BYTES
