@@ -156,7 +156,9 @@ def render_card_md(card: ModelCard) -> str:
            else f"the federation's aggregate for the `{card.backbone}` group")
     lines = [f"# {card.backbone} fine-tuned classifier", "",
              f"- Base backbone: `{card.backbone}` ({card.modality}), frozen, with DeMA adapters and a linear head",
-             f"- Trained by: {who}", f"- Run: `{card.run_id}`, {card.rounds} round(s), method `{card.method}`",
+             f"- Trained by: {who}", f"- Run: `{card.run_id}`, {card.rounds} round(s)"
+             f"{', then the final evaluation' if card.metrics.get('final_evaluation_of_round') else ''}, method "
+             f"`{card.method}`",
              f"- Labels: {', '.join(card.labels)}",
              f"- Training samples: {card.training_samples if card.training_samples is not None else 'not known'}",
              f"- Personal accuracy (this device's own test split): {_percent(card.metrics.get('personal_accuracy'))}",
