@@ -4,6 +4,9 @@ fusions) against PyTorch eager on the same model and inputs, side by side in one
 
     .venv/bin/python -m bench.inference [--plain-python /path/to/venv-ort/bin/python] [--backbone minilm-l6]
 
+The plain venv: `python3.11 -m venv venv-ort && venv-ort/bin/pip install onnxruntime numpy tokenizers pillow onnx
+sympy` (onnx and sympy only for onnxruntime.transformers' fusion pass; never in the project's .venv).
+
 The model is trained for one round by the agent's own LocalLearner on tweet sentiment (ORT backend), exported by
 `edge_agent.model_export.export_tensors` (the code `edge-agent export` runs; int8 is measured there on the device's
 test split), then every variant runs in its own process (bench/inference_worker.py): batch-1 p50/p95 latency and
