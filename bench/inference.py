@@ -399,6 +399,16 @@ def render_profile(results: dict[str, Any]) -> list[str]:
                     f"GFLOP/s); if they ran at the probe's rate and the rest kept its share, the graph would take "
                     f"about {estimate:.1f} ms, **{estimate / eager_cpu:.2f}x** eager. An fp32 graph cannot go much "
                     "below that line without computing less (int8 does: the int8 rows)."]
+                rest = measured["cpu_p50_ms"] - matrix_cpu[name]
+                budget = 0.5 * eager_cpu - rest
+                need = (f"{gflop / budget * 1000:.0f} GFLOP/s" if budget > 0 else
+                        "more than the whole budget (the rest alone exceeds it)")
+                lines += [
+                    f"So 0.5x eager's CPU time ({0.5 * eager_cpu:.1f} ms) with the rest of the graph as it runs now "
+                    f"({rest:.1f} ms) leaves {max(budget, 0):.1f} ms for {gflop:.2f} GFLOP: the matrix products "
+                    f"would have to run at **{need}** inside the graph, where they measured "
+                    f"{gflop / matrix_cpu[name] * 1000:.0f} GFLOP/s, against the isolated probe's "
+                    f"{rate['gflops']:.0f} GFLOP/s with its one weight hot in cache."]
             profiled_eager = info["variants"].get("pytorch eager", {})
             if "pytorch eager" in matrix_cpu:
                 eager_matrix, eager_total = matrix_cpu["pytorch eager"], profiled_eager["cpu_p50_ms"]
