@@ -117,6 +117,23 @@ def json_checksum(meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# Set (to N) in the metrics of the state a run's final evaluation saves: that state's round_id is the evaluation's
+# round number, N + 1 of an N-round run, and resuming relies on it; people should read "final evaluation of round N".
+FINAL_EVALUATION_OF = "final_evaluation_of_round"
+
+
+def trained_rounds(round_id: int, metrics: Mapping[str, Any]) -> int:
+    """The rounds the model was trained for: ``round_id``, or N for the final evaluation after round N."""
+    final = metrics.get(FINAL_EVALUATION_OF)
+    return final if isinstance(final, int) and not isinstance(final, bool) and 0 <= final < round_id else round_id
+
+
+def round_label(round_id: int, metrics: Mapping[str, Any]) -> str:
+    """'round 3', or 'the final evaluation of round 5' for the state a run's final evaluation saved."""
+    trained = trained_rounds(round_id, metrics)
+    return f"round {round_id}" if trained == round_id else f"the final evaluation of round {trained}"
+
+
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, Metric]:
     """Metrics JSON can hold: finite numbers, short strings, None (NaN, e.g. an accuracy over 0 samples, -> None)."""
     out: dict[str, Metric] = {}

@@ -1,7 +1,9 @@
 """The exported inference package: a directory a user copies to any machine and runs with onnxruntime alone.
 
     model.onnx           merged graph (frozen backbone + fine-tuned adapters + head), inputs -> logits
-    model.int8.onnx      (--int8) the same graph with dynamic int8 weights
+    model.onnx.data      its weights (ONNX external data, page-aligned: onnxruntime memory-maps them instead of
+                         copying them, about 30 % less peak RSS); keep it beside model.onnx
+    model.int8.onnx      (--int8) the same graph with dynamic int8 weights (+ model.int8.onnx.data)
     tokenizer.json       text models: the bundle's tokenizer          | preprocess.json  image models: resize + norm
     labels.json          the class names, in logit order
     model_card.json      what it is, where it came from, what it measured, sha256 of every file, the format version
@@ -30,6 +32,7 @@ PACKAGE_FORMAT = 1
 PACKAGE_KIND = "heterotune-inference-package"
 MODEL, MODEL_INT8, LABELS, CARD_JSON, CARD_MD, EXAMPLE = (
     "model.onnx", "model.int8.onnx", "labels.json", "model_card.json", "MODEL_CARD.md", "predict_example.py")
+MODEL_DATA, MODEL_INT8_DATA = MODEL + ".data", MODEL_INT8 + ".data"  # the graphs' external weights
 TOKENIZER, PREPROCESS = "tokenizer.json", "preprocess.json"
 MAX_LABELS = 10_000
 MAX_CARD_BYTES = 1_000_000
@@ -109,9 +112,9 @@ def write_package(out: Path, graph: bytes, card: ModelCard, *, tokenizer: Path |
     work = out.with_name(out.name + ".exporting")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / MODEL).write_bytes(graph)
+    _write_graph(work, MODEL, MODEL_DATA, graph)
     if int8_graph is not None:
-        (work / MODEL_INT8).write_bytes(int8_graph)
+        _write_graph(work, MODEL_INT8, MODEL_INT8_DATA, int8_graph)
     if card.modality == "image":
         (work / PREPROCESS).write_text(json.dumps(preprocess_spec(card.image_size), indent=2) + "\n")
     else:
@@ -125,12 +128,22 @@ def write_package(out: Path, graph: bytes, card: ModelCard, *, tokenizer: Path |
     (work / CARD_MD).write_text(render_card_md(final))
     (work / CARD_JSON).write_text(json.dumps(final.to_json(), indent=2) + "\n")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (MODEL, MODEL_INT8, TOKENIZER, PREPROCESS, LABELS, EXAMPLE, CARD_MD, CARD_JSON):
+    for stale in (MODEL, MODEL_DATA, MODEL_INT8, MODEL_INT8_DATA, TOKENIZER, PREPROCESS, LABELS, EXAMPLE, CARD_MD,
+                  CARD_JSON):
         (out / stale).unlink(missing_ok=True)
     for path in sorted(work.iterdir(), key=lambda p: p.name == CARD_JSON):  # the card last: the commit point
         path.replace(out / path.name)
     work.rmdir()
     return final
+
+
+def _write_graph(directory: Path, name: str, data_name: str, graph: bytes) -> None:
+    """The graph as ``name`` with its weights in ``data_name`` beside it (see externalize_weights)."""
+    from edge_agent.inference_graph import externalize_weights
+
+    structure, weights = externalize_weights(graph, data_name)
+    (directory / name).write_bytes(structure)
+    (directory / data_name).write_bytes(weights)
 
 
 def _percent(value: Any) -> str:
@@ -143,7 +156,9 @@ def render_card_md(card: ModelCard) -> str:
            else f"the federation's aggregate for the `{card.backbone}` group")
     lines = [f"# {card.backbone} fine-tuned classifier", "",
              f"- Base backbone: `{card.backbone}` ({card.modality}), frozen, with DeMA adapters and a linear head",
-             f"- Trained by: {who}", f"- Run: `{card.run_id}`, {card.rounds} round(s), method `{card.method}`",
+             f"- Trained by: {who}", f"- Run: `{card.run_id}`, {card.rounds} round(s)"
+             f"{', then the final evaluation' if card.metrics.get('final_evaluation_of_round') else ''}, method "
+             f"`{card.method}`",
              f"- Labels: {', '.join(card.labels)}",
              f"- Training samples: {card.training_samples if card.training_samples is not None else 'not known'}",
              f"- Personal accuracy (this device's own test split): {_percent(card.metrics.get('personal_accuracy'))}",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import ImageExample, load_examples, split_local
-from edge_agent.device_state import DeviceModel
+from edge_agent.device_state import FINAL_EVALUATION_OF, DeviceModel, trained_rounds
 from edge_agent.inference_graph import InferenceExportError, build_inference_model
 from edge_agent.inference_package import ModelCard, write_package
 from edge_agent.predict import Predictor
@@ -41,14 +41,14 @@ def device_card(model: DeviceModel, manifest: BundleManifest) -> ModelCard:
     return ModelCard(backbone=manifest.backbone, modality=manifest.modality, labels=manifest.task.labels,
                      max_length=manifest.task.max_length if manifest.modality == "text" else 0,
                      image_size=manifest.task.image_size if manifest.modality == "image" else 0,
-                     source="device", run_id=model.run_id, rounds=model.round_id,
+                     source="device", run_id=model.run_id, rounds=trained_rounds(model.round_id, metrics),
                      # The coordinator does not tell devices its aggregation method's name.
                      method=str(metrics.get("method") or "federated DeMA (method not sent to devices)"),
                      bundle_sha=model.bundle_sha, agent_id=model.agent_id,
                      backend=str(metrics.get("backend") or "?"),
                      training_samples=n_train if isinstance(n_train, int) else None,
                      metrics={k: v for k, v in metrics.items() if k in ("personal_accuracy", "global_accuracy",
-                                                                       "n_test", "train_loss")},
+                                                                       "n_test", "train_loss", FINAL_EVALUATION_OF)},
                      exported_unix=time.time())
 
 

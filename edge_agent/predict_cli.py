@@ -42,7 +42,7 @@ def from_package(directory: Path, *, int8: bool, threads: int) -> ModelSource:
 
 def from_state(state_dir: Path, run: str | None, *, threads: int) -> ModelSource:
     """The device's newest saved model, merged into a graph in memory (needs onnx, like export)."""
-    from edge_agent.device_state import load_model
+    from edge_agent.device_state import load_model, round_label
     from edge_agent.inference_graph import build_inference_model
     from edge_agent.model_export import read_manifest
 
@@ -53,8 +53,8 @@ def from_state(state_dir: Path, run: str | None, *, threads: int) -> ModelSource
                           max_length=manifest.task.max_length, image_size=manifest.task.image_size,
                           tokenizer=model.bundle_dir / manifest.tokenizer if manifest.modality == "text" else None,
                           threads=threads)
-    return ModelSource(predictor, f"{manifest.backbone}, run {model.run_id} round {model.round_id} "
-                                  f"(device {model.agent_id})")
+    which = round_label(model.round_id, model.metrics)
+    return ModelSource(predictor, f"{manifest.backbone}, run {model.run_id} {which} (device {model.agent_id})")
 
 
 def gather_inputs(predictor: Predictor, texts: Sequence[str], file: Path | None, images: Sequence[Path],

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.device_state import DeviceModel, DeviceStateError, NoDeviceState, load_model, save_model
+from edge_agent.device_state import (
+    FINAL_EVALUATION_OF,
+    DeviceModel,
+    DeviceStateError,
+    NoDeviceState,
+    load_model,
+    save_model,
+)
 from edge_agent.local_round import LocalLearner, RoundOutcome, is_exchange_only
 
 log = logging.getLogger("edge_agent.device_state")
@@ -69,7 +76,8 @@ def save_round(state_dir: Path, *, learner: LocalLearner, run_id: str, round_id:
         metrics={"personal_accuracy": personal.accuracy, "personal_loss": personal.loss, "n_test": personal.total,
                  "global_accuracy": global_.accuracy if global_ else None,
                  "n_global_test": global_.total if global_ else 0, "n_train": outcome.n_train,
-                 "train_loss": outcome.train_loss, "backend": learner.trainer.name},
+                 "train_loss": outcome.train_loss, "backend": learner.trainer.name,
+                 **({FINAL_EVALUATION_OF: round_id - 1} if final else {})},
         saved_unix=time.time())
     started = time.perf_counter()
     try:

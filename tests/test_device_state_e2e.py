@@ -32,7 +32,7 @@ from coordinator.runner import build_bundles
 from coordinator.store import RunStore, load_state
 from edge_agent.bundle_store import BundleStore
 from edge_agent.data import Example, load_examples, split_local
-from edge_agent.device_state import CURRENT, PREVIOUS, DeviceModel, DeviceStateError, load_model
+from edge_agent.device_state import CURRENT, PREVIOUS, DeviceModel, DeviceStateError, load_model, round_label
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
 from tests.harness import agent_processes, fleet_data
@@ -237,6 +237,7 @@ def test_final_model_is_the_final_aggregate_over_the_devices_own_tensors(federat
     store = RunStore(federation.tmp / "run")
     last_round = store.last_round()
     assert final.round_id == last_round + 1  # the evaluation, after the last committed round
+    assert round_label(final.round_id, final.metrics) == f"the final evaluation of round {last_round}"
     summary = json.loads((federation.tmp / "run" / "summary.json").read_text())["final"]["agents"][agent_id]
     assert final.metrics["personal_accuracy"] == pytest.approx(summary["personal_accuracy"], abs=1e-9)
     assert final.metrics["global_accuracy"] == pytest.approx(summary["global_accuracy"], abs=1e-9)
