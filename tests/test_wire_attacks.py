@@ -98,12 +98,13 @@ def test_int8_run_rejects_forged_blobs_and_goes_on(tmp_path: Path, fleet: Any) -
         assert not row.accepted and reason in row.reason, row
         assert not (tmp_path / "run" / "updates" / f"round-{round_id:04d}" / "a3.safetensors").exists()
     assert [a.accepted for a in device.acks] == [False, False, False], device.acks
-    # The honest devices uploaded int8: about a quarter of the fp32 payload of the same tensors.
+    # The honest devices uploaded int8: a third of the fp32 blob on tiny-3 (its small tensors make the header
+    # and per-row scales weigh more than on MiniLM, where it is 27 %), far below fp16 (51 %).
     fp32_bytes = len(encode_tensors({n: np.asarray(v) for n, v in decode_tensors(
         (tmp_path / "run" / "updates" / "round-0001" / "a1.safetensors").read_bytes()).items()}))
     for round_id in (1, 2, 3):
         for agent in HONEST:
             row = rows[(round_id, agent)]
             assert row.accepted, row
-            assert row.bytes_up < 0.3 * fp32_bytes, (row.bytes_up, fp32_bytes)
+            assert row.bytes_up < 0.4 * fp32_bytes, (row.bytes_up, fp32_bytes)
     assert_rounds_follow_the_rule(tmp_path / "run", dict.fromkeys([*HONEST, "a3"], "tiny-3"))
