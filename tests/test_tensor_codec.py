@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.config import ConfigError, parse_config
 from protocols.errors import TensorDecodeError
-from protocols.tensor_codec import SCALE_SUFFIX, decode_blob, encode_blob, quantise_int8
+from protocols.tensor_codec import SCALE_SUFFIX, decode_blob, encode_blob, encode_with_feedback, quantise_int8
 from protocols.tensors import decode_tensors, encode_tensors, read_metadata
 
 
@@ -110,3 +110,19 @@ def test_plan_setting_is_validated_once() -> None:
     assert parse_config({"exchange": {"encoding": "int8"}}).exchange.encoding == "int8"
     with pytest.raises(ConfigError, match=r"exchange\.encoding"):
         parse_config({"exchange": {"encoding": "int4"}})
+
+
+def test_error_feedback_keeps_the_running_sum_within_half_a_step() -> None:
+    """Sending x = (1.0, 0.3) five times as int8 (scale 1/127): plain rounding sends 38/127 = 0.29921 each time,
+    so the sum drifts by 5 x 0.00079; with error feedback the sum of what was decoded stays within half a step
+    (1/254) of 5 x 0.3, and the residual is exactly what the last encoding lost."""
+    x = {"v": np.array([1.0, 0.3], np.float32)}
+    residual: dict[str, np.ndarray] = {}
+    sent = np.zeros(2, np.float64)
+    for _ in range(5):
+        blob, residual = encode_with_feedback(x, "int8", residual)
+        sent += decode_blob(blob, "int8")["v"]
+    plain = 5 * decode_blob(encode_blob(x, "int8"), "int8")["v"].astype(np.float64)
+    assert abs(plain[1] - 1.5) > 0.0035  # without feedback the error piles up
+    assert abs(sent[1] - 1.5) <= 0.5 / 127 + 1e-6
+    np.testing.assert_allclose(sent + residual["v"], 5 * x["v"].astype(np.float64), atol=1e-5)
