@@ -48,7 +48,7 @@ from edge_agent.local_round import LocalLearner, RoundPlan, is_exchange_only
 from edge_agent.trainers.base import EvalResult
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
-from protocols.tensor_codec import decode_blob, encode_blob, encode_with_feedback
+from protocols.tensor_codec import decode_blob, encode_blob
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,19 @@ def frozen_live_objects() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def encode_with_feedback(tensors: Mapping[str, np.ndarray], encoding: str,
+                         residual: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """Error feedback (a benchmark option: bench/wire.py measured it and it did not pay, so devices do not do it):
+    encode ``tensors + residual`` and return the blob with the new residual (what the encoding lost this time),
+    to be added to the next upload so rounding errors do not pile up over rounds."""
+    corrected = {n: (np.asarray(v, np.float32) + residual[n]).astype(np.float32)
+                 if n in residual and np.shape(residual[n]) == np.shape(v) else np.asarray(v, np.float32)
+                 for n, v in tensors.items()}
+    blob = encode_blob(corrected, encoding)
+    decoded = decode_blob(blob, encoding)
+    return blob, {n: corrected[n] - decoded[n] for n in corrected}
 
 
 def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],

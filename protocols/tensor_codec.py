@@ -135,14 +135,3 @@ def _finite(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-
-def encode_with_feedback(tensors: Mapping[str, np.ndarray], encoding: str,
-                         residual: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
-    """Error feedback: encode ``tensors + residual`` and return the blob with the new residual (what the
-    encoding lost this time), to be added to the next upload so rounding errors do not pile up over rounds."""
-    corrected = {n: (np.asarray(v, np.float32) + residual[n]).astype(np.float32)
-                 if n in residual and np.shape(residual[n]) == np.shape(v) else np.asarray(v, np.float32)
-                 for n, v in tensors.items()}
-    blob = encode_blob(corrected, encoding)
-    decoded = decode_blob(blob, encoding)
-    return blob, {n: corrected[n] - decoded[n] for n in corrected}

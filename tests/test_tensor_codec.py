@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.methods_federation import encode_with_feedback
 from coordinator.config import ConfigError, parse_config
 from protocols.errors import TensorDecodeError
-from protocols.tensor_codec import SCALE_SUFFIX, decode_blob, encode_blob, encode_with_feedback, quantise_int8
+from protocols.tensor_codec import SCALE_SUFFIX, decode_blob, encode_blob, quantise_int8
 from protocols.tensors import decode_tensors, encode_tensors, read_metadata
 
 
