@@ -200,6 +200,16 @@ def render(raw: dict[str, Any]) -> str:
             cells += [f"{d['mean']:+.2f} ± {d['sd']:.2f}", f"{d['p']:.3g}",
                       ", ".join(f"{v:+.1f}" for v in d["diffs"])]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if "int8-ef" in settings and "int8" in settings:
+        cells = []
+        for view in ("personal", "global"):
+            d = paired({x: 100 * by[("int8-ef", x)][view] for x in seeds if ("int8-ef", x) in by},
+                       {x: 100 * by[("int8", x)][view] for x in seeds if ("int8", x) in by})
+            cells += [f"{d['mean']:+.2f} ± {d['sd']:.2f}", f"{d['p']:.3g}",
+                      ", ".join(f"{v:+.1f}" for v in d["diffs"])]
+        lines += ["", "Error feedback against plain int8 (what it buys; it is kept only if it pays):", "",
+                  "| setting | personal Δ | p | per seed | global Δ | p | per seed |", "|---|---|---|---|---|---|---|",
+                  "| int8-ef vs int8 | " + " | ".join(cells) + " |"]
     lines += ["", "Sign-flip p over seeds (smallest possible with 5 seeds: 0.0625). Per-seed results: "
               "`docs/wire-encodings.json` (redraw with `--render-from docs/wire-encodings.json`).", ""]
     return "\n".join(lines)
