@@ -142,9 +142,11 @@ def frozen_live_objects() -> Iterator[None]:
 
 def encode_with_feedback(tensors: Mapping[str, np.ndarray], encoding: str,
                          residual: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
-    """Error feedback (a benchmark option: bench/wire.py measured it and it did not pay, so devices do not do it):
-    encode ``tensors + residual`` and return the blob with the new residual (what the encoding lost this time),
-    to be added to the next upload so rounding errors do not pile up over rounds."""
+    """Error feedback: encode ``tensors + residual`` and return the blob with the new residual (what the encoding
+    lost this time), to be added to the next upload so rounding errors do not pile up over rounds.
+
+    A benchmark option only: bench/wire.py measured no gain beyond noise over plain int8 (docs/wire-encodings.md),
+    so devices do not carry a residual."""
     corrected = {n: (np.asarray(v, np.float32) + residual[n]).astype(np.float32)
                  if n in residual and np.shape(residual[n]) == np.shape(v) else np.asarray(v, np.float32)
                  for n, v in tensors.items()}
