@@ -12,9 +12,9 @@ decides the tensors identical to the MQTT path and drops only the transport:
 - every agent runs every round (the engine invites all live agents when ``agents_per_round`` is unset) with
   the plan the engine would send: ``RoundPlan(round, local_steps, batch_size, learning_rate, seed, names)``.
 
-Weights go through ``protocols.tensors`` encode/decode as on the wire, so the bytes counted are the blobs
-MQTT would carry and any float32 round-trip effect is the same. tests/test_inprocess_equivalence.py checks
-that one round gives the same tensors as the MQTT path.
+Weights go through ``protocols.tensor_codec`` encode/decode (the run's wire encoding) as on the wire, so the
+bytes counted are the blobs MQTT would carry and any rounding effect is the same.
+tests/test_inprocess_equivalence.py checks that one round gives the same tensors as the MQTT path.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from edge_agent.local_round import LocalLearner, RoundPlan, is_exchange_only
 from edge_agent.trainers.base import EvalResult
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
-from protocols.tensors import decode_tensors, encode_tensors
+from protocols.tensor_codec import decode_blob, encode_blob
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,33 @@ def frozen_live_objects() -> Iterator[None]:
         gc.unfreeze()
 
 
+def encode_with_feedback(tensors: Mapping[str, np.ndarray], encoding: str,
+                         residual: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
+    """Error feedback: encode ``tensors + residual`` and return the blob with the new residual (what the encoding
+    lost this time), to be added to the next upload so rounding errors do not pile up over rounds.
+
+    A benchmark option only: bench/wire.py measured no gain beyond noise over plain int8 (docs/wire-encodings.md),
+    so devices do not carry a residual."""
+    corrected = {n: (np.asarray(v, np.float32) + residual[n]).astype(np.float32)
+                 if n in residual and np.shape(residual[n]) == np.shape(v) else np.asarray(v, np.float32)
+                 for n, v in tensors.items()}
+    blob = encode_blob(corrected, encoding)
+    decoded = decode_blob(blob, encoding)
+    return blob, {n: corrected[n] - decoded[n] for n in corrected}
+
+
 def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequence[AgentSpec],
                   global_test_file: Path | None, *, threads: int = 1, final_eval: bool = True,
                   keep_tensors: bool = False, public_file: Path | None = None,
-                  on_round: Callable[[int, list[AgentRound]], None] | None = None) -> FederationRun:
+                  on_round: Callable[[int, list[AgentRound]], None] | None = None,
+                  error_feedback: bool = False) -> FederationRun:
     """Run ``config.rounds`` rounds of ``config.method`` over ``agents``; every agent trains every round.
 
     ``keep_tensors`` keeps every round's state and every upload (for the equivalence test; a benchmark keeps
     only the metrics). ``final_eval`` adds the global view of the last aggregate, which the MQTT path never
-    measures because no round follows it.
+    measures because no round follows it. Blobs travel in the plan's ``[exchange] encoding`` both ways, as on the
+    MQTT path; ``error_feedback`` (benchmark only, bench/wire.py) carries each device's int8/fp16 rounding
+    residual into its next upload.
     """
     started = time.perf_counter()
     scopes = scopes_for(config.method, config.scopes)
@@ -170,23 +188,29 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
     learners = make_learners(config, bundles, agents, global_test_file, threads=threads,
                              public_file=public_file if public_samples else None)
     run = FederationRun()
+    encoding = config.exchange.encoding
+    residuals: dict[str, dict[str, np.ndarray]] = {}
     if keep_tensors:
         run.states[0] = state
     with frozen_live_objects():
         for round_id in range(1, config.rounds + 1):
-            blobs = {b: encode_tensors(weights_for(state, b)) for b in sorted(used)}
+            blobs = {b: encode_blob(weights_for(state, b), encoding) for b in sorted(used)}
             updates: list[ClientUpdate] = []
             rows: list[AgentRound] = []
             for spec in sorted(agents, key=lambda a: a.agent_id):
-                received = decode_tensors(blobs[spec.backbone])
+                received = decode_blob(blobs[spec.backbone], encoding)
                 plan = RoundPlan(round_id, config.local_steps, config.task.batch_size, config.learning_rate,
                                  config.seed, names[spec.backbone], prototype_weight, config.distill_steps,
                                  config.distill_local_prior, config.distill_confident_fraction, config.anchor_steps,
                                  anchor_weight_for(config))
                 outcome = learners[spec.agent_id].run_round(plan, received)
-                up_blob = encode_tensors(outcome.upload)
+                if error_feedback:
+                    up_blob, residuals[spec.agent_id] = encode_with_feedback(outcome.upload, encoding,
+                                                                             residuals.get(spec.agent_id, {}))
+                else:
+                    up_blob = encode_blob(outcome.upload, encoding)
                 updates.append(admit(strategy, state, ClientUpdate(spec.agent_id, spec.backbone, outcome.n_train,
-                                                                   dict(decode_tensors(up_blob)))))
+                                                                   dict(decode_blob(up_blob, encoding)))))
                 g = outcome.global_
                 rows.append(AgentRound(
                     round=round_id, agent_id=spec.agent_id, backbone=spec.backbone, n_train=outcome.n_train,
@@ -206,7 +230,7 @@ def run_inprocess(config: RunConfig, bundles: Mapping[str, Bundle], agents: Sequ
         if final_eval and global_test_file is not None:
             for spec in sorted(agents, key=lambda a: a.agent_id):
                 learner = learners[spec.agent_id]
-                received = decode_tensors(encode_tensors(weights_for(state, spec.backbone)))
+                received = decode_blob(encode_blob(weights_for(state, spec.backbone), encoding), encoding)
                 run.final_global[spec.agent_id] = evaluate_received(learner, received, learner.global_test,
                                                                     config.learning_rate)
     run.seconds = time.perf_counter() - started

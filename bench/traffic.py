@@ -8,7 +8,9 @@ the packet layout, so "wire" is what crosses the agent's TCP connection, TCP/IP 
 
 Full-model FedAvg of the same backbone sends every parameter (frozen backbone, adapters and head) as fp32
 in each direction every round. Alternatives that would shrink the adapter payload (fp16, int8 with one
-scale per tensor, zlib) are computed on the same tensors for comparison; none of them is implemented.
+scale per tensor, zlib) are computed on the same tensors for comparison; fp16 and int8 (per-row scales) are
+implemented as the plan's [exchange] encoding and counted for real by ``per_round(..., encoding=...)``
+(bench/wire.py, docs/wire-encodings.md).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def _ref(size: int) -> Any:
     return BlobRefModel(sha256=secrets.token_hex(32), size=size, chunks=max(1, math.ceil(size / CHUNK_SIZE)))
 
 
-def per_round(manifest: Any, bundle_size: int, run_id: str = "demo-0123abcd") -> dict[str, Any]:
-    """Exact payloads and estimated MQTT framing of one round for one agent on this backbone."""
+def per_round(manifest: Any, bundle_size: int, run_id: str = "demo-0123abcd", encoding: str = "fp32"
+              ) -> dict[str, Any]:
+    """Exact payloads and estimated MQTT framing of one round for one agent on this backbone, with the weights
+    and the update blobs in the wire ``encoding`` (protocols/tensor_codec.py; the plan's [exchange] encoding)."""
     from coordinator.methods import scopes_for
     from protocols import topics
     from protocols.chunks import encode_chunk, split_blob
@@ -60,25 +64,27 @@ def per_round(manifest: Any, bundle_size: int, run_id: str = "demo-0123abcd") ->
         UpdateReport,
         encode_message,
     )
+    from protocols.tensor_codec import encode_blob
     from protocols.tensors import encode_tensors
 
     scopes = scopes_for("heterotune")
     shared = [t for t in manifest.tensors if scopes[t.family] in ("global", "group")]
     rng = np.random.default_rng(0)
     tensors = {t.name: rng.normal(0, 0.02, t.shape).astype(np.float32) for t in shared}
-    blob = encode_tensors(tensors)
+    blob = encode_blob(tensors, encoding)
     frames = [encode_chunk(c) for c in split_blob(blob)]
     agent = "pi4-kitchen-01"
     sha = secrets.token_hex(32)
     assignment = encode_message(Assignment(
         run_id=run_id, round=12, nonce=secrets.token_hex(8), backbone=manifest.backbone, bundle=_ref(bundle_size),
         weights=_ref(len(blob)), upload_names=sorted(tensors), local_steps=20, batch_size=16, learning_rate=2e-3,
-        deadline_unix=1.8e9, seed=0))
+        deadline_unix=1.8e9, seed=0, encoding=encoding))
     metrics = RoundMetrics(personal_accuracy=0.8125, global_accuracy=0.4433, n_test=150, n_global_test=300,
                            train_loss=0.512, train_seconds=12.3, eval_seconds=10.2, peak_rss_mb=351.2,
                            bytes_down=len(blob), backend="ort")
     report = encode_message(UpdateReport(run_id=run_id, agent_id=agent, round=12, nonce=secrets.token_hex(8),
-                                         update=_ref(len(blob)), n_train=450, metrics=metrics))
+                                         update=_ref(len(blob)), n_train=450, metrics=metrics,
+                                         encoding=encoding))
     ack = encode_message(UpdateAck(round=12, nonce=secrets.token_hex(8), accepted=True))
     statuses = [encode_message(AgentStatus(agent_id=agent, state=s)) for s in ("training", "uploading", "idle")]
 
@@ -110,7 +116,8 @@ def per_round(manifest: Any, bundle_size: int, run_id: str = "demo-0123abcd") ->
         "up_wire": up_wire,
         "down_wire": down_wire,
         "fp16_blob_bytes": len(encode_tensors({n: v.astype(np.float16) for n, v in tensors.items()})),
-        "int8_blob_bytes": params + len(blob) - 4 * params + 4 * len(tensors),  # values + header + one scale each
+        # values + header + one scale each
+        "int8_blob_bytes": params + len(encode_tensors(tensors)) - 4 * params + 4 * len(tensors),
     }
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from coordinator.aggregation import STRATEGY_NAMES
 from coordinator.assignment import DEFAULT_MEMORY_FRACTION
 from coordinator.privacy import PrivacyPlan, plan
+from protocols.tensor_codec import Encoding
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,13 @@ class PrivacySettings(_Strict):
     # The Gaussian noise's seed. Unset (the default, and the only private choice) = drawn fresh by the coordinator
     # at start; set it only to reproduce a benchmark: anyone who knows it can subtract the noise.
     noise_seed: int | None = Field(None, ge=0)
+
+
+class ExchangeSettings(_Strict):
+    """``[exchange]``: how tensors travel (protocols/tensor_codec.py, docs/wire-encodings.md). Both directions (the
+    updates up, the aggregates down) use it; the coordinator decodes to fp32 before validation and aggregation."""
+
+    encoding: Encoding = "fp32"
 
 
 # Methods whose every travelling tensor is model weights the DP decorator can clip and average.
@@ -110,6 +118,7 @@ class RunConfig(_Strict):
     # Operator pinning: agent id -> backbone. The device must still fit it, or it is refused with the reason.
     pinned: dict[str, str] = Field(default_factory=dict)
     privacy: PrivacySettings | None = None
+    exchange: ExchangeSettings = ExchangeSettings()
 
     @field_validator("method")
     @classmethod

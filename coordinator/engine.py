@@ -76,7 +76,8 @@ from protocols.messages import (
 from protocols.mqtt import Inbound, MqttEndpoint, Will, clear_blob, publish_blob
 from protocols.rate_limited_log import RateLimitedLog
 from protocols.signing import Signer, generate_key
-from protocols.tensors import TensorDecodeError, check_tensors, decode_tensors, encode_tensors, l2_norm
+from protocols.tensor_codec import decode_blob, encode_blob
+from protocols.tensors import TensorDecodeError, check_tensors, l2_norm
 
 GREET_INTERVAL_S = 2.0  # send an unknown device that came online our status at most this often (_greet)
 GREETED_MAX = 10_000  # devices remembered for that limit; forgotten all at once beyond it
@@ -627,7 +628,7 @@ class Coordinator:
             distill_local_prior=self.config.distill_local_prior,
             distill_confident_fraction=self.config.distill_confident_fraction,
             anchor_steps=self.config.anchor_steps,
-            anchor_weight=anchor_weight_for(self.config))
+            anchor_weight=anchor_weight_for(self.config), encoding=self.config.exchange.encoding)
         self.pending[agent_id].assignment = assignment
         self._send(topics.agent_inbox(agent_id), assignment, expiry_seconds=max(1, int(deadline - time.time())))
 
@@ -703,7 +704,8 @@ class Coordinator:
     def _publish_weights(self, backbones: set[str]) -> dict[str, BlobRef]:
         refs = {}
         for backbone in sorted(backbones):
-            refs[backbone] = self._serve(encode_tensors(federation_state.weights_for(self.state, backbone)))
+            refs[backbone] = self._serve(encode_blob(federation_state.weights_for(self.state, backbone),
+                                                    self.config.exchange.encoding))
         return refs
 
     def _on_chunk(self, agent_id: str, round_text: str | None, payload: bytes) -> None:
@@ -783,7 +785,10 @@ class Coordinator:
             refusal = n_train_refusal(report.n_train, self.agents[upload.agent_id].n_train)
             if refusal is not None:
                 raise ProtocolError(refusal)
-            tensors = decode_tensors(assembler.assemble())
+            if report.encoding != self.config.exchange.encoding:
+                raise TensorDecodeError(f"update is encoded as {report.encoding!r}; the run's [exchange] encoding "
+                                        f"is {self.config.exchange.encoding!r}")
+            tensors = decode_blob(assembler.assemble(), report.encoding)  # fp32 from here on
             if upload.evaluate_only:  # the final evaluation: metrics only, nothing to keep
                 check_tensors(tensors, {}, max_norm=self.config.max_update_norm)
                 update: Candidate | None = None

@@ -29,7 +29,7 @@ from protocols import topics
 from protocols.brokers import BrokerAddress
 from protocols.bundle_manifest import BundleManifest
 from protocols.chunk_spool import ChunkSpool
-from protocols.errors import BlobFetchTimeout, ProtocolError
+from protocols.errors import BlobFetchTimeout, ProtocolError, TensorDecodeError
 from protocols.messages import (
     AgentStatus,
     Assignment,
@@ -50,7 +50,7 @@ from protocols.messages import (
 )
 from protocols.mqtt import MqttEndpoint, Will, fetch_blob, publish_blob
 from protocols.signing import Signer, generate_key, join_proof, load_public_key
-from protocols.tensors import decode_tensors, encode_tensors
+from protocols.tensor_codec import decode_blob, encode_blob
 
 log = logging.getLogger("edge_agent")
 
@@ -382,9 +382,15 @@ class EdgeAgent:
                                        nonce=a.nonce, reason=f"refused upload names: {reason}"))
             return
         try:
-            received = decode_tensors(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())))
+            received = decode_blob(self._fetch(a.weights, timeout=max(1.0, a.deadline_unix - time.time())),
+                                   a.encoding)
         except BlobFetchTimeout as exc:  # the round closed (or the coordinator vanished) before we got the weights
             log.warning("round %d skipped: %s", a.round, exc)
+            return
+        except TensorDecodeError as exc:  # e.g. non-finite decoded weights: decline with the reason, keep running
+            log.error("round %d: the weights blob is unusable: %s", a.round, exc)
+            self._report(RoundDeclined(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round,
+                                       nonce=a.nonce, reason=f"weights blob rejected: {exc}"[:4000]))
             return
         self._assignment_nonce = a.nonce  # from here on this assignment is handled (trained, declined or aborted)
         self._status("training")
@@ -404,7 +410,7 @@ class EdgeAgent:
             self._status("idle")
             return
         self._status("uploading")
-        blob = encode_tensors(outcome.upload)
+        blob = encode_blob(outcome.upload, a.encoding)
         ref = publish_blob(self.endpoint, blob, retain=False,
                            topic=topics.agent_update_chunk(self.config.agent_id, a.round))
         metrics = RoundMetrics(
@@ -416,7 +422,8 @@ class EdgeAgent:
             backend=learner.trainer.name,
         )
         report = UpdateReport(run_id=a.run_id, agent_id=self.config.agent_id, round=a.round, nonce=a.nonce,
-                              update=BlobRefModel.from_ref(ref), n_train=outcome.n_train, metrics=metrics)
+                              update=BlobRefModel.from_ref(ref), n_train=outcome.n_train, metrics=metrics,
+                              encoding=a.encoding)
         report_bytes = self.signer.seal(a.run_id, topics.agent_report(self.config.agent_id), encode_message(report))
         self.pending_uploads = {a.round: (blob, report_bytes)}
         self._last_upload = time.monotonic()

@@ -25,6 +25,7 @@ from pydantic import (
 
 from protocols.chunks import BlobRef
 from protocols.errors import MessageError
+from protocols.tensor_codec import Encoding
 from protocols.topics import SHA256_PATTERN, validate_agent_id
 
 PROTOCOL_VERSION = 1
@@ -171,6 +172,8 @@ class Assignment(_Message):
     # The final evaluation after the last round: no training, no tensors back (an empty update), only the
     # metrics of the received model (global view) and of the device's own final model (personal view).
     evaluate_only: bool = False
+    # The wire encoding of the weights blob and of the update the device sends back (protocols/tensor_codec.py).
+    encoding: Encoding = "fp32"
 
 
 class UpdateReport(_Message):
@@ -182,6 +185,8 @@ class UpdateReport(_Message):
     update: BlobRefModel
     n_train: NonNegInt
     metrics: RoundMetrics
+    # How the update blob is encoded; a bounded string, so an unknown one is rejected with a reason on decode.
+    encoding: Annotated[str, StringConstraints(min_length=1, max_length=16)] = "fp32"
 
 
 class RoundDeclined(_Message):
