@@ -242,8 +242,8 @@ def run_flower_deployment(out: Path, task: dict[str, Any], venv: Path) -> dict[s
             wait_for(lambda: listener_pid(link_port) is not None, 120, "the SuperLink listening")
             for index, agent in enumerate(task["agents"]):
                 start(agent.agent_id, [str(venv / "bin" / "flower-supernode"), "--insecure", "--superlink",
-                                       f"127.0.0.1:{link_port}", "--port", str(free_port()), "--node-config",
-                                       f"partition-id={index} num-partitions={len(task['agents'])}"])
+                                       f"127.0.0.1:{link_port}", "--host", "127.0.0.1", "--port", str(free_port()),
+                                       "--node-config", f"partition-id={index} num-partitions={len(task['agents'])}"])
             runner = _flwr_run(venv, env, ["local-deploy", "--stream", "-c", f'spec="{spec}"'], logs / "flwr-run.log")
             _wait_result(runner, result_path, timeout_s=3600)
     finally:
