@@ -90,6 +90,8 @@ def run_heterotune(out: Path, task: dict[str, Any]) -> dict[str, Any]:
         store = BundleStore(run_dir / "agents" / agent.agent_id / "bundles")
         bundle = task["bundles"][task["assigned"][agent.agent_id]]
         store.install(bundle.sha256, bundle.archive_bytes())
+        for name, part in bundle.manifest.parts_for("ort").items():  # the ORT checkpoint and graphs too
+            store.install_part(bundle.sha256, part, bundle.part_bytes(name))
 
     def roots() -> dict[str, int]:
         found = {}
@@ -382,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "peers")
     parser.add_argument("--render-only", action="store_true", help="re-render docs/peers.md from --out")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # Flower's processes run in other directories: every path they get is absolute
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     results_path = args.out / "peers.json"

@@ -44,9 +44,10 @@ def _by_backbone(run: dict[str, Any], peaks: dict[str, float] | None) -> dict[st
 def summary_rows(runs: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode, run in runs.items():
+        startup = run["first_round_started"] - run["launched"]
         first = run["first_round_done"] - run["launched"]
         rows.append([
-            LABELS[mode], fmt(first), fmt(_steady(run, "wall_s")), fmt(_steady(run, "slowest_compute_s")),
+            LABELS[mode], fmt(startup), fmt(first), fmt(_steady(run, "wall_s")), fmt(_steady(run, "slowest_compute_s")),
             fmt(_steady(run, "overhead_s"), 2), _mb(run["device_peak_vmhwm"]),
             _mb(_by_backbone(run, run.get("device_tree_peak"))) if mode != "flower-simulation"
             else f"whole simulation {fmt(run.get('simulation_tree_peak'), 0)}",
@@ -139,8 +140,10 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Definitions: **round overhead** = round wall time (the coordinator's round record: assignments sent "
         "-> committed; Flower: messages built -> aggregated) minus the slowest device's train + eval seconds "
-        "(reported by the device, same code on both sides). **Time to first round** = launch of the mode's "
-        "first process -> round 1 aggregated. **Device peak RSS** = the training process's own VmHWM (the "
+        "(reported by the device, same code on both sides). **Start-up** = launch of the mode's first process "
+        "(broker or SuperLink) -> round 1's weights sent; **time to first round** = launch -> round 1 aggregated "
+        "(start-up plus round 1, which also pays each device's first model load). **Device peak RSS** = the "
+        "training process's own VmHWM (the "
         "agent process; Flower's `flwr-clientapp` process or Ray actor), largest over rounds and devices of a "
         "backbone; the device tree peak is the sampled sum of every process a device runs (Flower: SuperNode + "
         "SuperExec + client app). **Bytes per round** = everything sent to and from devices in one round: "
@@ -148,8 +151,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Side by side",
         "",
-        table(["system", "time to first round s", "round wall s", "slowest device compute s",
-               "round overhead s", "training process peak RSS MB (VmHWM)", "device tree peak MB (sampled)",
+        table(["system", "start-up s (launch -> round 1 sent)", "time to first round s (-> round 1 done)",
+               "round wall s", "slowest device compute s", "round overhead s",
+               "training process peak RSS MB (VmHWM)", "device tree peak MB (sampled)",
                "MB per round", "final personal %", "final global %"], summary_rows(runs)),
         "",
         "Round figures are medians over rounds >= 2 (round 1 pays start-up; with a single round, round 1).",
