@@ -65,7 +65,7 @@ class TreeSampler:
             for proc in procs:
                 try:
                     rss = proc.memory_info().rss / 2**20
-                    if proc.pid not in self.kind_by_pid:
+                    if self.kind_by_pid.get(proc.pid, "other") == "other":  # a Ray worker renames itself later
                         self.kind_by_pid[proc.pid] = self.classify(" ".join(proc.cmdline()))
                         self.root_by_pid[proc.pid] = name
                 except psutil.Error:

@@ -93,8 +93,10 @@ def round_rows(runs: dict[str, Any]) -> list[list[str]]:
     rows = []
     for mode, run in runs.items():
         for r in run["rounds"]:
+            # In simulation an actor outlives messages, so "process start -> handler" is its age, not a spawn.
+            spawn = r.get("spawn_s_max") if mode == "flower-deployment" else None
             rows.append([mode, str(r["round"]), fmt(r["wall_s"]), fmt(r["slowest_compute_s"]), fmt(r["overhead_s"], 2),
-                         fmt(r.get("spawn_s_max")), fmt(r.get("setup_s_max")), f"{r['bytes_up'] / 1e3:,.0f}",
+                         fmt(spawn), fmt(r.get("setup_s_max")), f"{r['bytes_up'] / 1e3:,.0f}",
                          f"{r['bytes_down'] / 1e3:,.0f}"])
     return rows
 
@@ -162,10 +164,17 @@ def render(results: dict[str, Any]) -> str:
         "",
         table(["goal", "target", "measured", ""], goal_rows(runs)),
         "",
+        "Reading the Flower simulation row: Ray runs one actor per CPU (`client-resources-num-cpus=1`, the "
+        "smallest the CLI takes), so on 2 cores the 4 devices train in two waves and its round overhead includes "
+        "the second wave's compute; and an actor keeps every learner it built (up to one per device it served), "
+        "so its peak RSS is that of a process holding several backbones. Flower's own measure of a device in "
+        "production is the deployment row.",
+        "",
         "## Per round",
         "",
-        table(["mode", "round", "wall s", "slowest compute s", "overhead s", "Flower: process start -> handler s "
-               "(max)", "Flower: learner build s (max)", "up kB", "down kB"], round_rows(runs)),
+        table(["mode", "round", "wall s", "slowest compute s", "overhead s",
+               "Flower deployment: process start -> handler s (max)", "Flower: learner build s (max)", "up kB",
+               "down kB"], round_rows(runs)),
         "",
         "## Machine and load",
         "",
