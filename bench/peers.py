@@ -46,6 +46,7 @@ from bench.peers_processes import (
 APP_DIR = REPO / "bench" / "peers"
 DEFAULT_VENV = REPO / ".cache" / "venv-flower"
 PAGE = REPO / "docs" / "peers.md"
+PAGE_DATA = REPO / "docs" / "peers.json"  # the measurements the page is rendered from (--render-only reads it)
 MODES = ("heterotune", "flower-deployment", "flower-simulation")
 
 
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=Path(os.environ.get(FLOWER_VENV_ENV, DEFAULT_VENV)),
                         help="venv with flwr[simulation]==1.42.*, torch==2.13.0 and this repo (pip install -e .)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "peers")
-    parser.add_argument("--render-only", action="store_true", help="re-render docs/peers.md from --out")
+    parser.add_argument("--render-only", action="store_true", help="re-render docs/peers.md from docs/peers.json")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # Flower's processes run in other directories: every path they get is absolute
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -409,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "machine": machine_facts(), "flower": _flower_versions(args.flower_venv)})
     from bench.peers_report import render
 
-    PAGE.write_text(render(read_json(results_path)))
+    if not args.render_only:
+        write_json(PAGE_DATA, read_json(results_path))
+    PAGE.write_text(render(read_json(PAGE_DATA)))
     log(f"wrote {PAGE}")
     return 0
 
