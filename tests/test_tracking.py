@@ -156,10 +156,14 @@ def test_scalars_are_the_runs_numbers(tracked_run: tuple[Path, Path]) -> None:
     assert not list(run_dir.rglob("events.out.tfevents.*"))  # only where --tracking pointed
 
 
-def test_bad_tracking_is_refused_before_anything_starts(tmp_path: Path) -> None:
+def test_bad_tracking_is_refused_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for spec in ("foo:bar", "tensorboard", "tensorboard:", "mlflow:http://127.0.0.1:5000"):
         with pytest.raises(TrackingError, match="tensorboard:DIR"):
             parse_tracking(spec)
+    with monkeypatch.context() as patch:  # as if the extra were not installed: importlib finds no tensorboardX
+        patch.setitem(sys.modules, "tensorboardX", None)
+        with pytest.raises(TrackingError, match=r"heterotune-edge\[tracking\]"):
+            check_target(parse_tracking(f"tensorboard:{tmp_path / 'tb'}"))
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(TrackingError, match="cannot write to"):
         check_target(parse_tracking(f"tensorboard:{tmp_path / 'a-file' / 'tb'}"))
