@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.datasets import (
+from edge_agent.data import Example, Sample, load_examples
+from lab.datasets import (
     TWEET_LABELS,
     LabeledText,
     TextDataset,
@@ -20,7 +21,6 @@ from coordinator.datasets import (
     train_test_split_indices,
     write_fleet_data,
 )
-from edge_agent.data import Example, Sample, load_examples
 
 # --------------------------------------------------------------------------------------- real corpora
 
