@@ -70,6 +70,10 @@ def run(
     join_token_file: Annotated[Path | None, typer.Option(
         help="file with the join token devices must prove (or set HETEROTUNE_JOIN_TOKEN)", exists=True,
         dir_okay=False)] = None,
+    tracking: Annotated[str | None, typer.Option(
+        help="also log every committed round (accuracy per backbone group in both views, agent outcomes, bytes, "
+             "seconds) as TensorBoard scalars: tensorboard:DIR. Off by default; needs the `tracking` extra "
+             "(tensorboardX)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a federation; agents join with `edge-agent join --broker HOST:PORT --coordinator-key KEY.pub ...`."""
@@ -100,7 +104,7 @@ def run(
     try:
         summary = run_federation(run_config, resume or out, broker=broker, resume=resume is not None,
                                  mqtt_options=mqtt, listen=listen, insecure=insecure, signing_key=signing_key,
-                                 join_token=token)
+                                 join_token=token, tracking=tracking)
     except (RunDirectoryInUse, InsecureBrokerRefused, NoRecordedBroker, CredentialError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

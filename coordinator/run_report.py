@@ -117,6 +117,25 @@ def _read_store(path: Path) -> tuple[list[StoredRound], dict[str, Any]]:
     return rounds, meta
 
 
+def read_round(run_dir: Path, round_id: int) -> tuple[StoredRound, list[MetricRow]] | None:
+    """One committed round and its metrics rows, read (read-only) from a run's store while the run goes on;
+    None if the round is not committed. For observers such as coordinator/tracking.py, which see a round end
+    before metrics.csv exists (it is written when the run ends)."""
+    rounds, _ = _read_store(run_dir / STORE_FILE)
+    stored = next((r for r in rounds if r.round_id == round_id), None)
+    if stored is None:
+        return None
+    names = [f.name for f in fields(MetricRow)]
+    db = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True)
+    try:
+        raw = db.execute("SELECT * FROM metrics WHERE round_id = ? ORDER BY agent_id", (round_id,)).fetchall()
+    finally:
+        db.close()
+    rows = [MetricRow(**{**dict(zip(names, row, strict=True)), "accepted": bool(row[names.index("accepted")])})
+            for row in raw]
+    return stored, rows
+
+
 def read_metrics_csv(path: Path) -> list[MetricRow]:
     """metrics.csv back into MetricRows (the inverse of report.write_metrics_csv), strictly checked."""
     if not path.is_file():

@@ -19,6 +19,7 @@ from coordinator.observers import ProgressPrinter, RoundObserver
 from coordinator.report import final_overview, print_round, rounds_overview, write_metrics_csv, write_summary
 from coordinator.run_broker import check_listen, run_broker
 from coordinator.store import STORE_FILE, RunStore
+from coordinator.tracking import TensorBoardTracker, check_target, open_tracker, parse_tracking
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
 from export.dema import DemaConfig
 from export.dema.config import shared_local_families
@@ -116,7 +117,8 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
                    console: Console | None = None, resume: bool = False,
                    mqtt_options: dict[str, Any] | None = None, listen: str = "127.0.0.1",
                    insecure: bool = False, signing_key: Path | None = None,
-                   join_token: bytes | None = None, observers: Sequence[RoundObserver] = ()) -> dict[str, Any]:
+                   join_token: bytes | None = None, observers: Sequence[RoundObserver] = (),
+                   tracking: str | None = None) -> dict[str, Any]:
     """Build bundles, start (or use) a broker, run every round, and write metrics.csv + summary.json.
 
     With ``resume`` the run directory's last committed round is the starting point (after a crash), and the
@@ -124,10 +126,15 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
     ``listen`` is where an own broker listens: loopback unless ``insecure`` (it has no passwords). Control
     messages are signed with ``signing_key`` (e.g. from `coordinator provision`), else with a key generated into
     the run directory (``run_key_path``) before any agent is started. The console gets a progress line per round
-    event; ``observers`` see the same events (coordinator/observers.py)."""
+    event; ``observers`` see the same events (coordinator/observers.py). ``tracking`` (``tensorboard:DIR``, off
+    when None) logs every committed round's scalars (coordinator/tracking.py); it is checked before anything
+    starts."""
     console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)
     if broker is None and not resume:
         check_listen(listen, insecure)
+    target = parse_tracking(tracking) if tracking is not None else None
+    if target is not None:
+        check_target(target)  # a bad spec, a missing library or an unwritable directory: now, not mid-run
     held = None if resume else stored_run(run_dir)
     if held is not None:
         run_id, last = held
@@ -141,7 +148,11 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
     store = RunStore(run_dir)
     if not resume:
         store.set_meta("config", config.model_dump(mode="json"))
+    tracker: TensorBoardTracker | None = None
     try:
+        if target is not None:
+            tracker = open_tracker(target, run_dir)
+            observers = [*observers, tracker]
         options = connection_options(store, mqtt_options, resume=resume)
         if signing_key is None and resume and store.meta("signing_key"):
             signing_key = Path(store.meta("signing_key"))  # a resumed run signs with the key its agents know
@@ -202,3 +213,5 @@ def run_federation(config: RunConfig, run_dir: Path, *, broker: str | None = Non
         return summary
     finally:
         store.close()
+        if tracker is not None:
+            tracker.close()

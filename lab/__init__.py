@@ -1,10 +1,7 @@
-"""The lab: packaged datasets, emulated fleets and the demo, kept apart from what a deployment runs.
+"""The lab: packaged datasets, fleet emulation, the demo, and splitting a user's data for a trial fleet.
 
-``coordinator/`` is what a real deployment runs (`coordinator run`, `report`, `provision`, `broker`, `export`):
-the engine, assignment, aggregation, store and run directory. Everything here exists to try the system on one
-machine: the packaged datasets and their non-IID splits (``lab.datasets``), fleet files of emulated device classes
-and the assignment they would get (``lab.fleet``), bring-your-own-data splits (``lab.user_data``), and the demo
-that starts one `edge-agent join` process per emulated device (``lab.demo``). The README's `./run demo`, the
-tests and the benchmarks use it; the `coordinator demo`, `assign` and `split` commands import it only when they
-run, so no coordinator module imports the lab at module level (tests/test_lab_separation.py enforces it).
+Why a package of its own: coordinator/ is what a real deployment runs (provision, broker, `coordinator run`,
+report, export); nothing there imports this package at module level. The lab is what the README's `./run demo`,
+`coordinator demo|plan|split`, the tests and the benchmarks use to stand up an emulated fleet on one machine;
+the coordinator's CLI imports it only inside those commands.
 """

@@ -299,15 +299,7 @@ class MqttEndpoint:
         with self._lock:
             self._subs[topic_filter] = qos
             self._no_retained_on_restore.discard(topic_filter)
-        if not self._link_up.is_set():
-            return False
-        rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            return False
-        self._track(mid)
-        if self._on_network_thread():
-            return False
-        ok = self._wait_ack(mid, timeout)
+        mid, ok = self._send_subscribe([(topic_filter, SubscribeOptions(qos=qos))], timeout)
         if ok is False:
             with self._lock:
                 self._subs.pop(topic_filter, None)
@@ -333,21 +325,27 @@ class MqttEndpoint:
             for topic_filter in filters:
                 self._subs[topic_filter] = qos
                 self._no_retained_on_restore.add(topic_filter)
-        if not self._link_up.is_set():
-            return False
-        rc, mid = self._client.subscribe([(f, SubscribeOptions(qos=qos)) for f in filters])
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            return False
-        self._track(mid)
-        if self._on_network_thread():
-            return False
-        ok = self._wait_ack(mid, timeout)
+        mid, ok = self._send_subscribe([(f, SubscribeOptions(qos=qos)) for f in filters], timeout)
         if ok is False:
             raise ProtocolError(
                 f"the broker refused some of {len(filters)} subscriptions ({filters[0]!r}, ...): "
                 f"{self._failed.get(mid, 'refused')}; check the ACL for this user"
             )
         return ok is True
+
+    def _send_subscribe(self, request: list[tuple[str, SubscribeOptions]], timeout: float) -> tuple[int, bool | None]:
+        """Send one SUBSCRIBE and wait for its SUBACK: (mid, True) granted, (mid, False) refused, (mid, None) not
+        sent, not acknowledged within ``timeout``, or not waited for (offline, or on the network thread, where
+        waiting would deadlock); the subscriptions are then made by the next connect."""
+        if not self._link_up.is_set():
+            return -1, None
+        rc, mid = self._client.subscribe(request)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return -1, None
+        self._track(mid)
+        if self._on_network_thread():
+            return mid, None
+        return mid, self._wait_ack(mid, timeout)
 
     def unsubscribe(self, topic_filter: str | list[str], *, timeout: float = 5.0) -> None:
         """Forget one or many subscriptions (one packet); waits for the UNSUBACK so no late message follows."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.broker import MosquittoBroker
+from coordinator.config import RunConfig
 from coordinator.observers import RoundEnded, RoundStarted, UpdateHandled
 from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore
@@ -96,14 +97,16 @@ def round_seconds(run_dir: Path) -> dict[int, float]:
         return {r: f - s for r, s, f in db.execute("SELECT round_id, started, finished FROM rounds")}
 
 
-def test_a_frozen_agent_is_noticed_and_replaced_from_standby_long_before_the_deadline(tmp_path: Path) -> None:
-    """Three of four agents invited per round (no over-selection), one frozen as round 1 starts: it is declared
-    stalled about STALL_AFTER_S later, the fourth agent is invited in its place, round 1 commits with three updates
-    well before the deadline, round 2 goes on without the frozen agent, and the healthy agents exit 0."""
+Exits = dict[str, tuple[int | None, float]]
+
+
+def run_with_one_frozen(tmp_path: Path, config: RunConfig) -> tuple[Freezer, dict[str, Any], Exits, int,
+                                                                     dict[str, str]]:
+    """Run ``config`` on four real agents, one frozen with SIGSTOP as round 1 starts: the freezer, the run's
+    outcome, each healthy agent's (exit code, seconds after the run ended) within 15 s, the victim's exit code
+    once thawed, and each healthy agent's whole log."""
     build_bundles(tiny_config(FOUR))  # export before the clock starts
     data = fleet_data(tmp_path, list(FOUR))
-    config = tiny_config(FOUR, rounds=2, local_steps=20, agents_per_round=3, over_selection=1.0, min_fraction=0.5,
-                         round_timeout_s=ROUND_TIMEOUT_S)
     with MosquittoBroker(tmp_path / "broker") as broker, agent_processes(tmp_path, data) as agents:
         freezer = Freezer(agents)
         try:
@@ -116,6 +119,18 @@ def test_a_frozen_agent_is_noticed_and_replaced_from_standby_long_before_the_dea
         finally:
             thaw(agents, freezer.victim)
         victim_exit = agents.procs[str(freezer.victim)].wait(180)  # it gets the Finish once it runs again
+        logs = {a: agents.full_log(a) for a in healthy}
+    return freezer, outcome, exits, victim_exit, logs
+
+
+def test_a_frozen_agent_is_noticed_and_replaced_from_standby_long_before_the_deadline(tmp_path: Path) -> None:
+    """Three of four agents invited per round (no over-selection), one frozen as round 1 starts: it is declared
+    stalled about STALL_AFTER_S later, the fourth agent is invited in its place, round 1 commits with three updates
+    well before the deadline, round 2 goes on without the frozen agent, and the healthy agents exit 0."""
+    config = tiny_config(FOUR, rounds=2, local_steps=20, agents_per_round=3, over_selection=1.0, min_fraction=0.5,
+                         round_timeout_s=ROUND_TIMEOUT_S)
+    freezer, outcome, exits, victim_exit, _ = run_with_one_frozen(tmp_path, config)
+    healthy = sorted(set(FOUR) - {str(freezer.victim)})
     summary = outcome["summary"]
     noticed = freezer.noticed_at - freezer.stopped_at
     print(f"\nfrozen {freezer.victim}: noticed {noticed:.1f} s after SIGSTOP ({freezer.noticed_reason}); rounds "
@@ -138,23 +153,10 @@ def test_a_frozen_agent_is_noticed_and_replaced_from_standby_long_before_the_dea
 def test_with_min_fraction_one_a_frozen_agent_aborts_the_run_and_every_healthy_agent_exits_7(tmp_path: Path) -> None:
     """min_fraction = 1.0 and one attempt per round: the frozen agent makes round 1 miss its minimum, the run is
     aborted, and every healthy agent is told (a signed Finish with code "aborted") and exits 7 within 15 s."""
-    build_bundles(tiny_config(FOUR))
-    data = fleet_data(tmp_path, list(FOUR))
     config = tiny_config(FOUR, rounds=2, local_steps=20, min_fraction=1.0, max_round_attempts=1,
                          round_timeout_s=ROUND_TIMEOUT_S)
-    with MosquittoBroker(tmp_path / "broker") as broker, agent_processes(tmp_path, data) as agents:
-        freezer = Freezer(agents)
-        try:
-            thread, outcome = run_with(config, tmp_path / "run", broker, agents, freezer)
-            thread.join(600)
-            assert not thread.is_alive(), "the run did not finish"
-            assert "error" not in outcome, outcome.get("error")
-            healthy = sorted(set(FOUR) - {str(freezer.victim)})
-            exits = exit_codes_within(agents, healthy, outcome["ended"], 15)
-        finally:
-            thaw(agents, freezer.victim)
-        victim_exit = agents.procs[str(freezer.victim)].wait(180)
-        logs = {a: agents.full_log(a) for a in healthy}
+    freezer, outcome, exits, victim_exit, logs = run_with_one_frozen(tmp_path, config)
+    healthy = sorted(set(FOUR) - {str(freezer.victim)})
     summary = outcome["summary"]
     print(f"\nfrozen {freezer.victim}: noticed {freezer.noticed_at - freezer.stopped_at:.1f} s after SIGSTOP; "
           f"healthy exits {exits}; stopped: {summary['stopped']}")
