@@ -1,4 +1,5 @@
-"""`coordinator`: run a federation from a config file, or the self-contained demo."""
+"""`coordinator`: run a federation from a config file; `demo`, `assign` and `split` drive the lab (lab/), imported
+only inside those commands so that a deployment never loads it."""
 
 from __future__ import annotations
 
