@@ -86,9 +86,9 @@ def streaming_heterotune(state: Any, sums: StreamingSums, round_id: int, seed: i
 def _state_and_blobs(pair: list[str], updates: int, seed: int) -> tuple[Any, Iterator[tuple[str, bytes]]]:
     """Initial state from the bundles' initial tensors, and a generator of encoded updates (group, blob)."""
     from coordinator.aggregation import FederatedState
+    from coordinator.demo import demo_config
     from coordinator.methods import scopes_for
     from coordinator.runner import build_bundles
-    from lab.demo import demo_config
     from protocols.tensors import encode_tensors
 
     bundles = build_bundles(demo_config().model_copy(update={"backbones": tuple(pair)}))

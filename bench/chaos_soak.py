@@ -48,10 +48,10 @@ from bench.common import DEFAULT_OUT, REPO, git_commit
 from bench.link_emulator import EdgeLink, LinkSpec
 from coordinator.broker import ConfiguredMosquitto, stop_pid
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.observers import RoundEnded, RoundStarted, UpdateHandled
 from coordinator.run_broker import load_record
 from coordinator.runner import run_federation, run_key_path
-from lab.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from protocols.signing import public_path
 
 BACKBONE = "minilm-l3"

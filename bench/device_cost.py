@@ -25,8 +25,8 @@ from bench.common import REPO, log, median, python_env
 
 def bundles_for(backbones: list[str]) -> dict[str, Path]:
     """The demo task's bundle directory per backbone (built once, then reused by recipe key)."""
+    from coordinator.demo import demo_config
     from coordinator.runner import build_bundles
-    from lab.demo import demo_config
 
     config = demo_config().model_copy(update={"backbones": tuple(backbones)})
     return {name: bundle.directory for name, bundle in build_bundles(config).items()}

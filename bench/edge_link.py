@@ -27,9 +27,9 @@ from typing import Any
 from bench.common import DEFAULT_OUT, git_commit
 from bench.link_emulator import EdgeLink, LinkSpec
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import load_tweet_sentiment, write_fleet_data
 from coordinator.observers import RoundEnded, RoundStarted, UpdateHandled
 from coordinator.runner import build_bundles, run_federation
-from lab.datasets import load_tweet_sentiment, write_fleet_data
 
 EDGE = LinkSpec(rate_bps=1_000_000.0, rtt=0.2, loss=0.01, seed=1)
 LOOPBACK = LinkSpec(rate_bps=None, rtt=0.0)

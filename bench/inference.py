@@ -36,6 +36,7 @@ FUSED, FUSED_INT8 = "model.fused.onnx", "model.fused.int8.onnx"
 def train_and_export(backbone: str, work: Path, steps: int) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
+    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
     from edge_agent.data import Example, load_examples
     from edge_agent.inference_package import ModelCard
     from edge_agent.local_round import LocalLearner, RoundPlan
@@ -43,7 +44,6 @@ def train_and_export(backbone: str, work: Path, steps: int) -> dict[str, Any]:
     from edge_agent.trainers.ort import OrtTrainer
     from export.assets import heterotune_home
     from export.bundle import BundleRecipe, TaskSpec, build_bundle
-    from lab.datasets import load_tweet_sentiment, write_fleet_data
 
     labels = ("negative", "neutral", "positive")
     bundle = build_bundle(BundleRecipe(backbone, TaskSpec("tweet-sentiment", labels, TOKENS, 16)),

@@ -61,9 +61,9 @@ def fresh_probe(bundle_dir: Path, batch_size: int, seq_len: int, num_classes: in
 
 def run(work: Path, backbones: tuple[str, ...], rounds: int, local_steps: int, seed: int) -> dict[str, Any]:
     from coordinator.config import RunConfig
+    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
     from coordinator.runner import build_bundles, run_federation
     from coordinator.store import RunStore
-    from lab.datasets import load_tweet_sentiment, write_fleet_data
 
     agents = {f"mem-{name}": name for name in backbones}
     config = RunConfig(run_name="memory-prediction", backbones=backbones, rounds=rounds, local_steps=local_steps,

@@ -45,7 +45,7 @@ from bench.methods_worker import run_job
 
 def prepare_fleets(settings: BenchSettings, out: Path) -> dict[int, dict[str, Any]]:
     """Write each seed's fleet (agent files + balanced held-out set) once; every method reads the same files."""
-    from lab.datasets import (
+    from coordinator.datasets import (
         LabeledDataset,
         load_bbc_news,
         load_fashion_mnist,

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import BBC_LABELS, FASHION_MNIST_LABELS, TWEET_LABELS
 from export.catalog import get_backbone
-from lab.datasets import BBC_LABELS, FASHION_MNIST_LABELS, TWEET_LABELS
 
-# Dataset name -> its labels (lab.datasets loads each; see bench/methods.py prepare_fleets).
+# Dataset name -> its labels (coordinator.datasets loads each; see bench/methods.py prepare_fleets).
 DATASETS: dict[str, tuple[str, ...]] = {"tweet-sentiment": TWEET_LABELS, "bbc-news": BBC_LABELS,
                                         "fashion-mnist": FASHION_MNIST_LABELS}
 

@@ -1,6 +1,6 @@
 """Part 1: round overhead of the demo fleet, split into its parts.
 
-The demo fleet (lab.demo: two MiniLM-L3 "Pi" agents capped at 384 MB and two MiniLM-L6 "Jetson"
+The demo fleet (coordinator.demo: two MiniLM-L3 "Pi" agents capped at 384 MB and two MiniLM-L6 "Jetson"
 agents, real tweets, 20 local steps, one thread each) runs for a few rounds with bundles already in the
 agents' caches. The coordinator is `TimedCoordinator` and the agents are `bench.timed_agent` (the real join
 loop with timestamps), so each round's wall time can be laid out along the slowest agent's path:
@@ -43,11 +43,11 @@ PARTS: tuple[tuple[str, str], ...] = (
 def run(out_dir: Path, *, rounds: int = 4, seed: int = 0, time_limit_s: float = 900.0) -> dict[str, Any]:
     """Run the timed demo fleet and return per-round breakdowns (rounds >= 2 are the cached steady state)."""
     from coordinator.broker import MosquittoBroker
+    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+    from coordinator.demo import DEMO_FLEET, demo_config
     from coordinator.engine import Coordinator
     from coordinator.runner import build_bundles
     from edge_agent.bundle_store import BundleStore
-    from lab.datasets import load_tweet_sentiment, write_fleet_data
-    from lab.demo import DEMO_FLEET, demo_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = demo_config(rounds=rounds, seed=seed).model_copy(update={"join_timeout_s": 180.0,
@@ -115,7 +115,7 @@ def run(out_dir: Path, *, rounds: int = 4, seed: int = 0, time_limit_s: float = 
 def demo_data_split() -> tuple[float, int, int]:
     """(Dirichlet alpha, global test samples per class, samples per agent) exactly as `coordinator demo`."""
     try:
-        from lab.fleet import DataSplit
+        from coordinator.fleet import DataSplit
     except ImportError:  # before fleet files existed the demo hard-coded these
         return 0.3, 100, 600
     split = DataSplit(samples_per_agent=600)

@@ -2,7 +2,7 @@
 
 Three runs, one after another, on the same fleet, data split, bundles, rounds, local steps and seed:
 
-1. HeteroTune: `coordinator run`'s path (lab.demo.run_agents -> runner.run_federation) on its own
+1. HeteroTune: `coordinator run`'s path (coordinator.demo.run_agents -> runner.run_federation) on its own
    mosquitto, one real `edge-agent join` process per device (ORT backend, bundles already in each agent's
    cache, as Flower's nodes have them on disk);
 2. Flower deployment: a SuperLink and one SuperNode per device as real processes on 127.0.0.1 (insecure mode,
@@ -53,12 +53,12 @@ MODES = ("heterotune", "flower-deployment", "flower-simulation")
 # --- the shared task ---------------------------------------------------------------------------------------------
 
 def prepare(out: Path, rounds: int, seed: int) -> dict[str, Any]:
-    """The demo's fleet, config, bundles and data split (as lab.demo.run_fleet writes them), once."""
+    """The demo's fleet, config, bundles and data split (as coordinator.demo.run_fleet writes them), once."""
+    from coordinator.datasets import load_tweet_sentiment, write_fleet_data
+    from coordinator.demo import demo_agents, demo_config, plan_for
+    from coordinator.fleet import DataSplit
     from coordinator.methods import public_samples_for, uses_prototypes
     from coordinator.runner import build_bundles
-    from lab.datasets import load_tweet_sentiment, write_fleet_data
-    from lab.demo import demo_agents, demo_config, plan_for
-    from lab.fleet import DataSplit
 
     agents = demo_agents()
     data = DataSplit()
@@ -82,8 +82,8 @@ def prepare(out: Path, rounds: int, seed: int) -> dict[str, Any]:
 
 def run_heterotune(out: Path, task: dict[str, Any]) -> dict[str, Any]:
     """`coordinator run` + real agents on its own mosquitto; rounds from the run directory's records."""
+    from coordinator.demo import run_agents
     from edge_agent.bundle_store import BundleStore
-    from lab.demo import run_agents
 
     run_dir = out / "heterotune"
     shutil.rmtree(run_dir, ignore_errors=True)

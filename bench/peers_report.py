@@ -160,7 +160,7 @@ def render(results: dict[str, Any]) -> str:
         "aggregation of the DeMA adapters (frozen MiniLM backbones), and a final evaluation of the last "
         "aggregate on every device (both views).",
         "",
-        "- **HeteroTune**: the `coordinator run` path (`lab.demo.run_agents` -> `run_federation`) on "
+        "- **HeteroTune**: the `coordinator run` path (`coordinator.demo.run_agents` -> `run_federation`) on "
         "its own mosquitto, one `edge-agent join` process per device (ONNX Runtime Training backend, one thread). "
         "Each agent's bundle is put in its cache before the run, as every Flower node reads its bundle from disk.",
         "- **Flower deployment**: `flower-superlink` and one `flower-supernode` per device as real processes on "

@@ -168,7 +168,7 @@ def overhead_section(results: dict[str, Any]) -> str:
     out = [
         "## 1. Round overhead of the demo fleet",
         "",
-        f"The demo fleet of `lab/demo.py` ({fleet}), real tweets, {o['local_steps']} local steps, one "
+        f"The demo fleet of `coordinator/demo.py` ({fleet}), real tweets, {o['local_steps']} local steps, one "
         "thread per agent, all on this machine, bundles already in the agents' caches. The coordinator is "
         "`bench/timed_coordinator.py` (the real engine, with timestamps around `_publish_weights`, "
         "`_try_finalize`, `strategy.aggregate` and `store.commit_round`; the engine is not modified) and the "

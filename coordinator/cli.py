@@ -1,5 +1,4 @@
-"""`coordinator`: run a federation from a config file; `demo`, `assign` and `split` drive the lab (lab/), imported
-only inside those commands so that a deployment never loads it."""
+"""`coordinator`: run a federation from a config file, or the self-contained demo."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import typer
 
 if TYPE_CHECKING:
     from coordinator.config import RunConfig
-    from lab.fleet import DataSplit, EmulatedAgent
+    from coordinator.fleet import DataSplit, EmulatedAgent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -123,8 +122,8 @@ def _fleet_inputs(fleet: Path | None, config: Path | None, rounds: int | None,
                   seed: int) -> tuple[list[EmulatedAgent], RunConfig, DataSplit, str]:
     """The agents, run configuration and data split a fleet command works on; exit 2 with the reason if invalid."""
     from coordinator.config import ConfigError, load_config
-    from lab.demo import demo_agents, demo_config
-    from lab.fleet import DataSplit, FleetError, load_fleet
+    from coordinator.demo import demo_agents, demo_config
+    from coordinator.fleet import DataSplit, FleetError, load_fleet
 
     try:
         run_config = (load_config(config, {"rounds": rounds} if rounds else None) if config is not None
@@ -152,8 +151,8 @@ def assign(
     its trainer backend (the fleet file's ``backend``; ORT when unset).
     """
     from coordinator.assignment import cost_cards_of
+    from coordinator.fleet import format_plan, plan_as_json, plan_fleet
     from coordinator.runner import build_bundles
-    from lab.fleet import format_plan, plan_as_json, plan_fleet
 
     agents, run_config, data, source = _fleet_inputs(fleet, config, None, 0)
     # Every backend's card: each device is judged by the card of the backend it trains with.
@@ -183,10 +182,10 @@ def demo(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A real federated run on this machine: own mosquitto on loopback + emulated edge agents (4 by default)."""
+    from coordinator.demo import model_locations, plan_for, run_demo, run_fleet
+    from coordinator.fleet import format_plan
     from coordinator.report import _pct
     from coordinator.runner import set_aside
-    from lab.demo import model_locations, plan_for, run_demo, run_fleet
-    from lab.fleet import format_plan
 
     if alpha is not None and data is None:
         typer.echo("error: --alpha splits your --data; the tweets' skew is the fleet file's [data] alpha", err=True)
@@ -228,10 +227,10 @@ def _user_data_demo(out: Path, data: Path, fleet: Path | None, config: Path | No
                     alpha: float | None) -> tuple[dict[str, Any], list[str]]:
     """`demo --data`: the user's data split over the fleet, its labels and the modality's backbones (or the
     --config's backbones); returns the summary and the lines saying where each device's model is."""
-    from lab.datasets import FLEET_SUMMARY
-    from lab.demo import device_state_dir, plan_for, run_agents
-    from lab.fleet import DataSplit, format_plan
-    from lab.user_data import (
+    from coordinator.datasets import FLEET_SUMMARY
+    from coordinator.demo import device_state_dir, plan_for, run_agents
+    from coordinator.fleet import DataSplit, format_plan
+    from coordinator.user_data import (
         example_input,
         load_user_data,
         predict_command,
@@ -272,7 +271,7 @@ def split(
 ) -> None:
     """Split your labelled data for a fleet of real agents: a balanced held-out set, one file per device, a run
     configuration with the data's labels, and the `edge-agent join` line of every device."""
-    from lab.user_data import join_command, load_user_data, split_user_data, user_config, write_run_config
+    from coordinator.user_data import join_command, load_user_data, split_user_data, user_config, write_run_config
 
     try:
         dataset = load_user_data(data)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.store import RunStore, load_state
-from lab.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 
 
 def fleet_data(tmp: Path, agent_ids: list[str], *, per_client: int = 120, seed: int = 1) -> FleetData:

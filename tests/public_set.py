@@ -10,11 +10,11 @@ import numpy as np
 
 from bench.methods_federation import FederationRun
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from edge_agent.data import Sample
 from edge_agent.local_round import LocalLearner
 from edge_agent.trainers.ort import OrtTrainer
 from export.bundle import Bundle
-from lab.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 
 LABELS = ("negative", "neutral", "positive")
 PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}

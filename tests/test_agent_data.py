@@ -164,7 +164,7 @@ def test_split_local_is_seeded_75_25() -> None:
 
 
 def _real_tweets() -> list[str]:
-    from lab.datasets import load_tweet_sentiment
+    from coordinator.datasets import load_tweet_sentiment
 
     samples = load_tweet_sentiment().samples
     texts = [samples[i].text for i in (0, 1, 2, 3, 100, 5000, 20000, 38000)]

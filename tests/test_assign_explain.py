@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from coordinator.assignment import CostCard, DeviceBudget, assign_backbone
 from coordinator.cli import app
 from coordinator.config import RunConfig, load_config
+from coordinator.fleet import EmulatedAgent, format_plan, load_fleet, plan_fleet
 from coordinator.runner import build_bundles
 from coordinator.store import RunStore
-from lab.fleet import EmulatedAgent, format_plan, load_fleet, plan_fleet
 
 
 def card(name: str, layers: int, mb: float, step: float, eval_s: float) -> CostCard:
@@ -176,7 +176,7 @@ memory_mb = 64
 
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from lab.demo import plan_for, run_fleet
+    from coordinator.demo import plan_for, run_fleet
 
     tmp = tmp_path_factory.mktemp("mixed")
     (tmp / "run.toml").write_text(MIXED_CONFIG)

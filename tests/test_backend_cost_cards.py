@@ -40,14 +40,14 @@ from coordinator.assignment import (
 )
 from coordinator.cli import app
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.demo import agent_command
+from coordinator.fleet import FleetError, parse_fleet
 from coordinator.runner import build_bundles
 from coordinator.store import RunStore
 from edge_agent import page_cache
 from edge_agent.probe import PROBE_BACKENDS, PROBE_VERSION
 from export.bundle import RECIPE_VERSION, Bundle, BundleRecipe, TaskSpec, build_bundle, single_thread_env
 from export.catalog import get_backbone
-from lab.demo import agent_command
-from lab.fleet import FleetError, parse_fleet
 from protocols.bundle_manifest import TORCH_PART, CostCardEntry
 from protocols.messages import DeviceProfile
 
@@ -458,7 +458,7 @@ def test_assign_explain_uses_each_devices_backend_card(tmp_path: Path,
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory: pytest.TempPathFactory,
               run_cards: tuple[CostCardEntry, CostCardEntry]) -> dict[str, Any]:
-    from lab.demo import plan_for, run_fleet
+    from coordinator.demo import plan_for, run_fleet
 
     tmp = tmp_path_factory.mktemp("backend-fleet")
     between, roomy = between_mb(run_cards), round(run_cards[1].peak_train_rss_mb * 1.3 / CONFIG.memory_fraction)

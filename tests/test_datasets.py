@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.data import Example, Sample, load_examples
-from lab.datasets import (
+from coordinator.datasets import (
     TWEET_LABELS,
     LabeledText,
     TextDataset,
@@ -21,6 +20,7 @@ from lab.datasets import (
     train_test_split_indices,
     write_fleet_data,
 )
+from edge_agent.data import Example, Sample, load_examples
 
 # --------------------------------------------------------------------------------------- real corpora
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.demo import DEMO_FLEET, run_demo
+from coordinator.demo import DEMO_FLEET, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_agent_memory_stays_flat_and_matches_the_cost_card(demo_run: tuple[Path,
     # from round 2 on (407 -> 442 MB), above its card; and a card is only useful if it predicts the agent.
     import csv
 
+    from coordinator.demo import demo_config
     from coordinator.runner import build_bundles
-    from lab.demo import demo_config
 
     out, summary = demo_run
     cards = {name: b.manifest.cost_card for name, b in build_bundles(demo_config()).items()}

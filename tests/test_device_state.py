@@ -218,8 +218,8 @@ def test_missing_state_dir_is_no_state(tmp_path: Path) -> None:
 
 
 def test_demo_names_each_device_model_and_a_command_to_try_it(tmp_path: Path) -> None:
-    from lab.demo import agent_command, device_state_dir, model_locations
-    from lab.fleet import EmulatedAgent
+    from coordinator.demo import agent_command, device_state_dir, model_locations
+    from coordinator.fleet import EmulatedAgent
 
     assert model_locations(tmp_path, ["pi4-a"]) == []  # nothing trained, nothing claimed
     save_model(device_state_dir(tmp_path, "pi4-a"), _model(1))

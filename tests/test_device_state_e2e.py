@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData
 from coordinator.federation_state import weights_for
 from coordinator.runner import build_bundles
 from coordinator.store import RunStore, load_state
@@ -34,7 +35,6 @@ from edge_agent.data import Example, load_examples, split_local
 from edge_agent.device_state import CURRENT, PREVIOUS, DeviceModel, DeviceStateError, load_model, round_label
 from edge_agent.local_round import LocalLearner, RoundPlan
 from edge_agent.trainers.ort import OrtTrainer
-from lab.datasets import FleetData
 from tests.harness import agent_processes, fleet_data
 from tests.test_faults import committed_rounds, finish, run_in_thread, wait_for
 

@@ -17,10 +17,10 @@ from safetensors.numpy import load_file
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import load_tweet_sentiment, write_fleet_data
 from coordinator.runner import run_federation
 from coordinator.store import RunStore, load_state
 from export.dema.config import DEFAULT_SCOPES, family_of
-from lab.datasets import load_tweet_sentiment, write_fleet_data
 
 PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}
 

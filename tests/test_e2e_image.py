@@ -14,9 +14,9 @@ import pytest
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, write_fleet_data
 from coordinator.runner import run_federation
 from coordinator.store import RunStore
-from lab.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, write_fleet_data
 from tests.harness import agent_processes, assert_rounds_follow_the_rule
 
 PINS = {"v1": "tiny-vit-2", "v2": "tiny-vit-4", "v3": "tiny-vit-4"}

@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from bench.methods_federation import AgentSpec, FederationRun, run_inprocess
 from coordinator.aggregation import ClientUpdate, FederatedState
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData
 from coordinator.methods import strategy_for, uses_prototypes
 from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore, load_state
@@ -36,7 +37,6 @@ from edge_agent.trainers.ort import OrtTrainer
 from edge_agent.trainers.torch_backend import TorchTrainer
 from export.bundle import Bundle
 from export.dema import training_loss
-from lab.datasets import FleetData
 from protocols.prototypes import prototype_shapes
 from tests.harness import agent_processes, fleet_data
 from tests.numerics import rel_diff

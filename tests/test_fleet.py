@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.fleet import MAX_AGENTS, DataSplit, EmulatedAgent, FleetError, load_fleet, parse_fleet
+from coordinator.fleet import MAX_AGENTS, DataSplit, EmulatedAgent, FleetError, load_fleet, parse_fleet
 from protocols.topics import validate_agent_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_example_fleets_parse_into_valid_agent_ids(path: Path) -> None:
 
 
 def test_example_demo_fleet_is_the_default_demo() -> None:
-    from lab.demo import DEMO_FLEET
+    from coordinator.demo import DEMO_FLEET
 
     agents = load_fleet(REPO / "fleets" / "demo.toml").agents()
     assert sorted(a.memory_mb for a in agents) == sorted(cap for _, cap in DEMO_FLEET)

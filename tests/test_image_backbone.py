@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from coordinator.config import RunConfig, load_config
+from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist
 from edge_agent.data import Example, ImageExample, eval_batches
 from edge_agent.image import ImageEncoder
 from edge_agent.local_round import LocalLearner, RoundPlan
@@ -26,7 +27,6 @@ from edge_agent.trainers.base import Batch
 from edge_agent.trainers.ort import OrtTrainer
 from edge_agent.trainers.torch_backend import TorchTrainer
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
-from lab.datasets import FASHION_MNIST_LABELS, load_fashion_mnist
 from protocols.bundle_manifest import TORCH_PART
 from tests.numerics import rel_diff
 

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.data import Example, ImageExample, Sample, batches, eval_batches, load_examples, split_local
-from edge_agent.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
-from lab.datasets import (
+from coordinator.datasets import (
     FASHION_MNIST_LABELS,
     ImageDataset,
     LabeledText,
@@ -26,6 +24,8 @@ from lab.datasets import (
     read_fleet_data,
     write_fleet_data,
 )
+from edge_agent.data import Example, ImageExample, Sample, batches, eval_batches, load_examples, split_local
+from edge_agent.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
 
 LABELS = ("cat", "dog", "bird")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, load_tweet_sentiment, write_fleet_data
 from edge_agent.agent import make_trainer
 from edge_agent.data import ImageExample, Sample, load_examples
 from edge_agent.inference_graph import build_inference_model, load_onnx
@@ -25,7 +26,6 @@ from edge_agent.model_export import export_tensors
 from edge_agent.predict import Predictor
 from export.assets import heterotune_home
 from export.bundle import Bundle, BundleRecipe, TaskSpec, build_bundle
-from lab.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, load_tweet_sentiment, write_fleet_data
 from protocols.bundle_manifest import TORCH_PART
 
 TWEET_LABELS = ("negative", "neutral", "positive")

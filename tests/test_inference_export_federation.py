@@ -14,6 +14,7 @@ import pytest
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, write_fleet_data
 from coordinator.runner import run_federation
 from edge_agent.agent import make_trainer
 from edge_agent.data import ImageExample, load_examples
@@ -22,7 +23,6 @@ from edge_agent.inference_package import open_package
 from edge_agent.inputs import BatchEncoder
 from edge_agent.model_export import read_manifest
 from edge_agent.predict import Predictor
-from lab.datasets import FASHION_MNIST_LABELS, load_fashion_mnist, write_fleet_data
 from tests.harness import agent_processes, fleet_data
 
 ROOT = Path(__file__).resolve().parent.parent

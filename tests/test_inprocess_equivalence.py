@@ -19,9 +19,9 @@ from bench.methods_federation import AgentSpec, FederationRun, run_inprocess
 from coordinator.aggregation import FederatedState
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData
 from coordinator.runner import build_bundles, run_federation
 from coordinator.store import RunStore, load_state
-from lab.datasets import FleetData
 from tests.harness import agent_processes, fleet_data
 
 PINS = {"a1": "tiny-3", "a2": "tiny-6", "a3": "tiny-6"}

@@ -18,9 +18,9 @@ import pytest
 
 from coordinator.broker import MosquittoBroker
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from coordinator.runner import run_federation
 from coordinator.store import RunStore, load_state
-from lab.datasets import FleetData, load_tweet_sentiment, write_fleet_data
 from protocols.bundle_manifest import MANIFEST_NAME, BundleManifest
 from tests.numerics import rel_diff
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.datasets import load_tweet_sentiment, write_fleet_data
 from edge_agent.agent import make_trainer
 from edge_agent.data import Example, load_examples
 from edge_agent.device_state import DeviceModel, save_model
 from edge_agent.inference_package import CARD_JSON, MODEL, TOKENIZER, PackageError, open_package
 from edge_agent.local_round import LocalLearner, RoundOutcome, RoundPlan
-from lab.datasets import load_tweet_sentiment, write_fleet_data
 from tests.test_inference_export import uncosted_bundle
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from coordinator.datasets import load_fashion_mnist
 from edge_agent.inference_package import ModelCard
 from edge_agent.model_export import export_tensors
-from lab.datasets import load_fashion_mnist
 from tests.test_inference_export import uncosted_bundle
 
 ROOT = Path(__file__).resolve().parent.parent

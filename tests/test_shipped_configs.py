@@ -16,10 +16,10 @@ import tomllib
 
 from coordinator.assignment import DEFAULT_MEMORY_FRACTION, cost_cards_of
 from coordinator.config import RunConfig, load_config
+from coordinator.demo import demo_config
+from coordinator.fleet import DataSplit, EmulatedAgent, load_fleet, plan_fleet
 from coordinator.runner import build_bundles
 from export.catalog import CATALOG
-from lab.demo import demo_config
-from lab.fleet import DataSplit, EmulatedAgent, load_fleet, plan_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from coordinator.config import RunConfig, load_config
-from edge_agent.data import load_examples
-from lab.datasets import ImageDataset, TextDataset
-from lab.user_data import (
+from coordinator.datasets import ImageDataset, TextDataset
+from coordinator.user_data import (
     IMAGE_BACKBONES,
     TEXT_BACKBONES,
     UserDataError,
@@ -29,6 +28,7 @@ from lab.user_data import (
     split_user_data,
     user_config,
 )
+from edge_agent.data import load_examples
 
 WORDS = {"sport": ["match", "goal", "team", "coach", "league", "score"],
          "weather": ["rain", "sunny", "storm", "cloud", "wind", "snow"],

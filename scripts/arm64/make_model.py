@@ -18,13 +18,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from coordinator.datasets import load_tweet_sentiment, write_fleet_data  # noqa: E402
 from edge_agent.agent import make_trainer  # noqa: E402
 from edge_agent.data import load_examples  # noqa: E402
 from edge_agent.device_state import DeviceModel, save_model  # noqa: E402
 from edge_agent.local_round import LocalLearner, RoundPlan  # noqa: E402
 from export.assets import heterotune_home  # noqa: E402
 from export.bundle import BundleRecipe, TaskSpec, build_bundle  # noqa: E402
-from lab.datasets import load_tweet_sentiment, write_fleet_data  # noqa: E402
 
 TWEET_LABELS = ("negative", "neutral", "positive")
 AGENT_ID = "pi-serve"

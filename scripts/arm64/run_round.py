@@ -23,13 +23,13 @@ sys.path.insert(0, str(REPO))
 
 from coordinator.broker import MosquittoBroker  # noqa: E402
 from coordinator.config import RunConfig, TaskConfig  # noqa: E402
-from coordinator.runner import build_bundles, run_federation  # noqa: E402
-from coordinator.store import RunStore, load_state  # noqa: E402
-from lab.datasets import (  # noqa: E402
+from coordinator.datasets import (  # noqa: E402
     FleetData,
     load_tweet_sentiment,
     write_fleet_data,
 )
+from coordinator.runner import build_bundles, run_federation  # noqa: E402
+from coordinator.store import RunStore, load_state  # noqa: E402
 
 AGENT_ID = "pi-arm64"
 

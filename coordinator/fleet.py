@@ -72,7 +72,7 @@ class DeviceClass(_Strict):
 
 
 class DataSplit(_Strict):
-    """How the tweets are split over the fleet (lab.datasets.write_fleet_data)."""
+    """How the tweets are split over the fleet (coordinator.datasets.write_fleet_data)."""
 
     samples_per_agent: int = Field(600, ge=8)
     global_test_per_class: int = Field(100, ge=1)

@@ -4,7 +4,7 @@ Text: JSONL or CSV with ``text`` and ``label`` (names, or integer indices). Imag
 ``images`` and ``labels`` (the agents' format), or a folder with one sub-folder per class holding PNG/JPEG files.
 The labels come from the data (names sorted, or the indices 0..max), the backbones from the modality, and the
 split (a balanced held-out set, the rest spread evenly or Dirichlet-skewed over the devices) from
-``lab.datasets.write_fleet_data``, so the demo's tweets and the user's data take the same path.
+``coordinator.datasets.write_fleet_data``, so the demo's tweets and the user's data take the same path.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.config import RunConfig, TaskConfig
+from coordinator.datasets import FleetData, ImageDataset, LabeledDataset, LabeledText, TextDataset, write_fleet_data
 from edge_agent.data import CSV_SUFFIXES, JSONL_SUFFIXES, NPZ_SUFFIXES, ImageExample, load_examples
 from edge_agent.data_check import labels_for_format_check, raw_labels
-from lab.datasets import FleetData, ImageDataset, LabeledDataset, LabeledText, TextDataset, write_fleet_data
 from protocols.durable import write_atomic
 
 TEXT_BACKBONES: tuple[str, ...] = ("minilm-l3", "minilm-l6")

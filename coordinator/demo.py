@@ -4,7 +4,7 @@ Our own mosquitto on loopback, the coordinator, and one edge-agent process per e
 Dirichlet label-skewed share of real tweets, plus a balanced held-out set for the global view. The default
 fleet is two Raspberry-Pi class devices (memory cap 384 MB: only MiniLM-L3 fits) and two Jetson-class devices
 (2 GB: MiniLM-L6). `coordinator demo --fleet FILE` emulates the device classes of a fleet file instead
-(lab/fleet.py): every agent enforces its memory cap and runs at its class's speed.
+(coordinator/fleet.py): every agent enforces its memory cap and runs at its class's speed.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 from coordinator.assignment import cost_cards_of
 from coordinator.config import RunConfig
+from coordinator.datasets import PUBLIC_STEM, FleetData, load_tweet_sentiment, write_fleet_data
+from coordinator.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from coordinator.methods import public_samples_for
 from coordinator.runner import build_bundles, run_federation, run_key_path
 from export.bundle import single_thread_env
-from lab.datasets import PUBLIC_STEM, FleetData, load_tweet_sentiment, write_fleet_data
-from lab.fleet import AgentPlan, DataSplit, EmulatedAgent, expected_members, plan_fleet
 from protocols.signing import public_path
 
 # (agent id, memory cap in MB). The cost cards measure a whole agent process (MiniLM-L3 ~312 MB, L6 ~410 MB
