@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.report import _pct, weighted
-from coordinator.store import STORE_FILE, MetricRow
+from coordinator.store import STORE_FILE, MetricRow, metric_row
 from protocols.durable import write_atomic
 
 METRICS_FILE = "metrics.csv"
@@ -92,13 +92,15 @@ def load_run(run_dir: Path) -> RunRecords:
                       str(config.get("method", "?")) if isinstance(config, dict) else "?", rounds, metrics)
 
 
-def _read_store(path: Path) -> tuple[list[StoredRound], dict[str, Any]]:
+def _read_store(path: Path, round_id: int | None = None) -> tuple[list[StoredRound], dict[str, Any]]:
+    """The committed rounds (only ``round_id`` when given) and the run's meta, read-only."""
+    only = "" if round_id is None else " WHERE round_id = ?"
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM run")}
-            raw = db.execute("SELECT round_id, started, finished, selected, accepted, diagnostics FROM rounds "
-                             "ORDER BY round_id").fetchall()
+            raw = db.execute("SELECT round_id, started, finished, selected, accepted, diagnostics FROM rounds"
+                             f"{only} ORDER BY round_id", () if round_id is None else (round_id,)).fetchall()
         finally:
             db.close()
     except (sqlite3.Error, json.JSONDecodeError) as exc:
@@ -121,19 +123,16 @@ def read_round(run_dir: Path, round_id: int) -> tuple[StoredRound, list[MetricRo
     """One committed round and its metrics rows, read (read-only) from a run's store while the run goes on;
     None if the round is not committed. For observers such as coordinator/tracking.py, which see a round end
     before metrics.csv exists (it is written when the run ends)."""
-    rounds, _ = _read_store(run_dir / STORE_FILE)
-    stored = next((r for r in rounds if r.round_id == round_id), None)
-    if stored is None:
+    rounds, _ = _read_store(run_dir / STORE_FILE, round_id)
+    if not rounds:
         return None
-    names = [f.name for f in fields(MetricRow)]
     db = sqlite3.connect(f"file:{run_dir / STORE_FILE}?mode=ro", uri=True)
     try:
-        raw = db.execute("SELECT * FROM metrics WHERE round_id = ? ORDER BY agent_id", (round_id,)).fetchall()
+        rows = [metric_row(row) for row in
+                db.execute("SELECT * FROM metrics WHERE round_id = ? ORDER BY agent_id", (round_id,))]
     finally:
         db.close()
-    rows = [MetricRow(**{**dict(zip(names, row, strict=True)), "accepted": bool(row[names.index("accepted")])})
-            for row in raw]
-    return stored, rows
+    return rounds[0], rows
 
 
 def read_metrics_csv(path: Path) -> list[MetricRow]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,11 @@ class MetricRow:
     accepted: bool
     reason: str = ""
 
+
+def metric_row(row: Sequence[Any]) -> MetricRow:
+    """One row of the metrics table (``SELECT *``) as a MetricRow; SQLite keeps the accepted flag as 0/1."""
+    values = dict(zip((f.name for f in fields(MetricRow)), row, strict=True))
+    return MetricRow(**{**values, "accepted": bool(values["accepted"])})
 
 class RunStore:
     def __init__(self, run_dir: Path) -> None:
@@ -129,9 +134,7 @@ class RunStore:
         return path
 
     def metrics(self) -> list[MetricRow]:
-        rows = self.db.execute("SELECT * FROM metrics ORDER BY round_id, agent_id").fetchall()
-        names = [f.name for f in fields(MetricRow)]
-        return [MetricRow(**{**dict(zip(names, row, strict=True)), "accepted": bool(row[15])}) for row in rows]
+        return [metric_row(row) for row in self.db.execute("SELECT * FROM metrics ORDER BY round_id, agent_id")]
 
     def round_diagnostics(self) -> list[dict[str, Any]]:
         """Every committed round's diagnostics, oldest first (the privacy accountant's ledger on resume)."""
